@@ -1,0 +1,349 @@
+//! Batcher stage: the executor threads of one model and the hand-off between them and the
+//! request handlers.
+//!
+//! A handler [`Batcher::submit`]s preprocessed inputs and gets a [`Ticket`] to await. Executor
+//! threads (`batching.instances`, dedicated OS threads, never async workers) each own one
+//! [`LoadedModel`], take batches from the shared [`BatchQueue`] under a mutex, run them and
+//! reply through each request's oneshot channel.
+//!
+//! Every request is in exactly one of three states, changed only by compare-and-swap:
+//! `QUEUED` → `STARTED` (an executor put it in a batch) or `QUEUED` → `ABANDONED` (its deadline
+//! passed or its client went away before that). Whoever wins the swap decides: a request that
+//! is `ABANDONED` is never computed, and one that is `STARTED` is always answered with its result.
+
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tch::Device;
+use tokio::sync::oneshot;
+use vla_api::{ModelStats, Priority};
+
+use crate::model::{LoadedModel, ModelError, TensorData};
+use crate::queue::{BatchQueue, Full, Next, Policy, Queued, Waiting};
+use crate::spec::ModelSpec;
+
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// The result of one request's trip through a batch.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub action: Vec<f32>,
+    pub queued: Duration,
+    pub inference: Duration,
+    pub batch_size: usize,
+}
+
+/// Why a request got no action.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    #[error("deadline passed before the batch started")]
+    DeadlineExceeded,
+    #[error("queue is full ({capacity} requests)")]
+    QueueFull { capacity: usize },
+    #[error("the model is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Inference(String),
+}
+
+struct Job {
+    inputs: Vec<TensorData>,
+    state: Arc<AtomicU8>,
+    reply: oneshot::Sender<Result<Done, JobError>>,
+}
+
+impl Waiting for Job {
+    fn is_abandoned(&self) -> bool {
+        self.state.load(Ordering::Acquire) == ABANDONED || self.reply.is_closed()
+    }
+}
+
+/// Counters read by `/v1/models`; updated with relaxed atomics, read as a snapshot.
+#[derive(Debug, Default)]
+struct Counters {
+    computed: AtomicU64,
+    batches: AtomicU64,
+    rejected_queue_full: AtomicU64,
+    dropped_deadline: AtomicU64,
+    dropped_disconnect: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct State {
+    queue: BatchQueue<Job>,
+    /// Set at shutdown: no new requests; executors drain what is queued, then exit.
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled on every push and on close; executors wait on it when there is nothing to run.
+    wake: Condvar,
+    counters: Counters,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic never happens while the lock is held (model runs happen outside it), but
+        // should one, the queue's state is still consistent: keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The queue and executors of one model.
+pub struct Batcher {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").field("capacity", &self.capacity).finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    /// Starts `spec.batching.instances` executor threads, each loading `<dir>/model.pt` onto
+    /// `device` and warming it up on its own thread; returns once all are ready, or the first
+    /// error after stopping the others.
+    pub fn start(dir: &Path, spec: &ModelSpec, device: Device, cpu_threads: usize) -> Result<Batcher, ModelError> {
+        let policy = Policy {
+            max_batch_size: spec.effective_max_batch(),
+            max_queue_delay: Duration::from_micros(spec.batching.max_queue_delay_us),
+            preferred_batch_sizes: spec.batching.preferred_batch_sizes.clone(),
+            capacity: spec.batching.queue_capacity,
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { queue: BatchQueue::new(policy), closed: false }),
+            wake: Condvar::new(),
+            counters: Counters::default(),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for i in 0..spec.batching.instances {
+            let shared = shared.clone();
+            let ready = ready_tx.clone();
+            let dir = dir.to_path_buf();
+            let thread_spec = spec.clone();
+            let warmup = spec.warmup_batch_sizes();
+            let spawned = std::thread::Builder::new().name(format!("exec-{}-{i}", spec.name)).spawn(move || {
+                if cpu_threads > 0 && device == Device::Cpu {
+                    tch::set_num_threads(cpu_threads as i32);
+                }
+                let loaded = LoadedModel::load(&dir, &thread_spec, device).and_then(|m| {
+                    m.warm_up(&warmup, 2)?;
+                    Ok(m)
+                });
+                match loaded {
+                    Ok(model) => {
+                        let _ = ready.send(Ok(()));
+                        drop(ready);
+                        executor_loop(&shared, &model);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            });
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    let _ = ready_tx
+                        .send(Err(ModelError::Device(spec.device, format!("cannot start executor thread: {e}"))));
+                }
+            }
+        }
+        drop(ready_tx);
+        let batcher = Batcher { shared, threads: Mutex::new(threads), capacity: spec.batching.queue_capacity };
+        for result in ready_rx.iter() {
+            if let Err(e) = result {
+                batcher.shutdown();
+                return Err(e);
+            }
+        }
+        Ok(batcher)
+    }
+
+    /// Queues a request. Never blocks: a full queue is refused at once.
+    pub fn submit(&self, inputs: Vec<TensorData>, priority: Priority, deadline: Instant) -> Result<Ticket, JobError> {
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let (reply, rx) = oneshot::channel();
+        let job = Job { inputs, state: state.clone(), reply };
+        let expired = {
+            let mut st = self.shared.lock();
+            if st.closed {
+                return Err(JobError::ShuttingDown);
+            }
+            let (pushed, expired) = st.queue.push(job, priority, deadline, Instant::now());
+            if let Err(Full(_)) = pushed {
+                drop(st);
+                self.shared.counters.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+                answer_expired(&self.shared.counters, expired);
+                return Err(JobError::QueueFull { capacity: self.capacity });
+            }
+            expired
+        };
+        self.shared.wake.notify_one();
+        answer_expired(&self.shared.counters, expired);
+        Ok(Ticket { rx, state, deadline, shared: self.shared.clone() })
+    }
+
+    pub fn stats(&self) -> ModelStats {
+        let c = &self.shared.counters;
+        ModelStats {
+            queue_depth: self.shared.lock().queue.len(),
+            queue_capacity: self.capacity,
+            computed: c.computed.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            rejected_queue_full: c.rejected_queue_full.load(Ordering::Relaxed),
+            dropped_deadline: c.dropped_deadline.load(Ordering::Relaxed),
+            dropped_disconnect: c.dropped_disconnect.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops taking requests, lets the executors finish what is queued, and joins them.
+    /// Blocks: call from a blocking context.
+    pub fn shutdown(&self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Tells clients whose deadline passed in the queue; each counted once, by whoever abandons it.
+fn answer_expired(counters: &Counters, expired: Vec<Queued<Job>>) {
+    for e in expired {
+        if e.item.state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            counters.dropped_deadline.fetch_add(1, Ordering::Relaxed);
+            let _ = e.item.reply.send(Err(JobError::DeadlineExceeded));
+        }
+    }
+}
+
+/// One executor: take a batch, run it, reply; until closed and drained.
+fn executor_loop(shared: &Shared, model: &LoadedModel) {
+    loop {
+        let batch = {
+            let mut st = shared.lock();
+            loop {
+                let now = Instant::now();
+                let (next, expired) = st.queue.next(now);
+                answer_expired(&shared.counters, expired);
+                match next {
+                    Next::Batch(batch) => break batch,
+                    Next::WaitUntil(at) => {
+                        st = shared
+                            .wake
+                            .wait_timeout(st, at.saturating_duration_since(now))
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                    }
+                    Next::Idle if st.closed => return,
+                    Next::Idle => st = shared.wake.wait(st).unwrap_or_else(PoisonError::into_inner),
+                }
+            }
+        };
+        let started = Instant::now();
+        // Claim each request; one abandoned since it was taken is simply left out.
+        let batch: Vec<Queued<Job>> = batch
+            .into_iter()
+            .filter(|q| q.item.state.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok())
+            .collect();
+        if batch.is_empty() {
+            continue;
+        }
+        run_batch(shared, model, batch, started);
+    }
+}
+
+fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, started: Instant) {
+    let n = batch.len();
+    let samples: Vec<&[TensorData]> = batch.iter().map(|q| q.item.inputs.as_slice()).collect();
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.run(&samples)))
+        .unwrap_or_else(|panic| Err(ModelError::Forward(panic_message(&panic))));
+    shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+    match result {
+        Ok((actions, inference)) => {
+            shared.counters.computed.fetch_add(n as u64, Ordering::Relaxed);
+            for (q, action) in batch.into_iter().zip(actions) {
+                let queued = started.saturating_duration_since(q.enqueued);
+                let _ = q.item.reply.send(Ok(Done { action, queued, inference, batch_size: n }));
+            }
+        }
+        Err(e) => {
+            tracing::error!(batch_size = n, "model forward failed: {e}");
+            shared.counters.failed.fetch_add(n as u64, Ordering::Relaxed);
+            for q in batch {
+                let _ = q.item.reply.send(Err(JobError::Inference(e.to_string())));
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let msg = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    format!("panicked: {}", crate::model::first_line(msg))
+}
+
+/// A queued request's claim on its result.
+///
+/// Dropping it before the result arrives (the client disconnected) abandons the request: if
+/// its batch has not started, it is never computed.
+pub struct Ticket {
+    rx: oneshot::Receiver<Result<Done, JobError>>,
+    state: Arc<AtomicU8>,
+    deadline: Instant,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("deadline", &self.deadline).finish_non_exhaustive()
+    }
+}
+
+impl Ticket {
+    /// Waits for the result. If the deadline passes while the request is still queued, it is
+    /// abandoned and `DeadlineExceeded` returned; once its batch has started, the result is
+    /// awaited whatever the deadline.
+    pub async fn wait(mut self) -> Result<Done, JobError> {
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        tokio::select! {
+            result = &mut self.rx => return flatten(result),
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        if self.state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.shared.counters.dropped_deadline.fetch_add(1, Ordering::Relaxed);
+            return Err(JobError::DeadlineExceeded);
+        }
+        flatten((&mut self.rx).await)
+    }
+}
+
+fn flatten(r: Result<Result<Done, JobError>, oneshot::error::RecvError>) -> Result<Done, JobError> {
+    // The executor drops a reply channel unanswered only when it stops mid-way.
+    r.unwrap_or(Err(JobError::ShuttingDown))
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.shared.counters.dropped_disconnect.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Configuration: one typed tree, built once at start and validated before any port is bound.
+//!
+//! Sources, later ones winning: built-in defaults < `appliance.toml` (path given by the binary's
+//! `--config` flag) < `APPLIANCE_*` environment variables, with `__` separating levels
+//! (`APPLIANCE_SERVER__LISTEN=0.0.0.0:9443` sets `server.listen`). The library only receives
+//! the finished [`Config`]; reading files and the environment is the binary's job.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use vla_api::Priority;
+
+/// The whole configuration tree. Every key is documented in the README's table of keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub data: DataConfig,
+    pub models: ModelsConfig,
+    pub limits: LimitsConfig,
+    /// Per-robot settings, keyed by `robot_id`.
+    pub robots: BTreeMap<String, RobotConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTPS listener binds.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes (413 above it).
+    pub body_limit_bytes: usize,
+    /// How long a TLS handshake may take before the connection is dropped.
+    pub tls_handshake_timeout_ms: u64,
+    /// On SIGTERM/Ctrl-C: how long in-flight requests get to finish before connections close.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// TLS is on unless explicitly turned off (plain HTTP is for debugging only).
+    pub enabled: bool,
+    /// PEM certificate chain. With `key`, used as given; without both, a self-signed
+    /// certificate is generated once into `<data.dir>/tls/`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Names and IP addresses the self-signed certificate is issued for.
+    pub self_signed_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory for the appliance's state: generated certificate, demo model, later the store.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Model repository: `<repository>/<name>/model.toml` + `model.pt`.
+    /// Relative paths are taken from `data.dir`; absent means `<data.dir>/models`.
+    pub repository: Option<PathBuf>,
+    /// Generate the `tiny-vla` demo model into an empty repository.
+    pub demo: bool,
+    /// Model used when a request names none; absent means the only model, or `tiny-vla`.
+    pub default_model: Option<String>,
+    /// libtorch intra-op threads per executor on CPU; 0 lets libtorch decide (one per core).
+    pub cpu_threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest decoded image file accepted, in bytes.
+    pub max_image_bytes: usize,
+    /// Largest image accepted, in pixels (width × height); guards against decompression bombs.
+    pub max_image_pixels: u64,
+    /// Longest instruction accepted, in UTF-8 bytes.
+    pub max_instruction_bytes: usize,
+    /// Largest `deadline_ms` a request may ask for.
+    pub max_deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RobotConfig {
+    /// Priority used when the robot's request names none.
+    pub priority: Priority,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            body_limit_bytes: 8 * 1024 * 1024,
+            tls_handshake_timeout_ms: 10_000,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            enabled: true,
+            cert: None,
+            key: None,
+            self_signed_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { dir: PathBuf::from("data") }
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig { repository: None, demo: true, default_model: None, cpu_threads: 0 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_image_bytes: 4 * 1024 * 1024,
+            max_image_pixels: 4096 * 4096,
+            max_instruction_bytes: 1024,
+            max_deadline_ms: 60_000,
+        }
+    }
+}
+
+impl Default for RobotConfig {
+    fn default() -> Self {
+        RobotConfig { priority: Priority::Normal }
+    }
+}
+
+/// A configuration key with a problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("configuration key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+impl Config {
+    /// The sources in precedence order: defaults < `file` < `APPLIANCE_*` environment.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(Env::prefixed("APPLIANCE_").split("__"))
+    }
+
+    /// Extracts and validates the tree from `figment`.
+    pub fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The model repository directory.
+    pub fn model_repository(&self) -> PathBuf {
+        match &self.models.repository {
+            Some(path) if path.is_absolute() => path.clone(),
+            Some(path) => self.data.dir.join(path),
+            None => self.data.dir.join("models"),
+        }
+    }
+
+    /// Checks what types alone cannot: ranges, pairs of keys, files that must exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid { key: key.into(), problem: problem.into() }
+        }
+        if self.server.body_limit_bytes < 1024 {
+            return Err(invalid("server.body_limit_bytes", "must be at least 1024"));
+        }
+        if self.server.tls_handshake_timeout_ms == 0 {
+            return Err(invalid("server.tls_handshake_timeout_ms", "must be greater than 0"));
+        }
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => return Err(invalid("tls.key", "must be set when tls.cert is set")),
+            (None, Some(_)) => return Err(invalid("tls.cert", "must be set when tls.key is set")),
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("tls.cert", cert), ("tls.key", key)] {
+                    if !path.is_file() {
+                        return Err(invalid(name, format!("no such file: {}", path.display())));
+                    }
+                }
+            }
+            (None, None) => {
+                if self.tls.enabled && self.tls.self_signed_names.is_empty() {
+                    return Err(invalid(
+                        "tls.self_signed_names",
+                        "must name at least one host when no certificate is configured",
+                    ));
+                }
+            }
+        }
+        if self.data.dir.as_os_str().is_empty() {
+            return Err(invalid("data.dir", "must not be empty"));
+        }
+        if let Some(name) = &self.models.default_model
+            && name.is_empty()
+        {
+            return Err(invalid("models.default_model", "must not be empty"));
+        }
+        if self.models.cpu_threads > 1024 {
+            return Err(invalid("models.cpu_threads", "must be at most 1024"));
+        }
+        if self.limits.max_image_bytes == 0 {
+            return Err(invalid("limits.max_image_bytes", "must be greater than 0"));
+        }
+        if self.limits.max_image_pixels == 0 {
+            return Err(invalid("limits.max_image_pixels", "must be greater than 0"));
+        }
+        if self.limits.max_deadline_ms == 0 {
+            return Err(invalid("limits.max_deadline_ms", "must be greater than 0"));
+        }
+        for id in self.robots.keys() {
+            if let Err(problem) = crate::validate::check_robot_id(id) {
+                return Err(invalid(&format!("robots.{id}"), problem));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut result = None;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("appliance.toml", toml)?;
+            for (k, v) in env {
+                jail.set_env(k, v);
+            }
+            result = Some(Config::from_figment(&Config::figment(Some(Path::new("appliance.toml")))));
+            Ok(())
+        });
+        result.expect("jail ran")
+    }
+
+    #[test]
+    fn defaults_are_valid_and_tls_is_on() {
+        let config = load("", &[]).expect("defaults load");
+        assert_eq!(config, Config::default());
+        assert!(config.tls.enabled);
+        assert_eq!(config.model_repository(), PathBuf::from("data/models"));
+    }
+
+    #[test]
+    fn environment_overrides_file_which_overrides_defaults() {
+        let config = load(
+            "[server]\nlisten = \"127.0.0.1:1000\"\nbody_limit_bytes = 2048\n",
+            &[("APPLIANCE_SERVER__LISTEN", "127.0.0.1:2000")],
+        )
+        .expect("loads");
+        assert_eq!(config.server.listen, "127.0.0.1:2000".parse().expect("addr"));
+        assert_eq!(config.server.body_limit_bytes, 2048);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load("[server]\nlisten_addr = \"127.0.0.1:1\"\n", &[]).expect_err("rejected");
+        let msg = err.to_string();
+        assert!(msg.contains("listen_addr"), "{msg}");
+    }
+
+    #[test]
+    fn badly_typed_value_names_key() {
+        let err = load("[server]\nlisten = \"not an address\"\n", &[]).expect_err("rejected");
+        let msg = err.to_string();
+        assert!(msg.contains("server.listen"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_key_and_problem() {
+        let err = load("[server]\nbody_limit_bytes = 10\n", &[]).expect_err("rejected");
+        assert_eq!(err.to_string(), "configuration key `server.body_limit_bytes`: must be at least 1024");
+    }
+
+    #[test]
+    fn cert_without_key_is_rejected() {
+        let err = load("[tls]\ncert = \"/nonexistent.pem\"\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("tls.key"), "{err}");
+    }
+
+    #[test]
+    fn robot_priority_comes_from_config() {
+        let config = load("[robots.arm-1]\npriority = \"high\"\n", &[]).expect("loads");
+        assert_eq!(config.robots["arm-1"].priority, Priority::High);
+        let err = load("[robots.arm-1]\npriority = \"urgent\"\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("robots.arm-1.priority"), "{err}");
+    }
+}

@@ -1,0 +1,128 @@
+//! The HTTP boundary's one error type: every variant maps to a status and a stable code here,
+//! and nowhere else.
+//!
+//! Client mistakes are 4xx and name what was wrong; 5xx means the appliance itself failed.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use vla_api::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("field `{field}`: {problem}")]
+    InvalidField { field: String, problem: String },
+    #[error("content type `{0}` is not supported; send application/json")]
+    UnsupportedMediaType(String),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("failed to read the request body: {0}")]
+    BodyRead(String),
+    #[error("field `image`: the image is {bytes} bytes, more than the limit of {limit} bytes")]
+    ImageTooLarge { bytes: usize, limit: usize },
+    #[error("field `image`: the image is {width}x{height} pixels, more than the limit of {limit} pixels")]
+    ImageDimensionsTooLarge { width: u32, height: u32, limit: u64 },
+    #[error("field `image`: not valid base64: {0}")]
+    InvalidBase64(String),
+    #[error("field `image`: not a JPEG or PNG image")]
+    UnsupportedImageFormat,
+    #[error("field `image`: the {format} image could not be decoded: {reason}")]
+    ImageDecode { format: &'static str, reason: String },
+    #[error("field `state`: model `{model}` expects {expected} values, got {got}")]
+    StateLength { model: String, expected: usize, got: usize },
+    #[error("field `{field}`: {problem}")]
+    InvalidValue { field: String, problem: String },
+    #[error("model `{0}` is not loaded")]
+    ModelNotFound(String),
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    #[error("model `{model}` queue is full ({capacity} requests); retry after {retry_after_s} s")]
+    QueueFull { model: String, capacity: usize, retry_after_s: u64 },
+    #[error("the appliance is shutting down")]
+    ShuttingDown,
+    #[error("no model is serving")]
+    Unavailable,
+    #[error("deadline of {deadline_ms} ms passed before the request's batch started")]
+    DeadlineExceeded { deadline_ms: u64 },
+    #[error("inference failed in model `{model}`: {reason}")]
+    Inference { model: String, reason: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// Stable machine code, also the label used for this error in metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::InvalidField { .. } => "invalid_field",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::BodyRead(_) => "body_read_failed",
+            ApiError::ImageTooLarge { .. } => "image_too_large",
+            ApiError::ImageDimensionsTooLarge { .. } => "image_dimensions_too_large",
+            ApiError::InvalidBase64(_) => "invalid_base64",
+            ApiError::UnsupportedImageFormat => "unsupported_image_format",
+            ApiError::ImageDecode { .. } => "image_decode_failed",
+            ApiError::StateLength { .. } => "state_length_mismatch",
+            ApiError::InvalidValue { .. } => "invalid_value",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::RouteNotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::QueueFull { .. } => "queue_full",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::Unavailable => "unavailable",
+            ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
+            ApiError::Inference { .. } => "inference_failed",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) | ApiError::InvalidField { .. } | ApiError::BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::BodyTooLarge { .. } | ApiError::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::ImageDimensionsTooLarge { .. }
+            | ApiError::InvalidBase64(_)
+            | ApiError::UnsupportedImageFormat
+            | ApiError::ImageDecode { .. }
+            | ApiError::StateLength { .. }
+            | ApiError::InvalidValue { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::QueueFull { .. } | ApiError::ShuttingDown | ApiError::Unavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Inference { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), "{self}");
+        } else {
+            tracing::debug!(code = self.code(), "{self}");
+        }
+        let body = ErrorBody { error: self.to_string(), code: self.code().to_string() };
+        let mut response = (status, axum::Json(body)).into_response();
+        let retry_after = match &self {
+            ApiError::QueueFull { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::ShuttingDown | ApiError::Unavailable => Some(5),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

@@ -1,0 +1,117 @@
+//! The edge inference appliance: serves TorchScript vision-language-action models to the
+//! robots of one cell over HTTPS, batching their requests.
+//!
+//! A request to the robot endpoint passes these stages, each in its own module:
+//!
+//! | stage | module | what happens |
+//! |---|---|---|
+//! | listen | [`server`], [`tls`] | TLS termination, HTTP/1.1 and HTTP/2, routing, graceful shutdown |
+//! | validate | [`validate`] | JSON body → checked request; errors name the field |
+//! | preprocess | [`preprocess`] | base64 JPEG/PNG → normalised tensor, instruction → tokens (blocking pool) |
+//! | queue | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
+//! | batch | [`batcher`] | executor threads take batches, run them, answer each request |
+//! | model | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split |
+//!
+//! Around them: [`config`] (the one configuration tree), [`spec`] (`model.toml`),
+//! [`repository`] (loading the models), [`demo`] (the generated `tiny-vla` model) and
+//! [`error`] (the HTTP boundary's error type: status and stable code per variant).
+//!
+//! The library reads no environment: the binary loads [`Config`], binds the listener and
+//! calls [`run`].
+
+pub mod batcher;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod model;
+pub mod preprocess;
+pub mod queue;
+pub mod repository;
+pub mod server;
+pub mod spec;
+pub mod tls;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use config::Config;
+
+/// Why the appliance could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Repository(#[from] repository::RepositoryError),
+    #[error("{0}")]
+    Task(String),
+}
+
+/// Runs the appliance on `listener` until `shutdown` resolves: sets up TLS, loads and warms up
+/// the models, serves, and at shutdown lets in-flight requests and batches finish.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let tls = if config.tls.enabled {
+        let (tls, cert) = tls::server_config(&config)?;
+        tracing::info!(
+            certificate = %cert.cert_path.display(),
+            sha256 = %cert.sha256_fingerprint,
+            "{}",
+            if cert.generated { "generated a self-signed TLS certificate" } else { "using TLS certificate" }
+        );
+        Some(tokio_rustls::TlsAcceptor::from(tls))
+    } else {
+        tracing::warn!("TLS is disabled: requests and actions travel in clear text");
+        None
+    };
+
+    let models = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || repository::Models::load(&config))
+            .await
+            .map_err(|e| RunError::Task(format!("model loading task failed: {e}")))??
+    };
+    let models = Arc::new(models);
+    if !models.is_serving() {
+        tracing::error!("no model is serving; /health answers 503");
+    }
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let state = server::AppState {
+        config: config.clone(),
+        models: models.clone(),
+        shutting_down: shutting_down.clone(),
+        preprocess_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!("serving on {scheme}://{addr}"),
+        Err(e) => tracing::warn!("serving (local address unknown: {e})"),
+    }
+    let shutdown = async move {
+        shutdown.await;
+        shutting_down.store(true, Ordering::Relaxed);
+    };
+    server::serve(
+        listener,
+        tls,
+        server::router(state),
+        shutdown,
+        Duration::from_millis(config.server.tls_handshake_timeout_ms),
+        Duration::from_millis(config.server.shutdown_grace_ms),
+    )
+    .await;
+
+    // Connections are done; let executors finish whatever is still queued, then stop them.
+    tokio::task::spawn_blocking(move || models.shutdown())
+        .await
+        .map_err(|e| RunError::Task(format!("model shutdown task failed: {e}")))?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! The model stage: a TorchScript module loaded with libtorch, run on stacked batches.
+//!
+//! A [`LoadedModel`] is created, warmed up and used on one executor thread only: libtorch's
+//! CPU thread pool (OpenMP) belongs to the thread that first ran it, and a module served from a
+//! different thread than it was warmed on ran ~50 % slower here.
+
+use std::path::Path;
+use std::time::Instant;
+
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use crate::spec::{DataType, DeviceSpec, ModelSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("device {0}: {1}")]
+    Device(DeviceSpec, String),
+    #[error("{}: cannot be loaded as TorchScript: {reason}", path.display())]
+    Load { path: std::path::PathBuf, reason: String },
+    #[error("forward failed: {0}")]
+    Forward(String),
+    #[error("output: {0}")]
+    Output(String),
+}
+
+/// Resolves `auto` to the first CUDA device when libtorch can use one, else the CPU; refuses a
+/// named CUDA device that is not there.
+pub fn resolve_device(spec: DeviceSpec) -> Result<Device, ModelError> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Auto => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+        DeviceSpec::Cuda(n) => {
+            let count = tch::Cuda::device_count();
+            if (n as i64) < count {
+                Ok(Device::Cuda(n))
+            } else {
+                Err(ModelError::Device(spec, format!("not available ({count} CUDA devices usable)")))
+            }
+        }
+    }
+}
+
+/// How the appliance names a device in responses, logs and metrics.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// One sample's input, flattened, in the dtype the model declares for that input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+/// A loaded TorchScript module and what it needs to run a batch.
+#[derive(Debug)]
+pub struct LoadedModel {
+    module: CModule,
+    device: Device,
+    /// Per input: the dims after the batch dimension.
+    input_dims: Vec<Vec<i64>>,
+    /// Per input: the element type.
+    input_kinds: Vec<Kind>,
+    outputs: usize,
+    action_output: usize,
+    action_len: usize,
+}
+
+impl LoadedModel {
+    /// Loads `<dir>/model.pt` onto `device` in inference mode.
+    pub fn load(dir: &Path, spec: &ModelSpec, device: Device) -> Result<Self, ModelError> {
+        let path = dir.join("model.pt");
+        let mut module = CModule::load_on_device(&path, device)
+            .map_err(|e| ModelError::Load { path: path.clone(), reason: first_line(&e.to_string()) })?;
+        module.set_eval();
+        Ok(LoadedModel {
+            module,
+            device,
+            input_dims: spec.inputs.iter().map(|t| t.dims[1..].to_vec()).collect(),
+            input_kinds: spec.inputs.iter().map(|t| kind_of(t.dtype)).collect(),
+            outputs: spec.outputs.len(),
+            action_output: spec.robot_inputs().action_output,
+            action_len: spec.action.dof * spec.action.horizon,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Runs zero-filled batches at each size, checking the action output's shape, so that the
+    /// first robot request meets a warm model (allocator pools, cuDNN/oneDNN kernel choice).
+    pub fn warm_up(&self, batch_sizes: &[usize], rounds: usize) -> Result<(), ModelError> {
+        for &n in batch_sizes {
+            let inputs: Vec<Tensor> = self
+                .input_dims
+                .iter()
+                .zip(self.input_kinds.iter().copied())
+                .map(|(dims, kind)| {
+                    let mut shape = vec![n as i64];
+                    shape.extend(dims);
+                    Tensor::zeros(&shape, (kind, self.device))
+                })
+                .collect();
+            for _ in 0..rounds {
+                let actions = self.forward_actions(&inputs, n)?;
+                if actions.len() != n {
+                    return Err(ModelError::Output(format!("batch of {n} gave {} actions", actions.len())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stacks `samples` (each in input order) into batch tensors on the model's device.
+    pub fn stack(&self, samples: &[&[TensorData]]) -> Result<Vec<Tensor>, ModelError> {
+        let n = samples.len() as i64;
+        (0..self.input_dims.len())
+            .map(|i| {
+                let mut shape = vec![n];
+                shape.extend(&self.input_dims[i]);
+                let tensor = match samples.first().map(|s| &s[i]) {
+                    Some(TensorData::I64(_)) => {
+                        let flat: Vec<i64> = samples
+                            .iter()
+                            .flat_map(|s| match &s[i] {
+                                TensorData::I64(v) => v.as_slice(),
+                                TensorData::F32(_) => &[],
+                            })
+                            .copied()
+                            .collect();
+                        Tensor::from_slice(&flat)
+                    }
+                    _ => {
+                        let flat: Vec<f32> = samples
+                            .iter()
+                            .flat_map(|s| match &s[i] {
+                                TensorData::F32(v) => v.as_slice(),
+                                TensorData::I64(_) => &[],
+                            })
+                            .copied()
+                            .collect();
+                        Tensor::from_slice(&flat)
+                    }
+                };
+                tensor
+                    .f_view(shape.as_slice())
+                    .and_then(|t| t.f_to_device(self.device))
+                    .map_err(|e| ModelError::Forward(format!("input {i}: {}", first_line(&e.to_string()))))
+            })
+            .collect()
+    }
+
+    /// Runs one forward on a stacked batch of `n` and splits the action output per sample.
+    pub fn forward_actions(&self, inputs: &[Tensor], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+        let _guard = tch::no_grad_guard();
+        let action = if self.outputs == 1 {
+            self.module.forward_ts(inputs).map_err(|e| ModelError::Forward(first_line(&e.to_string())))?
+        } else {
+            let ivalues: Vec<IValue> = inputs.iter().map(|t| IValue::Tensor(t.shallow_clone())).collect();
+            match self.module.forward_is(&ivalues) {
+                Ok(IValue::Tuple(mut outs)) if outs.len() == self.outputs => {
+                    match outs.swap_remove(self.action_output) {
+                        IValue::Tensor(t) => t,
+                        other => return Err(ModelError::Output(format!("action output is not a tensor: {other:?}"))),
+                    }
+                }
+                Ok(other) => {
+                    return Err(ModelError::Output(format!(
+                        "expected a tuple of {} tensors, got {}",
+                        self.outputs,
+                        ivalue_kind(&other)
+                    )));
+                }
+                Err(e) => return Err(ModelError::Forward(first_line(&e.to_string()))),
+            }
+        };
+        let expected = [n as i64, self.action_len as i64];
+        if action.size() != expected {
+            return Err(ModelError::Output(format!("action has shape {:?}, expected {expected:?}", action.size())));
+        }
+        let flat = action.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]);
+        let values = Vec::<f32>::try_from(&flat).map_err(|e| ModelError::Output(e.to_string()))?;
+        Ok(values.chunks(self.action_len).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Stack, forward and split in one call, timing the whole of it.
+    pub fn run(&self, samples: &[&[TensorData]]) -> Result<(Vec<Vec<f32>>, std::time::Duration), ModelError> {
+        let start = Instant::now();
+        let inputs = self.stack(samples)?;
+        let actions = self.forward_actions(&inputs, samples.len())?;
+        if let Device::Cuda(i) = self.device {
+            // The copy to the host above already waited for the stream; this keeps timings
+            // honest should that ever change.
+            tch::Cuda::synchronize(i as i64);
+        }
+        Ok((actions, start.elapsed()))
+    }
+}
+
+/// The libtorch element type of an OIP datatype.
+pub fn kind_of(dtype: DataType) -> Kind {
+    match dtype {
+        DataType::Bool => Kind::Bool,
+        DataType::Uint8 => Kind::Uint8,
+        DataType::Int8 => Kind::Int8,
+        DataType::Int16 => Kind::Int16,
+        DataType::Int32 => Kind::Int,
+        DataType::Int64 => Kind::Int64,
+        DataType::Fp16 => Kind::Half,
+        DataType::Fp32 => Kind::Float,
+        DataType::Fp64 => Kind::Double,
+    }
+}
+
+fn ivalue_kind(v: &IValue) -> &'static str {
+    match v {
+        IValue::Tensor(_) => "a tensor",
+        IValue::Tuple(_) => "a tuple of another length",
+        IValue::GenericList(_) | IValue::TensorList(_) => "a list",
+        IValue::GenericDict(_) => "a dict",
+        _ => "another value",
+    }
+}
+
+/// libtorch errors carry a C++ backtrace; the first line is the message.
+pub fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).trim().to_string()
+}

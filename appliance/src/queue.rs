@@ -1,0 +1,375 @@
+//! The batching state machine of one model: a bounded queue per priority class and the rule
+//! that decides when queued requests become a batch.
+//!
+//! Pure state, no clock and no threads: every decision takes `now`, so tests drive time by
+//! hand. The batcher (`batcher.rs`) owns one of these behind a mutex and acts on its answers.
+//!
+//! Invariants:
+//! - at most `capacity` entries are held, whatever their class;
+//! - `high` entries leave before `normal`, `normal` before `low`; FIFO within a class;
+//! - an entry leaves exactly once: in a batch, as expired (deadline passed while queued), or
+//!   as abandoned (its client gave up); expired and abandoned entries are never batched.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use vla_api::Priority;
+
+/// What the queue needs to know about a waiting request besides its times.
+pub trait Waiting {
+    /// The client stopped waiting (disconnected or gave up): drop it, never compute it.
+    fn is_abandoned(&self) -> bool;
+}
+
+/// Batching rule of one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Largest batch formed (1 turns batching off).
+    pub max_batch_size: usize,
+    /// How long the oldest entry may wait for the batch to fill.
+    pub max_queue_delay: Duration,
+    /// Sizes dispatched as soon as they can be formed, ascending.
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Entries held at most.
+    pub capacity: usize,
+}
+
+#[derive(Debug)]
+struct Entry<T> {
+    item: T,
+    enqueued: Instant,
+    deadline: Instant,
+}
+
+/// The queue's answer to "what now?".
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next<T> {
+    /// Run these together, in this order.
+    Batch(Vec<Queued<T>>),
+    /// Nothing to run yet: ask again at this instant (or when something is pushed).
+    WaitUntil(Instant),
+    /// Empty: wait for a push.
+    Idle,
+}
+
+/// An entry leaving the queue, with the time it spent there.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Queued<T> {
+    pub item: T,
+    pub enqueued: Instant,
+    pub deadline: Instant,
+}
+
+/// The queue refused an entry because it is full.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full<T>(pub T);
+
+#[derive(Debug)]
+pub struct BatchQueue<T> {
+    policy: Policy,
+    /// One FIFO per class, indexed like [`Priority::ALL`].
+    classes: [VecDeque<Entry<T>>; 3],
+}
+
+fn class_index(p: Priority) -> usize {
+    match p {
+        Priority::High => 0,
+        Priority::Normal => 1,
+        Priority::Low => 2,
+    }
+}
+
+impl<T: Waiting> BatchQueue<T> {
+    pub fn new(mut policy: Policy) -> Self {
+        policy.max_batch_size = policy.max_batch_size.max(1);
+        policy.preferred_batch_sizes.retain(|&p| p >= 1 && p <= policy.max_batch_size);
+        policy.preferred_batch_sizes.sort_unstable();
+        policy.preferred_batch_sizes.dedup();
+        BatchQueue { policy, classes: Default::default() }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Entries held, including abandoned ones not yet swept.
+    pub fn len(&self) -> usize {
+        self.classes.iter().map(VecDeque::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `item`, or hands it back when the queue is full even after sweeping out entries
+    /// that are abandoned or past their deadline (those are returned for answering).
+    pub fn push(
+        &mut self,
+        item: T,
+        priority: Priority,
+        deadline: Instant,
+        now: Instant,
+    ) -> (Result<(), Full<T>>, Vec<Queued<T>>) {
+        let mut expired = Vec::new();
+        if self.len() >= self.policy.capacity {
+            expired = self.sweep(now);
+        }
+        if self.len() >= self.policy.capacity {
+            return (Err(Full(item)), expired);
+        }
+        self.classes[class_index(priority)].push_back(Entry { item, enqueued: now, deadline });
+        (Ok(()), expired)
+    }
+
+    /// Removes abandoned entries (dropped silently) and entries whose deadline has passed
+    /// (returned, so their clients can be told).
+    pub fn sweep(&mut self, now: Instant) -> Vec<Queued<T>> {
+        let mut expired = Vec::new();
+        for class in &mut self.classes {
+            let mut kept = VecDeque::with_capacity(class.len());
+            for e in class.drain(..) {
+                if e.item.is_abandoned() {
+                    continue;
+                }
+                if e.deadline <= now {
+                    expired.push(Queued { item: e.item, enqueued: e.enqueued, deadline: e.deadline });
+                } else {
+                    kept.push_back(e);
+                }
+            }
+            *class = kept;
+        }
+        expired
+    }
+
+    /// Decides what to do at `now`. Also returns the entries that expired meanwhile.
+    ///
+    /// The rule, after sweeping:
+    /// 1. `max_batch_size` entries queued → a full batch now;
+    /// 2. a preferred size can be formed → the largest such batch now;
+    /// 3. the oldest entry has waited `max_queue_delay`, or waiting longer would pass some
+    ///    entry's deadline → everything queued now;
+    /// 4. otherwise wait until the earlier of those two instants.
+    pub fn next(&mut self, now: Instant) -> (Next<T>, Vec<Queued<T>>) {
+        let expired = self.sweep(now);
+        let n = self.len();
+        if n == 0 {
+            return (Next::Idle, expired);
+        }
+        let max = self.policy.max_batch_size;
+        if n >= max {
+            return (Next::Batch(self.take(max)), expired);
+        }
+        if let Some(&p) = self.policy.preferred_batch_sizes.iter().rev().find(|&&p| p <= n) {
+            return (Next::Batch(self.take(p)), expired);
+        }
+        let oldest = self.classes.iter().filter_map(|c| c.front()).map(|e| e.enqueued).min();
+        let earliest_deadline = self.classes.iter().flatten().map(|e| e.deadline).min();
+        let (Some(oldest), Some(earliest_deadline)) = (oldest, earliest_deadline) else {
+            return (Next::Idle, expired);
+        };
+        let due = (oldest + self.policy.max_queue_delay).min(earliest_deadline);
+        if now >= due { (Next::Batch(self.take(n)), expired) } else { (Next::WaitUntil(due), expired) }
+    }
+
+    /// Takes up to `n` entries in priority order.
+    fn take(&mut self, n: usize) -> Vec<Queued<T>> {
+        let mut batch = Vec::with_capacity(n);
+        for class in &mut self.classes {
+            while batch.len() < n {
+                let Some(e) = class.pop_front() else { break };
+                batch.push(Queued { item: e.item, enqueued: e.enqueued, deadline: e.deadline });
+            }
+        }
+        batch
+    }
+
+    /// Empties the queue (at shutdown), returning everything still waiting.
+    pub fn drain(&mut self) -> Vec<Queued<T>> {
+        let n = self.len();
+        self.take(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    #[derive(Debug, PartialEq, Eq)]
+    struct Req {
+        id: u32,
+        gone: Rc<Cell<bool>>,
+    }
+
+    impl Waiting for Req {
+        fn is_abandoned(&self) -> bool {
+            self.gone.get()
+        }
+    }
+
+    fn req(id: u32) -> Req {
+        Req { id, gone: Rc::new(Cell::new(false)) }
+    }
+
+    fn policy(max: usize, delay_ms: u64, preferred: &[usize], capacity: usize) -> Policy {
+        Policy {
+            max_batch_size: max,
+            max_queue_delay: Duration::from_millis(delay_ms),
+            preferred_batch_sizes: preferred.to_vec(),
+            capacity,
+        }
+    }
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    fn ids(next: Next<Req>) -> Vec<u32> {
+        match next {
+            Next::Batch(b) => b.into_iter().map(|q| q.item.id).collect(),
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    fn push(q: &mut BatchQueue<Req>, r: Req, p: Priority, t0: Instant, at_ms: u64) {
+        let now = t0 + Duration::from_millis(at_ms);
+        let (res, expired) = q.push(r, p, now + LONG, now);
+        assert!(res.is_ok() && expired.is_empty());
+    }
+
+    #[test]
+    fn a_lone_request_waits_for_the_queue_delay_then_runs_alone() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 5, &[], 100));
+        push(&mut q, req(1), Priority::Normal, t0, 0);
+        let (next, _) = q.next(t0 + Duration::from_millis(1));
+        assert_eq!(next, Next::WaitUntil(t0 + Duration::from_millis(5)));
+        assert_eq!(ids(q.next(t0 + Duration::from_millis(5)).0), vec![1]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn concurrent_requests_are_stacked_into_one_batch() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 5, &[], 100));
+        for i in 0..5 {
+            push(&mut q, req(i), Priority::Normal, t0, u64::from(i));
+        }
+        assert_eq!(ids(q.next(t0 + Duration::from_millis(5)).0), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_full_batch_leaves_at_once_and_the_rest_waits() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(4, 1000, &[], 100));
+        for i in 0..6 {
+            push(&mut q, req(i), Priority::Normal, t0, 0);
+        }
+        assert_eq!(ids(q.next(t0).0), vec![0, 1, 2, 3]);
+        assert_eq!(q.next(t0).0, Next::WaitUntil(t0 + Duration::from_secs(1)));
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn the_largest_preferred_size_that_can_be_formed_leaves_at_once() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(16, 1000, &[8, 4], 100));
+        for i in 0..3 {
+            push(&mut q, req(i), Priority::Normal, t0, 0);
+        }
+        assert!(matches!(q.next(t0).0, Next::WaitUntil(_)));
+        for i in 3..10 {
+            push(&mut q, req(i), Priority::Normal, t0, 0);
+        }
+        assert_eq!(ids(q.next(t0).0).len(), 8);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn high_priority_is_served_before_normal_and_low() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(2, 0, &[], 100));
+        push(&mut q, req(1), Priority::Low, t0, 0);
+        push(&mut q, req(2), Priority::Normal, t0, 1);
+        push(&mut q, req(3), Priority::High, t0, 2);
+        push(&mut q, req(4), Priority::High, t0, 3);
+        let now = t0 + Duration::from_millis(3);
+        assert_eq!(ids(q.next(now).0), vec![3, 4]);
+        assert_eq!(ids(q.next(now).0), vec![2, 1]);
+    }
+
+    #[test]
+    fn a_request_past_its_deadline_is_returned_as_expired_and_never_batched() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 50, &[], 100));
+        let (res, _) = q.push(req(1), Priority::Normal, t0 + Duration::from_millis(10), t0);
+        assert!(res.is_ok());
+        push(&mut q, req(2), Priority::Normal, t0, 0);
+        // The batcher is busy until 20 ms; request 1's deadline passed at 10 ms.
+        let (next, expired) = q.next(t0 + Duration::from_millis(20));
+        assert_eq!(expired.iter().map(|e| e.item.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(next, Next::WaitUntil(t0 + Duration::from_millis(50)));
+        assert_eq!(ids(q.next(t0 + Duration::from_millis(50)).0), vec![2]);
+    }
+
+    #[test]
+    fn waiting_stops_early_so_a_deadline_is_not_missed() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 50, &[], 100));
+        let (res, _) = q.push(req(1), Priority::Normal, t0 + Duration::from_millis(10), t0);
+        assert!(res.is_ok());
+        assert_eq!(q.next(t0).0, Next::WaitUntil(t0 + Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn an_abandoned_request_is_dropped_without_being_batched() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 5, &[], 100));
+        let r1 = req(1);
+        let gone = r1.gone.clone();
+        push(&mut q, r1, Priority::Normal, t0, 0);
+        push(&mut q, req(2), Priority::Normal, t0, 0);
+        gone.set(true);
+        let (next, expired) = q.next(t0 + Duration::from_millis(5));
+        assert!(expired.is_empty());
+        assert_eq!(ids(next), vec![2]);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_but_makes_room_from_abandoned_entries() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 5, &[], 2));
+        let r1 = req(1);
+        let gone = r1.gone.clone();
+        push(&mut q, r1, Priority::Normal, t0, 0);
+        push(&mut q, req(2), Priority::Normal, t0, 0);
+        let (res, _) = q.push(req(3), Priority::High, t0 + LONG, t0);
+        assert_eq!(res.map_err(|Full(r)| r.id), Err(3));
+        gone.set(true);
+        let (res, _) = q.push(req(3), Priority::High, t0 + LONG, t0);
+        assert!(res.is_ok());
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn batching_off_means_batches_of_one() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(1, 5, &[], 100));
+        push(&mut q, req(1), Priority::Normal, t0, 0);
+        push(&mut q, req(2), Priority::Normal, t0, 0);
+        assert_eq!(ids(q.next(t0).0), vec![1]);
+        assert_eq!(ids(q.next(t0).0), vec![2]);
+        assert_eq!(q.next(t0).0, Next::Idle);
+    }
+
+    #[test]
+    fn drain_returns_everything_in_priority_order() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 5, &[], 100));
+        push(&mut q, req(1), Priority::Low, t0, 0);
+        push(&mut q, req(2), Priority::High, t0, 0);
+        let drained: Vec<u32> = q.drain().into_iter().map(|e| e.item.id).collect();
+        assert_eq!(drained, vec![2, 1]);
+        assert!(q.is_empty());
+    }
+}

@@ -1,0 +1,240 @@
+//! Server stage: the HTTPS listener, the routes, and the robot endpoint's handler, which walks
+//! a request through validate → preprocess → batcher and shapes the answer.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use vla_api::{Health, InferenceResponse, ModelList, Timing};
+
+use crate::batcher::JobError;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::repository::Models;
+use crate::{preprocess, validate};
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub models: Arc<Models>,
+    /// Set when shutdown begins, so `/health` stops advertising the appliance.
+    pub shutting_down: Arc<AtomicBool>,
+    /// Bounds image decoding running at once on the blocking pool, so a burst of large images
+    /// queues here instead of starving the machine of threads.
+    pub preprocess_slots: Arc<Semaphore>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(list_models))
+        .route("/v1/inference", post(inference))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::RouteNotFound(uri.path().chars().take(200).collect())
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
+}
+
+/// `GET /health`: 200 while at least one model serves, else 503; the body lists every model.
+async fn health(State(app): State<AppState>) -> Response {
+    let shutting_down = app.shutting_down.load(Ordering::Relaxed);
+    let (status, code) = if shutting_down {
+        ("shutting_down", StatusCode::SERVICE_UNAVAILABLE)
+    } else if !app.models.is_serving() {
+        ("unavailable", StatusCode::SERVICE_UNAVAILABLE)
+    } else if app.models.has_failures() {
+        ("degraded", StatusCode::OK)
+    } else {
+        ("ok", StatusCode::OK)
+    };
+    (code, axum::Json(Health { status: status.into(), models: app.models.health() })).into_response()
+}
+
+/// `GET /v1/models`: the serving models, their action semantics and queue counters.
+async fn list_models(State(app): State<AppState>) -> axum::Json<ModelList> {
+    axum::Json(ModelList {
+        default_model: app.models.default_model().map(str::to_string),
+        models: app.models.serving().map(|m| m.info()).collect(),
+    })
+}
+
+/// `POST /v1/inference`: the robot endpoint.
+async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    check_json_content_type(&headers)?;
+    let body = read_body(body, &headers, app.config.server.body_limit_bytes).await?;
+    let request = validate::parse_request(&body)?;
+    drop(body);
+    let model = app.models.resolve(request.model.as_deref())?.clone();
+    let robot_priority = app.config.robots.get(&request.robot_id).map(|r| r.priority);
+    let checked = validate::check_request(&request, &model.spec, &app.config.limits, robot_priority)?;
+    let deadline = received + Duration::from_millis(checked.deadline_ms);
+
+    let preprocess_start = Instant::now();
+    let inputs = {
+        let _slot = app.preprocess_slots.acquire().await.map_err(|_| ApiError::ShuttingDown)?;
+        let spec = model.spec.clone();
+        let config = app.config.clone();
+        let vla_api::InferenceRequest { image, instruction, state, .. } = request;
+        tokio::task::spawn_blocking(move || {
+            preprocess::robot_sample(&spec, &image, &instruction, &state, &config.limits)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("preprocessing task failed: {e}")))??
+    };
+    let preprocess = preprocess_start.elapsed();
+
+    let ticket =
+        model.batcher.submit(inputs, checked.priority, deadline).map_err(|e| job_error(e, &model.spec.name))?;
+    let done = ticket.wait().await.map_err(|e| match e {
+        JobError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms: checked.deadline_ms },
+        other => job_error(other, &model.spec.name),
+    })?;
+    let response = InferenceResponse {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        model: model.spec.name.clone(),
+        model_version: model.spec.version.clone(),
+        action: done.action,
+        timing: Timing {
+            total_ms: ms(received.elapsed()),
+            queue_ms: ms(done.queued),
+            preprocess_ms: ms(preprocess),
+            inference_ms: ms(done.inference),
+            batch_size: done.batch_size,
+        },
+    };
+    Ok(axum::Json(response).into_response())
+}
+
+fn job_error(e: JobError, model: &str) -> ApiError {
+    match e {
+        JobError::QueueFull { capacity } => ApiError::QueueFull { model: model.into(), capacity, retry_after_s: 1 },
+        JobError::ShuttingDown => ApiError::ShuttingDown,
+        JobError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms: 0 },
+        JobError::Inference(reason) => ApiError::Inference { model: model.into(), reason },
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// JSON bodies only; a missing content type is taken as JSON (robots sending with `curl -d`
+/// forget it more often than they send something else).
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let value = value.to_str().unwrap_or("");
+    let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime == "application/json" || mime.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(value.chars().take(100).collect()))
+    }
+}
+
+/// Reads the whole body, refusing more than `limit` bytes: at once by `Content-Length`, or as
+/// soon as a streamed body passes the limit.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::BodyTooLarge { limit }),
+        Err(e) => Err(ApiError::BodyRead(e.to_string())),
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, then stops accepting and gives in-flight
+/// requests up to `grace` to finish before the remaining connections are closed.
+///
+/// Each connection runs in its own task; the TLS handshake is bounded by `handshake_timeout`
+/// so a silent client cannot hold a task forever.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+    handshake_timeout: Duration,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                }
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, "connection ended: {e}");
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("shutdown grace period of {grace:?} passed; closing remaining connections");
+    }
+}

@@ -1,0 +1,107 @@
+//! TLS: the server's rustls configuration from configured PEM files, or from a self-signed
+//! certificate generated once into `<data.dir>/tls/` and reused on later starts.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {problem}", path.display())]
+    File { path: PathBuf, problem: String },
+    #[error("generating the self-signed certificate: {0}")]
+    Generate(String),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Where the certificate came from, for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub cert_path: PathBuf,
+    /// SHA-256 of the leaf certificate, colon-separated hex: what a client pins or compares.
+    pub sha256_fingerprint: String,
+    /// True when generated during this start.
+    pub generated: bool,
+}
+
+/// Builds the server's TLS configuration (HTTP/2 and HTTP/1.1 by ALPN).
+pub fn server_config(config: &Config) -> Result<(Arc<rustls::ServerConfig>, CertInfo), TlsError> {
+    let (cert_path, key_path, generated) = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone(), false),
+        _ => {
+            let dir = config.data.dir.join("tls");
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            let generated = if cert.is_file() && key.is_file() {
+                false
+            } else {
+                generate_self_signed(&config.tls.self_signed_names, &cert, &key)?;
+                true
+            };
+            (cert, key, generated)
+        }
+    };
+    let certs = read_certs(&cert_path)?;
+    let key = read_key(&key_path)?;
+    let sha256_fingerprint = fingerprint(&certs[0]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::File {
+            path: key_path.clone(),
+            problem: format!("does not match the certificate: {e}"),
+        })?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok((Arc::new(server), CertInfo { cert_path, sha256_fingerprint, generated }))
+}
+
+fn generate_self_signed(names: &[String], cert: &Path, key: &Path) -> Result<(), TlsError> {
+    let certified =
+        rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let dir = cert.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| TlsError::File { path: dir.into(), problem: e.to_string() })?;
+    write_private(key, certified.key_pair.serialize_pem().as_bytes())?;
+    fs::write(cert, certified.cert.pem()).map_err(|e| TlsError::File { path: cert.into(), problem: e.to_string() })?;
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: std::io::Error| TlsError::File { path: path.into(), problem: e.to_string() };
+    let mut file =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(err)?;
+    file.write_all(bytes).map_err(err)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |problem: String| TlsError::File { path: path.into(), problem };
+    let pem = fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(format!("not a PEM certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(err("contains no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let err = |problem: String| TlsError::File { path: path.into(), problem };
+    let pem = fs::read(path).map_err(|e| err(e.to_string()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| err(format!("not a PEM private key: {e}")))?
+        .ok_or_else(|| err("contains no PEM private key".into()))
+}
+
+fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    Sha256::digest(cert.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}

@@ -1,0 +1,157 @@
+//! Validation stage: the raw body of `POST /v1/inference` becomes a checked request, or an
+//! error that names the field and the problem. Nothing invalid gets past here into a batch.
+
+use vla_api::{InferenceRequest, Priority};
+
+use crate::config::LimitsConfig;
+use crate::error::ApiError;
+use crate::spec::ModelSpec;
+
+/// Parses the JSON body, telling malformed JSON from a well-formed body with a bad field.
+pub fn parse_request(body: &[u8]) -> Result<InferenceRequest, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let request: InferenceRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Syntax
+            | serde_json::error::Category::Eof
+            | serde_json::error::Category::Io => ApiError::MalformedJson(inner.to_string()),
+            serde_json::error::Category::Data => ApiError::InvalidField {
+                field: if field == "." { "body".into() } else { field },
+                problem: strip_position(&inner.to_string()),
+            },
+        }
+    })?;
+    Ok(request)
+}
+
+/// serde_json appends " at line 1 column 57"; the field name says more than the column.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Robot ids appear in logs, configuration keys and (later) metric labels.
+pub fn check_robot_id(id: &str) -> Result<(), String> {
+    if crate::spec::is_valid_name(id) {
+        Ok(())
+    } else {
+        Err(format!("`{}` must be 1-64 of [A-Za-z0-9._-], not starting with '.'", truncate(id, 80)))
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The scheduling facts of a request after its fields are checked against `spec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    pub deadline_ms: u64,
+    pub priority: Priority,
+}
+
+/// Checks the fields that need the model or the limits to judge.
+pub fn check_request(
+    request: &InferenceRequest,
+    spec: &ModelSpec,
+    limits: &LimitsConfig,
+    robot_priority: Option<Priority>,
+) -> Result<Checked, ApiError> {
+    check_robot_id(&request.robot_id)
+        .map_err(|problem| ApiError::InvalidValue { field: "robot_id".into(), problem })?;
+    if let Some(t) = &request.robot_type
+        && !crate::spec::is_valid_name(t)
+    {
+        return Err(ApiError::InvalidValue {
+            field: "robot_type".into(),
+            problem: format!("`{}` must be 1-64 of [A-Za-z0-9._-]", truncate(t, 80)),
+        });
+    }
+    if request.instruction.len() > limits.max_instruction_bytes {
+        return Err(ApiError::InvalidValue {
+            field: "instruction".into(),
+            problem: format!(
+                "{} bytes, more than the limit of {}",
+                request.instruction.len(),
+                limits.max_instruction_bytes
+            ),
+        });
+    }
+    let expected = spec.state_dim();
+    if request.state.len() != expected {
+        return Err(ApiError::StateLength { model: spec.name.clone(), expected, got: request.state.len() });
+    }
+    if let Some(i) = request.state.iter().position(|v| !v.is_finite()) {
+        return Err(ApiError::InvalidValue {
+            field: format!("state[{i}]"),
+            problem: "must be a finite number within f32 range".into(),
+        });
+    }
+    let deadline_ms = match request.deadline_ms {
+        None => spec.batching.default_deadline_ms,
+        Some(0) => {
+            return Err(ApiError::InvalidValue { field: "deadline_ms".into(), problem: "must be at least 1".into() });
+        }
+        Some(ms) if ms > limits.max_deadline_ms => {
+            return Err(ApiError::InvalidValue {
+                field: "deadline_ms".into(),
+                problem: format!("{ms} is more than the limit of {}", limits.max_deadline_ms),
+            });
+        }
+        Some(ms) => ms,
+    };
+    let priority = request.priority.or(robot_priority).unwrap_or_default();
+    Ok(Checked { deadline_ms, priority })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syntax_errors_are_malformed_json() {
+        let err = parse_request(b"{\"robot_id\": ").expect_err("refused");
+        assert_eq!(err.code(), "malformed_json");
+    }
+
+    #[test]
+    fn a_missing_field_is_named() {
+        let err = parse_request(br#"{"robot_id":"a","image":"x","state":[]}"#).expect_err("refused");
+        assert_eq!(err.code(), "invalid_field");
+        assert!(err.to_string().contains("instruction"), "{err}");
+    }
+
+    #[test]
+    fn a_wrongly_typed_field_is_named_with_its_path() {
+        let err = parse_request(br#"{"robot_id":"a","instruction":"go","image":"x","state":[1,"two"]}"#)
+            .expect_err("refused");
+        assert_eq!(err.code(), "invalid_field");
+        assert!(err.to_string().starts_with("field `state[1]`"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused() {
+        let err = parse_request(br#"{"robot_id":"a","instruction":"go","image":"x","state":[],"deadline":5}"#)
+            .expect_err("refused");
+        assert!(err.to_string().contains("deadline"), "{err}");
+    }
+
+    #[test]
+    fn robot_ids_are_short_and_plain() {
+        assert!(check_robot_id("arm-01.cell_3").is_ok());
+        assert!(check_robot_id("").is_err());
+        assert!(check_robot_id("a b").is_err());
+        assert!(check_robot_id(&"x".repeat(65)).is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! Test harness: a real appliance on 127.0.0.1:<ephemeral> with real TLS and real libtorch,
+//! and a real HTTPS client that trusts the appliance's certificate.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use appliance::Config;
+use base64::Engine;
+use image::{ImageBuffer, ImageFormat, Rgb};
+use tokio::sync::oneshot;
+use vla_api::InferenceRequest;
+
+/// The demo model, generated once per test binary and copied into each test's repository.
+pub fn demo_model_pt() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        appliance::demo::generate(dir.path()).unwrap();
+        dir
+    });
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| dir.path().join(appliance::demo::NAME).join("model.pt"))
+}
+
+/// Writes a model directory `<repo>/<name>` with the demo weights and `model_toml`.
+pub fn add_model(repo: &Path, name: &str, model_toml: &str) {
+    let dir = repo.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(demo_model_pt(), dir.join("model.pt")).unwrap();
+    std::fs::write(dir.join("model.toml"), model_toml).unwrap();
+}
+
+/// The demo `model.toml` with `batching` settings replaced.
+pub fn demo_toml_with_batching(name: &str, batching: &str) -> String {
+    let toml = appliance::demo::MODEL_TOML.replace("name = \"tiny-vla\"", &format!("name = \"{name}\""));
+    let start = toml.find("[batching]").unwrap();
+    let end = toml[start..].find("\n\n").unwrap() + start;
+    format!("{}[batching]\n{batching}{}", &toml[..start], &toml[end..])
+}
+
+pub struct TestAppliance {
+    pub addr: std::net::SocketAddr,
+    pub data: tempfile::TempDir,
+    pub client: reqwest::Client,
+    shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), appliance::RunError>>>,
+}
+
+/// A configuration for tests: ephemeral port, temporary data directory, one libtorch thread
+/// per executor (tests run side by side on few cores).
+pub fn test_config(data: &Path) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.data.dir = data.to_path_buf();
+    config.models.cpu_threads = 1;
+    config.server.shutdown_grace_ms = 10_000;
+    config
+}
+
+impl TestAppliance {
+    /// Starts with the demo model (copied, not regenerated) unless `setup` fills the repository.
+    pub async fn start(setup: impl FnOnce(&mut Config, &Path)) -> TestAppliance {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = test_config(data.path());
+        let repo = config.model_repository();
+        std::fs::create_dir_all(&repo).unwrap();
+        setup(&mut config, &repo);
+        if std::fs::read_dir(&repo).unwrap().next().is_none() {
+            add_model(&repo, "tiny-vla", appliance::demo::MODEL_TOML);
+        }
+        Self::start_with(config, data).await
+    }
+
+    pub async fn start_with(config: Config, data: tempfile::TempDir) -> TestAppliance {
+        config.validate().unwrap();
+        let listener = tokio::net::TcpListener::bind(config.server.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let cert_path = config.tls.cert.clone().unwrap_or_else(|| config.data.dir.join("tls/cert.pem"));
+        let task = tokio::spawn(appliance::run(config, listener, async {
+            let _ = rx.await;
+        }));
+        // The certificate exists before the listener serves; then wait for the models.
+        let start = Instant::now();
+        while !cert_path.exists() {
+            assert!(start.elapsed() < Duration::from_secs(30), "no certificate at {}", cert_path.display());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let client = https_client(&cert_path, addr);
+        let app = TestAppliance { addr, data, client, shutdown: std::sync::Mutex::new(Some(tx)), task: Some(task) };
+        loop {
+            if let Ok(r) = app.client.get(app.url("/health")).send().await
+                && r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
+            {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "appliance did not become healthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        app
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
+    pub async fn infer(&self, request: InferenceRequest) -> reqwest::Response {
+        self.client.post(self.url("/v1/inference")).json(&request).send().await.unwrap()
+    }
+
+    pub async fn stats(&self, model: &str) -> vla_api::ModelStats {
+        let list: vla_api::ModelList =
+            self.client.get(self.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+        list.models.into_iter().find(|m| m.name == model).unwrap().stats
+    }
+
+    /// Signals shutdown (as SIGTERM would) without waiting.
+    pub fn signal_shutdown(&self) {
+        if let Some(tx) = self.shutdown.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), appliance::RunError> {
+        self.signal_shutdown();
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for TestAppliance {
+    fn drop(&mut self) {
+        self.signal_shutdown();
+    }
+}
+
+/// An HTTPS client that trusts exactly `cert` and reaches `localhost` at `addr`.
+pub fn https_client(cert: &Path, addr: std::net::SocketAddr) -> reqwest::Client {
+    let pem = std::fs::read(cert).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .resolve("localhost", addr)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// A camera-like JPEG: a gradient tinted by `seed`.
+pub fn jpeg(width: u32, height: u32, seed: u8) -> Vec<u8> {
+    let img: ImageBuffer<Rgb<u8>, Vec<u8>> = ImageBuffer::from_fn(width, height, |x, y| {
+        Rgb([(x % 256) as u8, (y % 256) as u8, seed.wrapping_mul(37).wrapping_add((x ^ y) as u8)])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg).unwrap();
+    out
+}
+
+pub fn png(width: u32, height: u32) -> Vec<u8> {
+    let img: ImageBuffer<Rgb<u8>, Vec<u8>> = ImageBuffer::from_pixel(width, height, Rgb([10, 20, 30]));
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+    out
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A valid robot request; `seed` varies the image, instruction and state.
+pub fn robot_request(seed: u8) -> InferenceRequest {
+    InferenceRequest {
+        robot_id: format!("arm-{seed}"),
+        robot_type: Some("ur5e".into()),
+        model: None,
+        instruction: format!("pick up the red block number {seed}"),
+        image: b64(&jpeg(320, 240, seed)),
+        state: (0..7).map(|i| f32::from(seed) * 0.01 + i as f32 * 0.1).collect(),
+        deadline_ms: None,
+        priority: None,
+    }
+}

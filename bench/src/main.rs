@@ -1,0 +1,292 @@
+//! `bench`: measures the demo model and the appliance on this machine.
+//!
+//! - `bench curve` — the model's own limit: `tiny-vla`'s forward alone at each batch size,
+//!   in-process through libtorch (warmed up and timed on the same thread).
+//! - `bench batching` — the appliance itself, started in-process on 127.0.0.1 with real TLS,
+//!   driven by N concurrent robots in a closed loop over HTTPS, once with batching on and once
+//!   with it off; reports throughput, latency percentiles and the mean batch size the
+//!   appliance reported.
+//!
+//! Both print a markdown table with the date and machine; `--json FILE` also writes the figures.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use appliance::model::{LoadedModel, TensorData};
+use appliance::spec::ModelSpec;
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use vla_api::{InferenceRequest, InferenceResponse};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks of the appliance on this machine")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Forward time of the demo model at each batch size, without the server.
+    Curve {
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+        batch_sizes: Vec<usize>,
+        /// Minimum time measured per batch size.
+        #[arg(long, default_value = "2")]
+        seconds: f64,
+        /// libtorch intra-op threads (0: libtorch's default, one per core).
+        #[arg(long, default_value = "0")]
+        threads: usize,
+    },
+    /// The appliance under concurrent robots, batching on vs off.
+    Batching {
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        concurrency: Vec<usize>,
+        /// Seconds of load per point.
+        #[arg(long, default_value = "10")]
+        seconds: f64,
+        /// Camera image size sent by each robot, WIDTHxHEIGHT (JPEG).
+        #[arg(long, default_value = "320x240")]
+        image: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let report = match args.command {
+        Command::Curve { batch_sizes, seconds, threads } => curve(&batch_sizes, seconds, threads)?,
+        Command::Batching { concurrency, seconds, image } => batching(&concurrency, seconds, &image)?,
+    };
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("{}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+fn now_utc() -> String {
+    let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
+    out.ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+/// Generates the demo model into `dir` and returns its directory.
+fn demo_model(dir: &Path) -> anyhow::Result<PathBuf> {
+    appliance::demo::generate(dir)?;
+    Ok(dir.join(appliance::demo::NAME))
+}
+
+fn curve(batch_sizes: &[usize], seconds: f64, threads: usize) -> anyhow::Result<serde_json::Value> {
+    let tmp = tempfile::tempdir()?;
+    let dir = demo_model(tmp.path())?;
+    let spec = ModelSpec::load(&dir)?;
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+    let model = LoadedModel::load(&dir, &spec, tch::Device::Cpu)?;
+    let pos = spec.robot_inputs();
+    let mut sample = vec![TensorData::F32(Vec::new()); spec.inputs.len()];
+    sample[pos.image] = TensorData::F32((0..3 * 224 * 224).map(|i| ((i % 255) as f32 / 255.0) - 0.5).collect());
+    sample[pos.instruction] = TensorData::I64(appliance::preprocess::instruction_tokens("pick up the red block", 32));
+    sample[pos.state] = TensorData::F32(vec![0.1; spec.state_dim()]);
+
+    println!("## tiny-vla forward alone ({}; {})\n", machine(), now_utc());
+    println!("| batch | ms / forward (median) | ms / sample | samples/s |");
+    println!("|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for &n in batch_sizes {
+        let samples: Vec<&[TensorData]> = (0..n).map(|_| sample.as_slice()).collect();
+        let inputs = model.stack(&samples)?;
+        for _ in 0..3 {
+            model.forward_actions(&inputs, n)?;
+        }
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
+            let t = Instant::now();
+            model.forward_actions(&inputs, n)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let per_sample = median / n as f64;
+        println!("| {n} | {median:.2} | {per_sample:.2} | {:.0} |", 1e3 / per_sample);
+        rows.push(json!({"batch_size": n, "forward_ms_median": median, "ms_per_sample": per_sample, "samples_per_s": 1e3 / per_sample, "iterations": times.len()}));
+    }
+    Ok(json!({"benchmark": "curve", "machine": machine(), "date": now_utc(), "rows": rows}))
+}
+
+fn jpeg_b64(width: u32, height: u32, seed: u32) -> String {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x + seed * 13) as u8, (y + seed * 7) as u8, ((x ^ y) + seed) as u8])
+    });
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Jpeg).expect("encode JPEG");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[derive(Debug, Default)]
+struct Point {
+    latencies_ms: Vec<f64>,
+    batch_sizes: Vec<usize>,
+    errors: usize,
+    elapsed: f64,
+}
+
+fn batching(concurrency: &[usize], seconds: f64, image: &str) -> anyhow::Result<serde_json::Value> {
+    let (w, h) = image.split_once('x').context("--image must be WIDTHxHEIGHT")?;
+    let (w, h): (u32, u32) = (w.parse()?, h.parse()?);
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..16u32)
+            .map(|i| {
+                serde_json::to_vec(&InferenceRequest {
+                    robot_id: format!("arm-{i}"),
+                    robot_type: Some("ur5e".into()),
+                    model: None,
+                    instruction: "pick up the red block and place it in the bin".into(),
+                    image: jpeg_b64(w, h, i),
+                    state: (0..7).map(|j| (i + j) as f32 * 0.05).collect(),
+                    deadline_ms: Some(30_000),
+                    priority: None,
+                })
+                .expect("serialise")
+            })
+            .collect(),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let models = tempfile::tempdir()?;
+    let model_dir = demo_model(models.path())?;
+
+    println!("## appliance under concurrent robots, {w}x{h} JPEG ({}; {})\n", machine(), now_utc());
+    println!("| batching | robots | req/s | p50 ms | p90 ms | p99 ms | mean batch | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for (label, batching_toml) in [("on", "enabled = true\nmax_queue_delay_us = 2000\n"), ("off", "enabled = false\n")]
+    {
+        let data = tempfile::tempdir()?;
+        let mut config = appliance::Config::default();
+        config.server.listen = "127.0.0.1:0".parse()?;
+        config.data.dir = data.path().to_path_buf();
+        config.server.shutdown_grace_ms = 2_000;
+        let repo = config.model_repository().join(appliance::demo::NAME);
+        std::fs::create_dir_all(&repo)?;
+        std::fs::copy(model_dir.join("model.pt"), repo.join("model.pt"))?;
+        let toml = appliance::demo::MODEL_TOML;
+        let start = toml.find("[batching]").context("demo toml has [batching]")?;
+        let end = start + toml[start..].find("\n\n").context("section end")?;
+        let queue = "queue_capacity = 1024\n";
+        std::fs::write(
+            repo.join("model.toml"),
+            format!("{}[batching]\n{batching_toml}{queue}{}", &toml[..start], &toml[end..]),
+        )?;
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+            let addr = listener.local_addr()?;
+            let cert = config.data.dir.join("tls/cert.pem");
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(appliance::run(config, listener, async {
+                let _ = stop_rx.await;
+            }));
+            let client = loop {
+                if cert.exists()
+                    && let Ok(client) = client(&cert, addr)
+                    && client.get(format!("https://localhost:{}/health", addr.port())).send().await.is_ok_and(|r| r.status().is_success())
+                {
+                    break client;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let url = format!("https://localhost:{}/v1/inference", addr.port());
+            for &c in concurrency {
+                let p = closed_loop(&client, &url, &bodies, c, seconds).await;
+                let mut lat = p.latencies_ms.clone();
+                lat.sort_by(f64::total_cmp);
+                let pct = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+                let mean_batch = p.batch_sizes.iter().sum::<usize>() as f64 / p.batch_sizes.len().max(1) as f64;
+                let rps = lat.len() as f64 / p.elapsed;
+                println!(
+                    "| {label} | {c} | {rps:.1} | {:.1} | {:.1} | {:.1} | {mean_batch:.2} | {} |",
+                    pct(0.5),
+                    pct(0.9),
+                    pct(0.99),
+                    p.errors
+                );
+                rows.push(json!({"batching": label, "robots": c, "requests_per_s": rps, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "mean_batch_size": mean_batch, "errors": p.errors, "requests": lat.len()}));
+            }
+            let _ = stop_tx.send(());
+            server.await??;
+            anyhow::Ok(())
+        })?;
+    }
+    Ok(json!({"benchmark": "batching", "machine": machine(), "date": now_utc(), "image": image, "rows": rows}))
+}
+
+fn client(cert: &Path, addr: std::net::SocketAddr) -> anyhow::Result<reqwest::Client> {
+    let pem = std::fs::read(cert)?;
+    Ok(reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .resolve("localhost", addr)
+        .timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+/// `c` robots, each sending its next request as soon as the previous answer arrives.
+async fn closed_loop(client: &reqwest::Client, url: &str, bodies: &Arc<Vec<Vec<u8>>>, c: usize, seconds: f64) -> Point {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..c)
+        .map(|i| {
+            let client = client.clone();
+            let url = url.to_string();
+            let bodies = bodies.clone();
+            tokio::spawn(async move {
+                let mut p = Point::default();
+                let mut k = i;
+                while Instant::now() < end {
+                    let body = bodies[k % bodies.len()].clone();
+                    k += 1;
+                    let t = Instant::now();
+                    let sent = client.post(&url).header("content-type", "application/json").body(body).send().await;
+                    match sent {
+                        Ok(r) if r.status().is_success() => match r.json::<InferenceResponse>().await {
+                            Ok(resp) => {
+                                p.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                                p.batch_sizes.push(resp.timing.batch_size);
+                            }
+                            Err(_) => p.errors += 1,
+                        },
+                        _ => p.errors += 1,
+                    }
+                }
+                p
+            })
+        })
+        .collect();
+    let mut total = Point::default();
+    for t in tasks {
+        if let Ok(p) = t.await {
+            total.latencies_ms.extend(p.latencies_ms);
+            total.batch_sizes.extend(p.batch_sizes);
+            total.errors += p.errors;
+        }
+    }
+    total.elapsed = start.elapsed().as_secs_f64();
+    total
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing the appliance need. Idempotent: quick when done.
+#   - Debian packages (only those missing)
+#   - .venv with torch==2.11.0 from PyPI (libtorch for tch; see requirements.txt)
+#   - the wasm32-wasip2 Rust target (policy crates)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+missing=()
+for pkg in curl ca-certificates gcc g++ python3-venv; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
+fi
+
+python="${PYTHON:-python3}"
+if ! .venv/bin/python - <<'PY' 2>/dev/null
+import sys, torch
+sys.exit(0 if torch.__version__.split("+")[0] == "2.11.0" else 1)
+PY
+then
+    echo "setup: creating .venv with torch 2.11.0 (a few GB, once)"
+    [ -x .venv/bin/python ] || "$python" -m venv .venv
+    .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
+    .venv/bin/python -m pip install --disable-pip-version-check -q -r scripts/requirements.txt
+fi
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    echo "setup: adding the wasm32-wasip2 Rust target"
+    rustup target add wasm32-wasip2
+fi

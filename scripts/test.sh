@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy (warnings are errors) and the whole test suite.
+# Installs what is missing first.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$root/scripts/setup.sh"
+source "$root/scripts/env.sh"
+cd "$root"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-0}"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
