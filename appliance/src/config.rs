@@ -150,7 +150,7 @@ impl Default for RobotConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
+    Parse(String),
     #[error("configuration key `{key}`: {problem}")]
     Invalid { key: String, problem: String },
 }
@@ -167,7 +167,7 @@ impl Config {
 
     /// Extracts and validates the tree from `figment`.
     pub fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let config: Config = figment.extract().map_err(describe)?;
         config.validate()?;
         Ok(config)
     }
@@ -238,6 +238,25 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// One line per problem: the key (lower-case, dotted), where the value came from, what is wrong.
+fn describe(errors: figment::Error) -> ConfigError {
+    let lines: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let origin = match &e.metadata {
+                Some(m) => match &m.source {
+                    Some(source) => format!(" (from {source})"),
+                    None => format!(" (from {})", m.name),
+                },
+                None => String::new(),
+            };
+            if key.is_empty() { format!("{}{origin}", e.kind) } else { format!("key `{key}`{origin}: {}", e.kind) }
+        })
+        .collect();
+    ConfigError::Parse(lines.join("; "))
 }
 
 #[cfg(test)]

@@ -43,6 +43,9 @@ enum Command {
         /// libtorch intra-op threads (0: libtorch's default, one per core).
         #[arg(long, default_value = "0")]
         threads: usize,
+        /// `auto` (CUDA when usable), `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// The appliance under concurrent robots, batching on vs off.
     Batching {
@@ -60,7 +63,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let report = match args.command {
-        Command::Curve { batch_sizes, seconds, threads } => curve(&batch_sizes, seconds, threads)?,
+        Command::Curve { batch_sizes, seconds, threads, device } => curve(&batch_sizes, seconds, threads, &device)?,
         Command::Batching { concurrency, seconds, image } => batching(&concurrency, seconds, &image)?,
     };
     if let Some(path) = args.json {
@@ -93,21 +96,24 @@ fn demo_model(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir.join(appliance::demo::NAME))
 }
 
-fn curve(batch_sizes: &[usize], seconds: f64, threads: usize) -> anyhow::Result<serde_json::Value> {
+fn curve(batch_sizes: &[usize], seconds: f64, threads: usize, device: &str) -> anyhow::Result<serde_json::Value> {
+    let device_spec: appliance::spec::DeviceSpec = device.parse().map_err(anyhow::Error::msg)?;
+    let device = appliance::model::resolve_device(device_spec)?;
     let tmp = tempfile::tempdir()?;
     let dir = demo_model(tmp.path())?;
     let spec = ModelSpec::load(&dir)?;
     if threads > 0 {
         tch::set_num_threads(threads as i32);
     }
-    let model = LoadedModel::load(&dir, &spec, tch::Device::Cpu)?;
+    let model = LoadedModel::load(&dir, &spec, device)?;
     let pos = spec.robot_inputs();
     let mut sample = vec![TensorData::F32(Vec::new()); spec.inputs.len()];
     sample[pos.image] = TensorData::F32((0..3 * 224 * 224).map(|i| ((i % 255) as f32 / 255.0) - 0.5).collect());
     sample[pos.instruction] = TensorData::I64(appliance::preprocess::instruction_tokens("pick up the red block", 32));
     sample[pos.state] = TensorData::F32(vec![0.1; spec.state_dim()]);
 
-    println!("## tiny-vla forward alone ({}; {})\n", machine(), now_utc());
+    let device = appliance::model::device_name(device);
+    println!("## tiny-vla forward alone on {device} ({}; {})\n", machine(), now_utc());
     println!("| batch | ms / forward (median) | ms / sample | samples/s |");
     println!("|---:|---:|---:|---:|");
     let mut rows = Vec::new();
@@ -121,6 +127,7 @@ fn curve(batch_sizes: &[usize], seconds: f64, threads: usize) -> anyhow::Result<
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
             let t = Instant::now();
+            // Includes the copy of the actions back to the host, which waits for the GPU.
             model.forward_actions(&inputs, n)?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -130,7 +137,7 @@ fn curve(batch_sizes: &[usize], seconds: f64, threads: usize) -> anyhow::Result<
         println!("| {n} | {median:.2} | {per_sample:.2} | {:.0} |", 1e3 / per_sample);
         rows.push(json!({"batch_size": n, "forward_ms_median": median, "ms_per_sample": per_sample, "samples_per_s": 1e3 / per_sample, "iterations": times.len()}));
     }
-    Ok(json!({"benchmark": "curve", "machine": machine(), "date": now_utc(), "rows": rows}))
+    Ok(json!({"benchmark": "curve", "device": device, "machine": machine(), "date": now_utc(), "rows": rows}))
 }
 
 fn jpeg_b64(width: u32, height: u32, seed: u32) -> String {
