@@ -83,7 +83,8 @@ impl TinyVla {
         for layer in &self.hidden {
             x = layer.forward(&x).relu();
         }
-        self.head.forward(&x).tanh()
+        // Scaled so random weights give actions spread over (-1, 1) rather than saturated.
+        (self.head.forward(&x) * 0.05).tanh()
     }
 }
 

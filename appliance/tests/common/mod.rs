@@ -92,13 +92,15 @@ impl TestAppliance {
         }
         let client = https_client(&cert_path, addr);
         let app = TestAppliance { addr, data, client, shutdown: std::sync::Mutex::new(Some(tx)), task: Some(task) };
+        // Models load before the listener serves, so the first answer is the final word.
         loop {
-            if let Ok(r) = app.client.get(app.url("/health")).send().await
-                && r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
-            {
+            if let Ok(r) = app.client.get(app.url("/health")).send().await {
+                let status = r.status();
+                let body = r.text().await.unwrap();
+                assert_ne!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "no model serving: {body}");
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(120), "appliance did not become healthy");
+            assert!(start.elapsed() < Duration::from_secs(120), "appliance did not answer /health");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         app
