@@ -117,35 +117,35 @@ impl LoadedModel {
     }
 
     /// Stacks `samples` (each in input order) into batch tensors on the model's device.
+    /// A sample whose inputs do not match the model's count, types or sizes is refused; callers
+    /// validate requests before they reach a batch, so that would be the appliance's own bug.
     pub fn stack(&self, samples: &[&[TensorData]]) -> Result<Vec<Tensor>, ModelError> {
         let n = samples.len() as i64;
+        let mismatch = |i: usize, what: &str| ModelError::Forward(format!("input {i}: sample {what}"));
+        if samples.iter().any(|s| s.len() != self.input_dims.len()) {
+            return Err(mismatch(0, "has the wrong number of inputs"));
+        }
         (0..self.input_dims.len())
             .map(|i| {
                 let mut shape = vec![n];
                 shape.extend(&self.input_dims[i]);
-                let tensor = match samples.first().map(|s| &s[i]) {
-                    Some(TensorData::I64(_)) => {
-                        let flat: Vec<i64> = samples
-                            .iter()
-                            .flat_map(|s| match &s[i] {
-                                TensorData::I64(v) => v.as_slice(),
-                                TensorData::F32(_) => &[],
-                            })
-                            .copied()
-                            .collect();
-                        Tensor::from_slice(&flat)
-                    }
-                    _ => {
-                        let flat: Vec<f32> = samples
-                            .iter()
-                            .flat_map(|s| match &s[i] {
-                                TensorData::F32(v) => v.as_slice(),
-                                TensorData::I64(_) => &[],
-                            })
-                            .copied()
-                            .collect();
-                        Tensor::from_slice(&flat)
-                    }
+                let len: usize = self.input_dims[i].iter().map(|&d| d as usize).product();
+                let tensor = if self.input_kinds[i] == Kind::Int64 {
+                    Tensor::from_slice(
+                        &concat(samples, i, len, |d| match d {
+                            TensorData::I64(v) => Some(v),
+                            TensorData::F32(_) => None,
+                        })
+                        .ok_or_else(|| mismatch(i, "is not INT64 of the declared size"))?,
+                    )
+                } else {
+                    Tensor::from_slice(
+                        &concat(samples, i, len, |d| match d {
+                            TensorData::F32(v) => Some(v),
+                            TensorData::I64(_) => None,
+                        })
+                        .ok_or_else(|| mismatch(i, "is not FP32 of the declared size"))?,
+                    )
                 };
                 tensor
                     .f_view(shape.as_slice())
@@ -200,6 +200,21 @@ impl LoadedModel {
         }
         Ok((actions, start.elapsed()))
     }
+}
+
+/// Input `i` of every sample, end to end; `None` if one has another type or length.
+fn concat<T: Copy>(
+    samples: &[&[TensorData]],
+    i: usize,
+    len: usize,
+    pick: impl Fn(&TensorData) -> Option<&Vec<T>>,
+) -> Option<Vec<T>> {
+    let mut flat = Vec::with_capacity(samples.len() * len);
+    for sample in samples {
+        let values = pick(&sample[i]).filter(|v| v.len() == len)?;
+        flat.extend_from_slice(values);
+    }
+    Some(flat)
 }
 
 /// The libtorch element type of an OIP datatype.
