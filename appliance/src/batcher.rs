@@ -48,6 +48,8 @@ pub enum JobError {
     QueueFull { capacity: usize },
     #[error("the model is shutting down")]
     ShuttingDown,
+    #[error("the model's executor stopped without answering")]
+    ExecutorGone,
     #[error("{0}")]
     Inference(String),
 }
@@ -137,10 +139,15 @@ impl Batcher {
                 if cpu_threads > 0 && device == Device::Cpu {
                     tch::set_num_threads(cpu_threads as i32);
                 }
-                let loaded = LoadedModel::load(&dir, &thread_spec, device).and_then(|m| {
-                    m.warm_up(&warmup, 2)?;
-                    Ok(m)
-                });
+                // A libtorch panic (out of memory at the largest warm-up batch, say) must fail
+                // the load, not leave a model that looks ready with no executor.
+                let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    LoadedModel::load(&dir, &thread_spec, device).and_then(|m| {
+                        m.warm_up(&warmup, 2)?;
+                        Ok(m)
+                    })
+                }))
+                .unwrap_or_else(|panic| Err(ModelError::Forward(panic_message(&panic))));
                 match loaded {
                     Ok(model) => {
                         let _ = ready.send(Ok(()));
@@ -162,11 +169,19 @@ impl Batcher {
         }
         drop(ready_tx);
         let batcher = Batcher { shared, threads: Mutex::new(threads), capacity: spec.batching.queue_capacity };
+        let mut ready = 0;
         for result in ready_rx.iter() {
-            if let Err(e) = result {
-                batcher.shutdown();
-                return Err(e);
+            match result {
+                Ok(()) => ready += 1,
+                Err(e) => {
+                    batcher.shutdown();
+                    return Err(e);
+                }
             }
+        }
+        if ready != spec.batching.instances {
+            batcher.shutdown();
+            return Err(ModelError::Forward(format!("only {ready} of {} executors started", spec.batching.instances)));
         }
         Ok(batcher)
     }
@@ -221,6 +236,15 @@ impl Batcher {
     }
 }
 
+impl Drop for Batcher {
+    /// Without [`Batcher::shutdown`] (a cancelled `run`, say), executors are still told to
+    /// drain and exit instead of waiting on the condition variable forever.
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+    }
+}
+
 /// Tells clients whose deadline passed in the queue; each counted once, by whoever abandons it.
 fn answer_expired(counters: &Counters, expired: Vec<Queued<Job>>) {
     for e in expired {
@@ -241,7 +265,13 @@ fn executor_loop(shared: &Shared, model: &LoadedModel) {
                 let (next, expired) = st.queue.next(now);
                 answer_expired(&shared.counters, expired);
                 match next {
-                    Next::Batch(batch) => break batch,
+                    Next::Batch(batch) => {
+                        // More work left: another idle executor may take it meanwhile.
+                        if !st.queue.is_empty() {
+                            shared.wake.notify_one();
+                        }
+                        break batch;
+                    }
                     Next::WaitUntil(at) => {
                         st = shared
                             .wake
@@ -337,7 +367,7 @@ impl Ticket {
 
 fn flatten(r: Result<Result<Done, JobError>, oneshot::error::RecvError>) -> Result<Done, JobError> {
     // The executor drops a reply channel unanswered only when it stops mid-way.
-    r.unwrap_or(Err(JobError::ShuttingDown))
+    r.unwrap_or(Err(JobError::ExecutorGone))
 }
 
 impl Drop for Ticket {

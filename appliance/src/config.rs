@@ -34,8 +34,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes (413 above it).
     pub body_limit_bytes: usize,
-    /// How long a TLS handshake may take before the connection is dropped.
+    /// How long a TLS handshake, or the request headers, may take before the connection is dropped.
     pub tls_handshake_timeout_ms: u64,
+    /// How long a request body may take to arrive (408 after it).
+    pub read_timeout_ms: u64,
     /// On SIGTERM/Ctrl-C: how long in-flight requests get to finish before connections close.
     pub shutdown_grace_ms: u64,
 }
@@ -101,6 +103,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             body_limit_bytes: 8 * 1024 * 1024,
             tls_handshake_timeout_ms: 10_000,
+            read_timeout_ms: 10_000,
             shutdown_grace_ms: 30_000,
         }
     }
@@ -146,6 +149,9 @@ impl Default for RobotConfig {
     }
 }
 
+/// The longest deadline any request may have: a day.
+pub const MAX_DEADLINE_MS: u64 = 86_400_000;
+
 /// A configuration key with a problem.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -162,7 +168,8 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment.merge(Env::prefixed("APPLIANCE_").split("__"))
+        // APPLIANCE_LOG is the binary's log filter, not a configuration key.
+        figment.merge(Env::prefixed("APPLIANCE_").ignore(&["log"]).split("__"))
     }
 
     /// Extracts and validates the tree from `figment`.
@@ -191,6 +198,9 @@ impl Config {
         }
         if self.server.tls_handshake_timeout_ms == 0 {
             return Err(invalid("server.tls_handshake_timeout_ms", "must be greater than 0"));
+        }
+        if self.server.read_timeout_ms == 0 {
+            return Err(invalid("server.read_timeout_ms", "must be greater than 0"));
         }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return Err(invalid("tls.key", "must be set when tls.cert is set")),
@@ -228,8 +238,8 @@ impl Config {
         if self.limits.max_image_pixels == 0 {
             return Err(invalid("limits.max_image_pixels", "must be greater than 0"));
         }
-        if self.limits.max_deadline_ms == 0 {
-            return Err(invalid("limits.max_deadline_ms", "must be greater than 0"));
+        if !(1..=MAX_DEADLINE_MS).contains(&self.limits.max_deadline_ms) {
+            return Err(invalid("limits.max_deadline_ms", format!("must be 1-{MAX_DEADLINE_MS} (a day)")));
         }
         for id in self.robots.keys() {
             if let Err(problem) = crate::validate::check_robot_id(id) {
@@ -320,6 +330,12 @@ mod tests {
     fn cert_without_key_is_rejected() {
         let err = load("[tls]\ncert = \"/nonexistent.pem\"\n", &[]).expect_err("rejected");
         assert!(err.to_string().contains("tls.key"), "{err}");
+    }
+
+    #[test]
+    fn the_log_filter_variable_is_not_a_configuration_key() {
+        let config = load("", &[("APPLIANCE_LOG", "debug")]).expect("loads");
+        assert_eq!(config, Config::default());
     }
 
     #[test]

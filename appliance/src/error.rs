@@ -19,6 +19,8 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("failed to read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
     #[error("field `image`: the image is {bytes} bytes, more than the limit of {limit} bytes")]
     ImageTooLarge { bytes: usize, limit: usize },
     #[error("field `image`: the image is {width}x{height} pixels, more than the limit of {limit} pixels")]
@@ -62,6 +64,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::BodyTooLarge { .. } => "body_too_large",
             ApiError::BodyRead(_) => "body_read_failed",
+            ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::ImageTooLarge { .. } => "image_too_large",
             ApiError::ImageDimensionsTooLarge { .. } => "image_dimensions_too_large",
             ApiError::InvalidBase64(_) => "invalid_base64",
@@ -87,6 +90,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::BodyTooLarge { .. } | ApiError::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ImageDimensionsTooLarge { .. }
             | ApiError::InvalidBase64(_)

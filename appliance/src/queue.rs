@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 use vla_api::Priority;
 
+/// How long before the earliest deadline a waiting batch is dispatched, so that the executor's
+/// wake-up latency does not turn "dispatch before the deadline" into "expire at the deadline".
+pub const DEADLINE_LEAD: Duration = Duration::from_millis(1);
+
 /// What the queue needs to know about a waiting request besides its times.
 pub trait Waiting {
     /// The client stopped waiting (disconnected or gave up): drop it, never compute it.
@@ -148,7 +152,7 @@ impl<T: Waiting> BatchQueue<T> {
     /// 1. `max_batch_size` entries queued → a full batch now;
     /// 2. a preferred size can be formed → the largest such batch now;
     /// 3. the oldest entry has waited `max_queue_delay`, or waiting longer would pass some
-    ///    entry's deadline → everything queued now;
+    ///    entry's deadline (less [`DEADLINE_LEAD`]) → everything queued now;
     /// 4. otherwise wait until the earlier of those two instants.
     pub fn next(&mut self, now: Instant) -> (Next<T>, Vec<Queued<T>>) {
         let expired = self.sweep(now);
@@ -168,7 +172,8 @@ impl<T: Waiting> BatchQueue<T> {
         let (Some(oldest), Some(earliest_deadline)) = (oldest, earliest_deadline) else {
             return (Next::Idle, expired);
         };
-        let due = (oldest + self.policy.max_queue_delay).min(earliest_deadline);
+        let before_deadline = earliest_deadline.checked_sub(DEADLINE_LEAD).unwrap_or(earliest_deadline);
+        let due = (oldest + self.policy.max_queue_delay).min(before_deadline);
         if now >= due { (Next::Batch(self.take(n)), expired) } else { (Next::WaitUntil(due), expired) }
     }
 
@@ -318,7 +323,10 @@ mod tests {
         let mut q = BatchQueue::new(policy(8, 50, &[], 100));
         let (res, _) = q.push(req(1), Priority::Normal, t0 + Duration::from_millis(10), t0);
         assert!(res.is_ok());
-        assert_eq!(q.next(t0).0, Next::WaitUntil(t0 + Duration::from_millis(10)));
+        let due = t0 + Duration::from_millis(10) - DEADLINE_LEAD;
+        assert_eq!(q.next(t0).0, Next::WaitUntil(due));
+        // Woken at that instant, the request runs instead of expiring.
+        assert_eq!(ids(q.next(due).0), vec![1]);
     }
 
     #[test]

@@ -98,6 +98,11 @@ impl Models {
             None if models.serving.contains_key(demo::NAME) => Some(demo::NAME.into()),
             None => None,
         };
+        if let Some(name) = &models.default
+            && !models.serving.contains_key(name)
+        {
+            tracing::warn!("models.default_model `{name}` is not serving: requests that name no model get 404");
+        }
         Ok(models)
     }
 

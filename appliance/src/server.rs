@@ -84,22 +84,39 @@ async fn list_models(State(app): State<AppState>) -> axum::Json<ModelList> {
 /// `POST /v1/inference`: the robot endpoint.
 async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let received = Instant::now();
+    if app.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::ShuttingDown);
+    }
+    if !app.models.is_serving() {
+        return Err(ApiError::Unavailable);
+    }
     check_json_content_type(&headers)?;
-    let body = read_body(body, &headers, app.config.server.body_limit_bytes).await?;
+    let read_timeout = Duration::from_millis(app.config.server.read_timeout_ms);
+    let body = tokio::time::timeout(read_timeout, read_body(body, &headers, app.config.server.body_limit_bytes))
+        .await
+        .map_err(|_| ApiError::BodyTimeout { timeout_ms: app.config.server.read_timeout_ms })??;
     let request = validate::parse_request(&body)?;
     drop(body);
     let model = app.models.resolve(request.model.as_deref())?.clone();
     let robot_priority = app.config.robots.get(&request.robot_id).map(|r| r.priority);
     let checked = validate::check_request(&request, &model.spec, &app.config.limits, robot_priority)?;
+    // `check_request` bounds the deadline by `limits.max_deadline_ms`, itself at most a day.
     let deadline = received + Duration::from_millis(checked.deadline_ms);
+    let deadline_exceeded = || ApiError::DeadlineExceeded { deadline_ms: checked.deadline_ms };
 
     let preprocess_start = Instant::now();
     let inputs = {
-        let _slot = app.preprocess_slots.acquire().await.map_err(|_| ApiError::ShuttingDown)?;
+        // The permit moves into the blocking task: it bounds decodes running, even when the
+        // client goes away and this handler is dropped mid-way.
+        let slot = tokio::time::timeout_at(deadline.into(), app.preprocess_slots.clone().acquire_owned())
+            .await
+            .map_err(|_| deadline_exceeded())?
+            .map_err(|_| ApiError::ShuttingDown)?;
         let spec = model.spec.clone();
         let config = app.config.clone();
         let vla_api::InferenceRequest { image, instruction, state, .. } = request;
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             preprocess::robot_sample(&spec, &image, &instruction, &state, &config.limits)
         })
         .await
@@ -110,7 +127,7 @@ async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) 
     let ticket =
         model.batcher.submit(inputs, checked.priority, deadline).map_err(|e| job_error(e, &model.spec.name))?;
     let done = ticket.wait().await.map_err(|e| match e {
-        JobError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms: checked.deadline_ms },
+        JobError::DeadlineExceeded => deadline_exceeded(),
         other => job_error(other, &model.spec.name),
     })?;
     let response = InferenceResponse {
@@ -133,6 +150,7 @@ fn job_error(e: JobError, model: &str) -> ApiError {
     match e {
         JobError::QueueFull { capacity } => ApiError::QueueFull { model: model.into(), capacity, retry_after_s: 1 },
         JobError::ShuttingDown => ApiError::ShuttingDown,
+        JobError::ExecutorGone => ApiError::Internal(format!("model `{model}`: executor stopped")),
         JobError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms: 0 },
         JobError::Inference(reason) => ApiError::Inference { model: model.into(), reason },
     }
@@ -201,7 +219,14 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that opens a connection and sends its request headers too slowly is dropped.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(handshake_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

@@ -39,7 +39,8 @@ async fn health_reports_each_model_and_its_device() {
     assert_eq!(health.status, "ok");
     assert_eq!(health.models.len(), 1);
     assert_eq!(health.models[0].state, "serving");
-    assert_eq!(health.models[0].device.as_deref(), Some("cpu"));
+    let expected = appliance::model::resolve_device(appliance::spec::DeviceSpec::Auto).unwrap();
+    assert_eq!(health.models[0].device, Some(appliance::model::device_name(expected)), "CUDA when usable, else CPU");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,11 +296,13 @@ async fn a_deadline_that_passes_in_the_queue_gets_504_and_is_never_computed() {
         add_model(repo, "tiny-vla", &demo_toml_with_batching("tiny-vla", "max_queue_delay_us = 1000000\n"));
     })
     .await;
-    // Occupy the queue's batch window, then ask with a deadline shorter than the window.
+    // Decoding and resizing a 1280×960 camera image alone takes longer than 1 ms, so the
+    // deadline has passed by the time the request reaches the queue.
     let mut request = robot_request(1);
-    request.deadline_ms = Some(150);
+    request.image = b64(&jpeg(1280, 960, 1));
+    request.deadline_ms = Some(1);
     let msg = expect_error(app.infer(request.clone()).await, StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded").await;
-    assert!(msg.contains("150 ms"), "{msg}");
+    assert!(msg.contains("1 ms"), "{msg}");
     let stats = app.stats("tiny-vla").await;
     assert_eq!((stats.dropped_deadline, stats.computed), (1, 0), "{stats:?}");
 }
@@ -368,4 +371,35 @@ async fn an_invalid_model_toml_is_refused_by_file_and_field_while_other_models_s
     assert_eq!(app.infer(request.clone()).await.status(), StatusCode::OK);
     request.model = Some("broken".into());
     assert_eq!(app.infer(request.clone()).await.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_model_serving_health_and_inference_answer_503() {
+    let data = tempfile::tempdir().unwrap();
+    let config = test_config(data.path());
+    let broken = appliance::demo::MODEL_TOML.replace("device = \"auto\"", "device = \"cuda:7\"");
+    add_model(&config.model_repository(), "tiny-vla", &broken);
+    let (app, status, body) = TestAppliance::launch(config, tempfile::tempdir().unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let health: Health = serde_json::from_str(&body).unwrap();
+    assert_eq!(health.status, "unavailable");
+    assert!(health.models[0].error.as_deref().unwrap().contains("cuda:7"), "{body}");
+    let response = app.infer(robot_request(1)).await;
+    assert!(response.headers().contains_key("retry-after"));
+    expect_error(response, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_deadline_shorter_than_the_batch_window_still_runs() {
+    let app = TestAppliance::start(|_, repo| {
+        add_model(repo, "tiny-vla", &demo_toml_with_batching("tiny-vla", "max_queue_delay_us = 1000000\n"));
+    })
+    .await;
+    // Alone in the queue, it is dispatched just before its deadline instead of expiring.
+    let mut request = robot_request(1);
+    request.deadline_ms = Some(300);
+    let response = app.infer(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: InferenceResponse = response.json().await.unwrap();
+    assert!(body.timing.queue_ms < 300.0, "{:?}", body.timing);
 }

@@ -75,7 +75,15 @@ impl TestAppliance {
         Self::start_with(config, data).await
     }
 
+    /// Starts and waits until the appliance answers `/health` with a model serving.
     pub async fn start_with(config: Config, data: tempfile::TempDir) -> TestAppliance {
+        let (app, status, body) = Self::launch(config, data).await;
+        assert_ne!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "no model serving: {body}");
+        app
+    }
+
+    /// Starts and waits for the first answer of `/health`, whatever it is.
+    pub async fn launch(config: Config, data: tempfile::TempDir) -> (TestAppliance, reqwest::StatusCode, String) {
         config.validate().unwrap();
         let listener = tokio::net::TcpListener::bind(config.server.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -97,13 +105,11 @@ impl TestAppliance {
             if let Ok(r) = app.client.get(app.url("/health")).send().await {
                 let status = r.status();
                 let body = r.text().await.unwrap();
-                assert_ne!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "no model serving: {body}");
-                break;
+                return (app, status, body);
             }
             assert!(start.elapsed() < Duration::from_secs(120), "appliance did not answer /health");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        app
     }
 
     pub fn url(&self, path: &str) -> String {
