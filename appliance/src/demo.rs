@@ -26,6 +26,15 @@ pub const MODEL_TOML: &str = include_str!("demo/model.toml");
 /// Seed of the weights: the same seed gives the same model, so actions are reproducible.
 pub const SEED: i64 = 20_261_123;
 
+/// The demo's `model.toml` under another `name`, with its `[batching]` section replaced by
+/// `batching` (TOML lines): for tests and benchmarks that vary the batching settings.
+pub fn model_toml_with_batching(name: &str, batching: &str) -> String {
+    let toml = MODEL_TOML.replacen("name = \"tiny-vla\"", &format!("name = \"{name}\""), 1);
+    let start = toml.find("[batching]").unwrap_or(toml.len());
+    let end = toml[start..].find("\n\n").map_or(toml.len(), |i| start + i);
+    format!("{}[batching]\n{batching}{}", &toml[..start], &toml[end..])
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("generating the demo model: {0}")]
@@ -125,4 +134,16 @@ pub fn generate(repository: &Path) -> Result<(), DemoError> {
     let toml = dir.join("model.toml");
     std::fs::write(&toml, MODEL_TOML).map_err(io(&toml))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_batching_section_can_be_replaced_and_the_result_still_parses() {
+        let toml = super::model_toml_with_batching("other", "enabled = false\n");
+        let spec = crate::spec::ModelSpec::parse(&toml, "other").expect("parses");
+        assert!(!spec.batching.enabled);
+        assert_eq!(spec.batching.max_queue_delay_us, crate::spec::BatchingSpec::default().max_queue_delay_us);
+        assert_eq!(spec.max_batch_size, 32, "sections after [batching] are kept");
+    }
 }

@@ -102,7 +102,6 @@ async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) 
     let checked = validate::check_request(&request, &model.spec, &app.config.limits, robot_priority)?;
     // `check_request` bounds the deadline by `limits.max_deadline_ms`, itself at most a day.
     let deadline = received + Duration::from_millis(checked.deadline_ms);
-    let deadline_exceeded = || ApiError::DeadlineExceeded { deadline_ms: checked.deadline_ms };
 
     let preprocess_start = Instant::now();
     let inputs = {
@@ -110,7 +109,7 @@ async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) 
         // client goes away and this handler is dropped mid-way.
         let slot = tokio::time::timeout_at(deadline.into(), app.preprocess_slots.clone().acquire_owned())
             .await
-            .map_err(|_| deadline_exceeded())?
+            .map_err(|_| ApiError::DeadlineExceeded { deadline_ms: checked.deadline_ms })?
             .map_err(|_| ApiError::ShuttingDown)?;
         let spec = model.spec.clone();
         let config = app.config.clone();
@@ -124,12 +123,9 @@ async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) 
     };
     let preprocess = preprocess_start.elapsed();
 
-    let ticket =
-        model.batcher.submit(inputs, checked.priority, deadline).map_err(|e| job_error(e, &model.spec.name))?;
-    let done = ticket.wait().await.map_err(|e| match e {
-        JobError::DeadlineExceeded => deadline_exceeded(),
-        other => job_error(other, &model.spec.name),
-    })?;
+    let job_error = |e| job_error(e, &model.spec.name, checked.deadline_ms);
+    let ticket = model.batcher.submit(inputs, checked.priority, deadline).map_err(job_error)?;
+    let done = ticket.wait().await.map_err(job_error)?;
     let response = InferenceResponse {
         request_id: uuid::Uuid::new_v4().to_string(),
         model: model.spec.name.clone(),
@@ -146,12 +142,12 @@ async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) 
     Ok(axum::Json(response).into_response())
 }
 
-fn job_error(e: JobError, model: &str) -> ApiError {
+fn job_error(e: JobError, model: &str, deadline_ms: u64) -> ApiError {
     match e {
         JobError::QueueFull { capacity } => ApiError::QueueFull { model: model.into(), capacity, retry_after_s: 1 },
         JobError::ShuttingDown => ApiError::ShuttingDown,
         JobError::ExecutorGone => ApiError::Internal(format!("model `{model}`: executor stopped")),
-        JobError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms: 0 },
+        JobError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms },
         JobError::Inference(reason) => ApiError::Inference { model: model.into(), reason },
     }
 }

@@ -119,6 +119,43 @@ pub fn check_request(
 mod tests {
     use super::*;
 
+    fn request() -> InferenceRequest {
+        InferenceRequest {
+            robot_id: "arm-1".into(),
+            robot_type: None,
+            model: None,
+            instruction: "go".into(),
+            image: String::new(),
+            state: vec![0.0; 7],
+            deadline_ms: None,
+            priority: None,
+        }
+    }
+
+    fn demo_spec() -> ModelSpec {
+        ModelSpec::parse(crate::demo::MODEL_TOML, "tiny-vla").expect("demo spec")
+    }
+
+    #[test]
+    fn priority_comes_from_the_request_then_the_robot_then_normal() {
+        let (spec, limits) = (demo_spec(), LimitsConfig::default());
+        let mut r = request();
+        assert_eq!(check_request(&r, &spec, &limits, None).expect("ok").priority, Priority::Normal);
+        assert_eq!(check_request(&r, &spec, &limits, Some(Priority::Low)).expect("ok").priority, Priority::Low);
+        r.priority = Some(Priority::High);
+        assert_eq!(check_request(&r, &spec, &limits, Some(Priority::Low)).expect("ok").priority, Priority::High);
+    }
+
+    #[test]
+    fn the_deadline_defaults_to_the_model_and_is_bounded_by_the_limit() {
+        let (spec, limits) = (demo_spec(), LimitsConfig::default());
+        let mut r = request();
+        assert_eq!(check_request(&r, &spec, &limits, None).expect("ok").deadline_ms, 1_000);
+        r.deadline_ms = Some(limits.max_deadline_ms + 1);
+        let err = check_request(&r, &spec, &limits, None).expect_err("refused");
+        assert!(err.to_string().starts_with("field `deadline_ms`"), "{err}");
+    }
+
     #[test]
     fn syntax_errors_are_malformed_json() {
         let err = parse_request(b"{\"robot_id\": ").expect_err("refused");

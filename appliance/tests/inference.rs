@@ -47,7 +47,11 @@ async fn health_reports_each_model_and_its_device() {
 async fn each_robot_gets_the_same_action_alone_as_in_a_shared_batch() {
     // A long queue delay makes the 8 concurrent requests share one forward call.
     let app = TestAppliance::start(|_, repo| {
-        add_model(repo, "tiny-vla", &demo_toml_with_batching("tiny-vla", "max_queue_delay_us = 300000\n"));
+        add_model(
+            repo,
+            "tiny-vla",
+            &appliance::demo::model_toml_with_batching("tiny-vla", "max_queue_delay_us = 300000\n"),
+        );
     })
     .await;
     let mut alone = Vec::new();
@@ -264,7 +268,7 @@ async fn a_full_queue_answers_503_with_retry_after_at_once() {
         add_model(
             repo,
             "tiny-vla",
-            &demo_toml_with_batching(
+            &appliance::demo::model_toml_with_batching(
                 "tiny-vla",
                 "max_queue_delay_us = 1000000\nqueue_capacity = 2\ndefault_deadline_ms = 10000\n",
             ),
@@ -293,7 +297,11 @@ async fn a_full_queue_answers_503_with_retry_after_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_that_passes_in_the_queue_gets_504_and_is_never_computed() {
     let app = TestAppliance::start(|_, repo| {
-        add_model(repo, "tiny-vla", &demo_toml_with_batching("tiny-vla", "max_queue_delay_us = 1000000\n"));
+        add_model(
+            repo,
+            "tiny-vla",
+            &appliance::demo::model_toml_with_batching("tiny-vla", "max_queue_delay_us = 1000000\n"),
+        );
     })
     .await;
     // Decoding and resizing a 1280×960 camera image alone takes longer than 1 ms, so the
@@ -313,7 +321,10 @@ async fn a_robot_that_disconnects_is_dropped_from_the_queue_and_never_computed()
         add_model(
             repo,
             "tiny-vla",
-            &demo_toml_with_batching("tiny-vla", "max_queue_delay_us = 1000000\ndefault_deadline_ms = 5000\n"),
+            &appliance::demo::model_toml_with_batching(
+                "tiny-vla",
+                "max_queue_delay_us = 1000000\ndefault_deadline_ms = 5000\n",
+            ),
         );
     })
     .await;
@@ -333,7 +344,11 @@ async fn a_robot_that_disconnects_is_dropped_from_the_queue_and_never_computed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_in_flight_requests_finish() {
     let app = TestAppliance::start(|_, repo| {
-        add_model(repo, "tiny-vla", &demo_toml_with_batching("tiny-vla", "max_queue_delay_us = 500000\n"));
+        add_model(
+            repo,
+            "tiny-vla",
+            &appliance::demo::model_toml_with_batching("tiny-vla", "max_queue_delay_us = 500000\n"),
+        );
     })
     .await;
     let in_flight = app.infer(robot_request(1));
@@ -392,7 +407,11 @@ async fn with_no_model_serving_health_and_inference_answer_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_a_deadline_shorter_than_the_batch_window_still_runs() {
     let app = TestAppliance::start(|_, repo| {
-        add_model(repo, "tiny-vla", &demo_toml_with_batching("tiny-vla", "max_queue_delay_us = 1000000\n"));
+        add_model(
+            repo,
+            "tiny-vla",
+            &appliance::demo::model_toml_with_batching("tiny-vla", "max_queue_delay_us = 1000000\n"),
+        );
     })
     .await;
     // Alone in the queue, it is dispatched just before its deadline instead of expiring.

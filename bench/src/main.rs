@@ -195,13 +195,10 @@ fn batching(concurrency: &[usize], seconds: f64, image: &str) -> anyhow::Result<
         let repo = config.model_repository().join(appliance::demo::NAME);
         std::fs::create_dir_all(&repo)?;
         std::fs::copy(model_dir.join("model.pt"), repo.join("model.pt"))?;
-        let toml = appliance::demo::MODEL_TOML;
-        let start = toml.find("[batching]").context("demo toml has [batching]")?;
-        let end = start + toml[start..].find("\n\n").context("section end")?;
-        let queue = "queue_capacity = 1024\n";
+        let batching = format!("{batching_toml}queue_capacity = 1024\n");
         std::fs::write(
             repo.join("model.toml"),
-            format!("{}[batching]\n{batching_toml}{queue}{}", &toml[..start], &toml[end..]),
+            appliance::demo::model_toml_with_batching(appliance::demo::NAME, &batching),
         )?;
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(config.server.listen).await?;

@@ -34,14 +34,6 @@ pub fn add_model(repo: &Path, name: &str, model_toml: &str) {
     std::fs::write(dir.join("model.toml"), model_toml).unwrap();
 }
 
-/// The demo `model.toml` with `batching` settings replaced.
-pub fn demo_toml_with_batching(name: &str, batching: &str) -> String {
-    let toml = appliance::demo::MODEL_TOML.replace("name = \"tiny-vla\"", &format!("name = \"{name}\""));
-    let start = toml.find("[batching]").unwrap();
-    let end = toml[start..].find("\n\n").unwrap() + start;
-    format!("{}[batching]\n{batching}{}", &toml[..start], &toml[end..])
-}
-
 pub struct TestAppliance {
     pub addr: std::net::SocketAddr,
     pub data: tempfile::TempDir,
