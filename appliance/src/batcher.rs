@@ -33,7 +33,8 @@ const ABANDONED: u8 = 2;
 /// The result of one request's trip through a batch.
 #[derive(Debug, Clone)]
 pub struct Done {
-    pub action: Vec<f32>,
+    /// Every output of the model for this request, as little-endian bytes of its datatype.
+    pub outputs: Vec<Vec<u8>>,
     pub queued: Duration,
     pub inference: Duration,
     pub batch_size: usize,
@@ -75,6 +76,26 @@ struct Counters {
     dropped_deadline: AtomicU64,
     dropped_disconnect: AtomicU64,
     failed: AtomicU64,
+    /// Sums over computed requests, for the OIP statistics extension.
+    queue_ns: AtomicU64,
+    compute_ns: AtomicU64,
+    last_inference_unix_ms: AtomicU64,
+}
+
+/// Cumulative counts and times since start, for `GET /v2/models/{m}/stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Requests computed.
+    pub success: u64,
+    /// Requests refused or dropped by the queue, or whose batch failed.
+    pub fail: u64,
+    /// Forward calls.
+    pub executions: u64,
+    /// Time computed requests waited in the queue.
+    pub queue_ns: u64,
+    /// Time of the batches computed requests were in, counted once per request.
+    pub compute_ns: u64,
+    pub last_inference_unix_ms: u64,
 }
 
 struct State {
@@ -224,6 +245,19 @@ impl Batcher {
         }
     }
 
+    pub fn totals(&self) -> Totals {
+        let c = &self.shared.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Totals {
+            success: load(&c.computed),
+            fail: load(&c.failed) + load(&c.rejected_queue_full) + load(&c.dropped_deadline),
+            executions: load(&c.batches),
+            queue_ns: load(&c.queue_ns),
+            compute_ns: load(&c.compute_ns),
+            last_inference_unix_ms: load(&c.last_inference_unix_ms),
+        }
+    }
+
     /// Stops taking requests, lets the executors finish what is queued, and joins them.
     /// Blocks: call from a blocking context.
     pub fn shutdown(&self) {
@@ -304,11 +338,17 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
         .unwrap_or_else(|panic| Err(ModelError::Forward(panic_message(&panic))));
     shared.counters.batches.fetch_add(1, Ordering::Relaxed);
     match result {
-        Ok((actions, inference)) => {
-            shared.counters.computed.fetch_add(n as u64, Ordering::Relaxed);
-            for (q, action) in batch.into_iter().zip(actions) {
+        Ok((outputs, inference)) => {
+            let c = &shared.counters;
+            c.computed.fetch_add(n as u64, Ordering::Relaxed);
+            c.compute_ns.fetch_add(inference.as_nanos() as u64 * n as u64, Ordering::Relaxed);
+            let now_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            c.last_inference_unix_ms.store(now_ms, Ordering::Relaxed);
+            for (q, outputs) in batch.into_iter().zip(outputs) {
                 let queued = started.saturating_duration_since(q.enqueued);
-                let _ = q.item.reply.send(Ok(Done { action, queued, inference, batch_size: n }));
+                c.queue_ns.fetch_add(queued.as_nanos() as u64, Ordering::Relaxed);
+                let _ = q.item.reply.send(Ok(Done { outputs, queued, inference, batch_size: n }));
             }
         }
         Err(e) => {

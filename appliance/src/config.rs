@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use vla_api::Priority;
 
 /// The whole configuration tree. Every key is documented in the README's table of keys.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -23,8 +22,7 @@ pub struct Config {
     pub data: DataConfig,
     pub models: ModelsConfig,
     pub limits: LimitsConfig,
-    /// Per-robot settings, keyed by `robot_id`.
-    pub robots: BTreeMap<String, RobotConfig>,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +52,24 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// Names and IP addresses the self-signed certificate is issued for.
     pub self_signed_names: Vec<String>,
+    /// PEM CA certificate(s) that sign robots' client certificates; enables mutual TLS.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: `optional` (robots may use a certificate or an API key) or
+    /// `required` (robots must use a certificate; API keys are refused for robots).
+    pub client_auth: ClientAuth,
+    /// Client certificate name (subject CN or DNS/URI SAN) → registered `robot_id`.
+    pub client_names: BTreeMap<String, String>,
+    /// How often certificate, key and client CA files are checked for changes, which are then
+    /// loaded without a restart; 0 turns the watch off.
+    pub reload_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Optional,
+    Required,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,9 +108,13 @@ pub struct LimitsConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RobotConfig {
-    /// Priority used when the robot's request names none.
-    pub priority: Priority,
+pub struct AuthConfig {
+    /// File holding the admin token; generated (mode 0600) on first start. Relative paths are
+    /// under `data.dir`.
+    pub admin_token_file: PathBuf,
+    /// On a first start with no robots registered, register the demo robot `demo-arm` and
+    /// write its key to `<data.dir>/demo-robot.key` (mode 0600).
+    pub demo_robot: bool,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +136,10 @@ impl Default for TlsConfig {
             cert: None,
             key: None,
             self_signed_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            client_ca: None,
+            client_auth: ClientAuth::Optional,
+            client_names: BTreeMap::new(),
+            reload_interval_ms: 2_000,
         }
     }
 }
@@ -143,9 +167,9 @@ impl Default for LimitsConfig {
     }
 }
 
-impl Default for RobotConfig {
+impl Default for AuthConfig {
     fn default() -> Self {
-        RobotConfig { priority: Priority::Normal }
+        AuthConfig { admin_token_file: PathBuf::from("admin.token"), demo_robot: true }
     }
 }
 
@@ -186,6 +210,12 @@ impl Config {
             Some(path) => self.data.dir.join(path),
             None => self.data.dir.join("models"),
         }
+    }
+
+    /// The admin token file.
+    pub fn admin_token_file(&self) -> PathBuf {
+        let path = &self.auth.admin_token_file;
+        if path.is_absolute() { path.clone() } else { self.data.dir.join(path) }
     }
 
     /// Checks what types alone cannot: ranges, pairs of keys, files that must exist.
@@ -241,10 +271,23 @@ impl Config {
         if !(1..=MAX_DEADLINE_MS).contains(&self.limits.max_deadline_ms) {
             return Err(invalid("limits.max_deadline_ms", format!("must be 1-{MAX_DEADLINE_MS} (a day)")));
         }
-        for id in self.robots.keys() {
-            if let Err(problem) = crate::validate::check_robot_id(id) {
-                return Err(invalid(&format!("robots.{id}"), problem));
+        if let Some(ca) = &self.tls.client_ca {
+            if !self.tls.enabled {
+                return Err(invalid("tls.client_ca", "needs tls.enabled = true"));
             }
+            if !ca.is_file() {
+                return Err(invalid("tls.client_ca", format!("no such file: {}", ca.display())));
+            }
+        } else if self.tls.client_auth == ClientAuth::Required {
+            return Err(invalid("tls.client_auth", "`required` needs tls.client_ca"));
+        }
+        for (name, id) in &self.tls.client_names {
+            if let Err(problem) = crate::validate::check_robot_id(id) {
+                return Err(invalid(&format!("tls.client_names.\"{name}\""), problem));
+            }
+        }
+        if self.auth.admin_token_file.as_os_str().is_empty() {
+            return Err(invalid("auth.admin_token_file", "must not be empty"));
         }
         Ok(())
     }
@@ -339,10 +382,12 @@ mod tests {
     }
 
     #[test]
-    fn robot_priority_comes_from_config() {
-        let config = load("[robots.arm-1]\npriority = \"high\"\n", &[]).expect("loads");
-        assert_eq!(config.robots["arm-1"].priority, Priority::High);
-        let err = load("[robots.arm-1]\npriority = \"urgent\"\n", &[]).expect_err("rejected");
-        assert!(err.to_string().contains("robots.arm-1.priority"), "{err}");
+    fn client_certificates_need_a_ca_and_map_to_valid_robot_ids() {
+        let err = load("[tls]\nclient_auth = \"required\"\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("tls.client_ca"), "{err}");
+        let err = load("[tls]\nclient_auth = \"always\"\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("tls.client_auth"), "{err}");
+        let err = load("[tls.client_names]\n\"arm.cell\" = \"bad id!\"\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("tls.client_names"), "{err}");
     }
 }

@@ -37,6 +37,22 @@ pub enum ApiError {
     InvalidValue { field: String, problem: String },
     #[error("model `{0}` is not loaded")]
     ModelNotFound(String),
+    #[error("model `{model}` version `{version}` is not loaded (serving version `{serving}`)")]
+    ModelVersionNotFound { model: String, version: String, serving: String },
+    #[error("input `{name}`: {problem}")]
+    InvalidTensor { name: String, problem: String },
+    #[error("{0}")]
+    InferenceHeader(String),
+    #[error("model `{model}` failed to load: {reason}")]
+    ModelLoad { model: String, reason: String },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("robot `{0}` is not registered")]
+    RobotNotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("no route for {0}")]
     RouteNotFound(String),
     #[error("method {0} is not allowed here")]
@@ -73,6 +89,14 @@ impl ApiError {
             ApiError::StateLength { .. } => "state_length_mismatch",
             ApiError::InvalidValue { .. } => "invalid_value",
             ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::ModelVersionNotFound { .. } => "model_version_not_found",
+            ApiError::InvalidTensor { .. } => "invalid_tensor",
+            ApiError::InferenceHeader(_) => "invalid_inference_header",
+            ApiError::ModelLoad { .. } => "model_load_failed",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::RobotNotFound(_) => "robot_not_found",
+            ApiError::Conflict(_) => "conflict",
             ApiError::RouteNotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::QueueFull { .. } => "queue_full",
@@ -86,9 +110,15 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::MalformedJson(_) | ApiError::InvalidField { .. } | ApiError::BodyRead(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::MalformedJson(_)
+            | ApiError::InvalidField { .. }
+            | ApiError::BodyRead(_)
+            | ApiError::InvalidTensor { .. }
+            | ApiError::InferenceHeader(_)
+            | ApiError::ModelLoad { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::BodyTooLarge { .. } | ApiError::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -98,7 +128,10 @@ impl ApiError {
             | ApiError::ImageDecode { .. }
             | ApiError::StateLength { .. }
             | ApiError::InvalidValue { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_)
+            | ApiError::ModelVersionNotFound { .. }
+            | ApiError::RobotNotFound(_)
+            | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::QueueFull { .. } | ApiError::ShuttingDown | ApiError::Unavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -126,6 +159,9 @@ impl IntoResponse for ApiError {
         };
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, ApiError::Unauthorized(_)) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

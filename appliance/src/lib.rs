@@ -5,30 +5,37 @@
 //!
 //! | stage | module | what happens |
 //! |---|---|---|
-//! | listen | [`server`], [`tls`] | TLS termination, HTTP/1.1 and HTTP/2, routing, graceful shutdown |
-//! | validate | [`validate`] | JSON body → checked request; errors name the field |
+//! | listen | [`server`], [`tls`] | TLS (and client certificates), HTTP/1.1 and HTTP/2, routing, graceful shutdown |
+//! | auth | [`auth`] | every path closed unless public: robot key, client certificate or admin token |
+//! | validate | [`validate`], [`oip`] | JSON body (or OIP tensors) → checked request; errors name the field |
 //! | preprocess | [`preprocess`] | base64 JPEG/PNG → normalised tensor, instruction → tokens (blocking pool) |
 //! | queue | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
 //! | batch | [`batcher`] | executor threads take batches, run them, answer each request |
 //! | model | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split |
 //!
 //! Around them: [`config`] (the one configuration tree), [`spec`] (`model.toml`),
-//! [`repository`] (loading the models), [`demo`] (the generated `tiny-vla` model) and
-//! [`error`] (the HTTP boundary's error type: status and stable code per variant).
+//! [`repository`] (loading and reloading the models), [`admin`] (robot registry and model
+//! repository endpoints), [`store`] (sled: the robot registry at rest), [`demo`] (the generated
+//! `tiny-vla` model) and [`error`] (the HTTP boundary's error type: status and stable code per
+//! variant).
 //!
 //! The library reads no environment: the binary loads [`Config`], binds the listener and
 //! calls [`run`].
 
+pub mod admin;
+pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod model;
+pub mod oip;
 pub mod preprocess;
 pub mod queue;
 pub mod repository;
 pub mod server;
 pub mod spec;
+pub mod store;
 pub mod tls;
 pub mod validate;
 
@@ -49,6 +56,10 @@ pub enum RunError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Repository(#[from] repository::RepositoryError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     #[error("{0}")]
     Task(String),
 }
@@ -65,11 +76,42 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             "{}",
             if cert.generated { "generated a self-signed TLS certificate" } else { "using TLS certificate" }
         );
-        Some(tokio_rustls::TlsAcceptor::from(tls))
+        if let Some(ca) = &config.tls.client_ca {
+            tracing::info!(client_ca = %ca.display(), client_auth = ?config.tls.client_auth, "verifying client certificates");
+        }
+        let (tx, rx) = tokio::sync::watch::channel(tls);
+        tokio::spawn(tls::watch(config.clone(), tx));
+        Some(rx)
     } else {
         tracing::warn!("TLS is disabled: requests and actions travel in clear text");
         None
     };
+
+    let store = {
+        let dir = config.data.dir.clone();
+        tokio::task::spawn_blocking(move || store::Store::open(&dir))
+            .await
+            .map_err(|e| RunError::Task(format!("store task failed: {e}")))??
+    };
+    let store = Arc::new(store);
+    let token_file = config.admin_token_file();
+    let (admin_hash, generated) = auth::admin_token(&token_file)?;
+    if generated {
+        tracing::info!(file = %token_file.display(), "generated the admin token (mode 0600); send it as `Authorization: Bearer <token>` to /admin/");
+    } else {
+        tracing::info!(file = %token_file.display(), "admin token");
+    }
+    if config.auth.demo_robot
+        && let Some(key_file) = admin::register_demo_robot(&store, &config.data.dir)?
+    {
+        tracing::info!(
+            robot_id = admin::DEMO_ROBOT,
+            key_file = %key_file.display(),
+            "registered the demo robot; send its key as `X-API-Key: $(cat {})`",
+            key_file.display()
+        );
+    }
+    let auth = Arc::new(auth::Authenticator::new(&config, store, admin_hash));
 
     let models = {
         let config = config.clone();
@@ -88,6 +130,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         models: models.clone(),
         shutting_down: shutting_down.clone(),
         preprocess_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)),
+        auth,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     match listener.local_addr() {

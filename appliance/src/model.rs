@@ -65,9 +65,8 @@ pub struct LoadedModel {
     input_dims: Vec<Vec<i64>>,
     /// Per input: the element type.
     input_kinds: Vec<Kind>,
-    outputs: usize,
-    action_output: usize,
-    action_len: usize,
+    /// Per output: element type and the dims after the batch dimension.
+    outputs: Vec<(Kind, Vec<i64>)>,
 }
 
 impl LoadedModel {
@@ -82,9 +81,7 @@ impl LoadedModel {
             device,
             input_dims: spec.inputs.iter().map(|t| t.dims[1..].to_vec()).collect(),
             input_kinds: spec.inputs.iter().map(|t| kind_of(t.dtype)).collect(),
-            outputs: spec.outputs.len(),
-            action_output: spec.robot_inputs().action_output,
-            action_len: spec.action.dof * spec.action.horizon,
+            outputs: spec.outputs.iter().map(|t| (kind_of(t.dtype), t.dims[1..].to_vec())).collect(),
         })
     }
 
@@ -107,10 +104,8 @@ impl LoadedModel {
                 })
                 .collect();
             for _ in 0..rounds {
-                let actions = self.forward_actions(&inputs, n)?;
-                if actions.len() != n {
-                    return Err(ModelError::Output(format!("batch of {n} gave {} actions", actions.len())));
-                }
+                // Checks every output's shape against the spec.
+                self.forward_outputs(&inputs, n)?;
             }
         }
         Ok(())
@@ -155,47 +150,66 @@ impl LoadedModel {
             .collect()
     }
 
-    /// Runs one forward on a stacked batch of `n` and splits the action output per sample.
-    pub fn forward_actions(&self, inputs: &[Tensor], n: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// Runs one forward on a stacked batch of `n` and splits every output per sample: for each
+    /// sample, each output's values as little-endian bytes of the output's declared datatype.
+    pub fn forward_outputs(&self, inputs: &[Tensor], n: usize) -> Result<Vec<Vec<Vec<u8>>>, ModelError> {
         let _guard = tch::no_grad_guard();
-        let action = if self.outputs == 1 {
-            self.module.forward_ts(inputs).map_err(|e| ModelError::Forward(first_line(&e.to_string())))?
+        let tensors = if self.outputs.len() == 1 {
+            vec![self.module.forward_ts(inputs).map_err(|e| ModelError::Forward(first_line(&e.to_string())))?]
         } else {
             let ivalues: Vec<IValue> = inputs.iter().map(|t| IValue::Tensor(t.shallow_clone())).collect();
             match self.module.forward_is(&ivalues) {
-                Ok(IValue::Tuple(mut outs)) if outs.len() == self.outputs => {
-                    match outs.swap_remove(self.action_output) {
-                        IValue::Tensor(t) => t,
-                        other => return Err(ModelError::Output(format!("action output is not a tensor: {other:?}"))),
-                    }
-                }
+                Ok(IValue::Tuple(outs)) if outs.len() == self.outputs.len() => outs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| match v {
+                        IValue::Tensor(t) => Ok(t),
+                        other => {
+                            Err(ModelError::Output(format!("output {i} is not a tensor: {}", ivalue_kind(&other))))
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
                 Ok(other) => {
                     return Err(ModelError::Output(format!(
                         "expected a tuple of {} tensors, got {}",
-                        self.outputs,
+                        self.outputs.len(),
                         ivalue_kind(&other)
                     )));
                 }
                 Err(e) => return Err(ModelError::Forward(first_line(&e.to_string()))),
             }
         };
-        let expected = [n as i64, self.action_len as i64];
-        if action.size() != expected {
-            return Err(ModelError::Output(format!("action has shape {:?}, expected {expected:?}", action.size())));
+        let mut per_sample: Vec<Vec<Vec<u8>>> = (0..n).map(|_| Vec::with_capacity(tensors.len())).collect();
+        for (t, (kind, dims)) in tensors.iter().zip(&self.outputs) {
+            let mut expected = vec![n as i64];
+            expected.extend(dims);
+            if t.size() != expected {
+                return Err(ModelError::Output(format!("an output has shape {:?}, expected {expected:?}", t.size())));
+            }
+            let numel = expected.iter().product::<i64>() as usize;
+            let flat = t.to_device(Device::Cpu).to_kind(*kind).contiguous();
+            let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
+            flat.f_copy_data_u8(&mut bytes, numel).map_err(|e| ModelError::Output(first_line(&e.to_string())))?;
+            for (sample, chunk) in per_sample.iter_mut().zip(bytes.chunks(bytes.len() / n.max(1))) {
+                sample.push(chunk.to_vec());
+            }
         }
-        let flat = action.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]);
-        let values = Vec::<f32>::try_from(&flat).map_err(|e| ModelError::Output(e.to_string()))?;
-        Ok(values.chunks(self.action_len).map(<[f32]>::to_vec).collect())
+        Ok(per_sample)
     }
 
     /// Stack, forward and split in one call, timing the whole of it.
-    pub fn run(&self, samples: &[&[TensorData]]) -> Result<(Vec<Vec<f32>>, std::time::Duration), ModelError> {
+    pub fn run(&self, samples: &[&[TensorData]]) -> Result<(Vec<Vec<Vec<u8>>>, std::time::Duration), ModelError> {
         let start = Instant::now();
         let inputs = self.stack(samples)?;
-        // The copy of the actions to the host waits for the device, so the time is the batch's.
-        let actions = self.forward_actions(&inputs, samples.len())?;
-        Ok((actions, start.elapsed()))
+        // The copy of the outputs to the host waits for the device, so the time is the batch's.
+        let outputs = self.forward_outputs(&inputs, samples.len())?;
+        Ok((outputs, start.elapsed()))
     }
+}
+
+/// Little-endian `FP32` bytes as values (the action output's datatype).
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// Input `i` of every sample, end to end; `None` if one has another type or length.

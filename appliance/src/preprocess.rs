@@ -37,10 +37,15 @@ pub fn decode_image(field: &str, limits: &LimitsConfig) -> Result<DynamicImage, 
     }
     let bytes =
         base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| ApiError::InvalidBase64(e.to_string()))?;
+    decode_image_bytes(&bytes, limits)
+}
+
+/// Decodes an encoded JPEG or PNG file into an RGB image, within `limits`.
+pub fn decode_image_bytes(bytes: &[u8], limits: &LimitsConfig) -> Result<DynamicImage, ApiError> {
     if bytes.len() > limits.max_image_bytes {
         return Err(ApiError::ImageTooLarge { bytes: bytes.len(), limit: limits.max_image_bytes });
     }
-    let format = match image::guess_format(&bytes) {
+    let format = match image::guess_format(bytes) {
         Ok(ImageFormat::Jpeg) => ImageFormat::Jpeg,
         Ok(ImageFormat::Png) => ImageFormat::Png,
         _ => return Err(ApiError::UnsupportedImageFormat),
@@ -49,14 +54,14 @@ pub fn decode_image(field: &str, limits: &LimitsConfig) -> Result<DynamicImage, 
     let decode_error = |e: image::ImageError| ApiError::ImageDecode { format: format_name, reason: e.to_string() };
 
     let (width, height) =
-        ImageReader::with_format(Cursor::new(&bytes), format).into_dimensions().map_err(decode_error)?;
+        ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(decode_error)?;
     if u64::from(width) * u64::from(height) > limits.max_image_pixels {
         return Err(ApiError::ImageDimensionsTooLarge { width, height, limit: limits.max_image_pixels });
     }
     if width == 0 || height == 0 {
         return Err(ApiError::ImageDecode { format: format_name, reason: "the image has no pixels".into() });
     }
-    let mut reader = ImageReader::with_format(Cursor::new(&bytes), format);
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decode_limits = image::Limits::default();
     decode_limits.max_image_width = Some(width);
     decode_limits.max_image_height = Some(height);

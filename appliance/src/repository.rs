@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tch::Device;
 use vla_api::{ModelHealth, ModelInfo};
@@ -42,13 +42,33 @@ impl Model {
     }
 }
 
-/// All models, loaded once at start.
-#[derive(Debug, Default)]
+/// The repository's models: loaded at start, then loaded, reloaded and unloaded through the
+/// OIP repository extension while serving.
+#[derive(Debug)]
 pub struct Models {
-    serving: BTreeMap<String, Arc<Model>>,
-    /// Models found but not loaded: (name, reason).
-    failed: Vec<(String, String)>,
+    root: PathBuf,
+    cpu_threads: usize,
+    /// Read on every request (cheap clones of `Arc`s), written only by loads and unloads.
+    state: RwLock<State>,
     default: Option<String>,
+    /// Serialises loads and unloads: two admins loading the same model must not race to swap.
+    changing: Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    serving: BTreeMap<String, Arc<Model>>,
+    /// Models found but not serving: name → the load error, or `None` when unloaded on request.
+    unavailable: BTreeMap<String, Option<String>>,
+}
+
+/// One model of the repository index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: Option<String>,
+    pub ready: bool,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,42 +92,51 @@ impl Models {
             demo::generate(&root)?;
             dirs = model_dirs(&root).map_err(io)?;
         }
-        let mut models = Models::default();
+        let mut state = State::default();
         for dir in dirs {
-            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = dir_name(&dir);
             match load_one(&dir, config.models.cpu_threads) {
                 Ok(model) => {
-                    tracing::info!(
-                        model = %name,
-                        version = %model.spec.version,
-                        device = %device_name(model.device),
-                        max_batch_size = model.spec.effective_max_batch(),
-                        "model loaded and warmed up"
-                    );
-                    models.serving.insert(name, Arc::new(model));
+                    log_loaded(&model);
+                    state.serving.insert(name, Arc::new(model));
                 }
                 Err(reason) => {
                     tracing::error!(model = %name, "model not loaded: {reason}");
-                    models.failed.push((name, reason));
+                    state.unavailable.insert(name, Some(reason));
                 }
             }
         }
-        models.default = match &config.models.default_model {
+        let default = match &config.models.default_model {
             Some(name) => Some(name.clone()),
-            None if models.serving.len() == 1 => models.serving.keys().next().cloned(),
-            None if models.serving.contains_key(demo::NAME) => Some(demo::NAME.into()),
+            None if state.serving.len() == 1 => state.serving.keys().next().cloned(),
+            None if state.serving.contains_key(demo::NAME) => Some(demo::NAME.into()),
             None => None,
         };
-        if let Some(name) = &models.default
-            && !models.serving.contains_key(name)
+        if let Some(name) = &default
+            && !state.serving.contains_key(name)
         {
             tracing::warn!("models.default_model `{name}` is not serving: requests that name no model get 404");
         }
-        Ok(models)
+        Ok(Models {
+            root,
+            cpu_threads: config.models.cpu_threads,
+            state: RwLock::new(state),
+            default,
+            changing: Mutex::new(()),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // Writers only swap map entries; a panic cannot leave the maps half-changed.
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The model a request names, or the default one.
-    pub fn resolve(&self, name: Option<&str>) -> Result<&Arc<Model>, ApiError> {
+    pub fn resolve(&self, name: Option<&str>) -> Result<Arc<Model>, ApiError> {
         let name = match name {
             Some(name) => name,
             None => self.default.as_deref().ok_or_else(|| ApiError::InvalidField {
@@ -115,49 +144,155 @@ impl Models {
                 problem: "required: several models are loaded and none is the default".into(),
             })?,
         };
-        self.serving.get(name).ok_or_else(|| ApiError::ModelNotFound(name.chars().take(80).collect()))
+        self.read().serving.get(name).cloned().ok_or_else(|| ApiError::ModelNotFound(name.chars().take(80).collect()))
+    }
+
+    /// The model `name` when serving `version` (any version when `None`).
+    pub fn resolve_version(&self, name: &str, version: Option<&str>) -> Result<Arc<Model>, ApiError> {
+        let model = self.resolve(Some(name))?;
+        match version {
+            Some(v) if v != model.spec.version => Err(ApiError::ModelVersionNotFound {
+                model: model.spec.name.clone(),
+                version: v.chars().take(80).collect(),
+                serving: model.spec.version.clone(),
+            }),
+            _ => Ok(model),
+        }
     }
 
     pub fn is_serving(&self) -> bool {
-        !self.serving.is_empty()
+        !self.read().serving.is_empty()
     }
 
     pub fn has_failures(&self) -> bool {
-        !self.failed.is_empty()
+        self.read().unavailable.values().any(Option::is_some)
     }
 
     pub fn default_model(&self) -> Option<&str> {
         self.default.as_deref()
     }
 
-    pub fn serving(&self) -> impl Iterator<Item = &Arc<Model>> {
-        self.serving.values()
+    pub fn serving(&self) -> Vec<Arc<Model>> {
+        self.read().serving.values().cloned().collect()
     }
 
     pub fn health(&self) -> Vec<ModelHealth> {
-        let serving = self.serving.values().map(|m| ModelHealth {
+        let state = self.read();
+        let serving = state.serving.values().map(|m| ModelHealth {
             name: m.spec.name.clone(),
             version: Some(m.spec.version.clone()),
             state: "serving".into(),
             device: Some(device_name(m.device)),
             error: None,
         });
-        let failed = self.failed.iter().map(|(name, reason)| ModelHealth {
+        let failed = state.unavailable.iter().map(|(name, reason)| ModelHealth {
             name: name.clone(),
             version: None,
-            state: "failed".into(),
+            state: if reason.is_some() { "failed" } else { "unloaded" }.into(),
             device: None,
-            error: Some(reason.clone()),
+            error: reason.clone(),
         });
         serving.chain(failed).collect()
     }
 
+    /// Every model directory in the repository and whether it serves.
+    pub fn index(&self) -> Result<Vec<IndexEntry>, RepositoryError> {
+        let dirs = model_dirs(&self.root).map_err(|source| RepositoryError::Io { path: self.root.clone(), source })?;
+        let state = self.read();
+        let mut names: Vec<String> = dirs.iter().map(|d| dir_name(d)).collect();
+        names.extend(state.serving.keys().cloned());
+        names.sort();
+        names.dedup();
+        Ok(names
+            .into_iter()
+            .map(|name| match state.serving.get(&name) {
+                Some(m) => IndexEntry { version: Some(m.spec.version.clone()), ready: true, reason: None, name },
+                None => IndexEntry {
+                    version: None,
+                    ready: false,
+                    reason: Some(
+                        state.unavailable.get(&name).cloned().flatten().unwrap_or_else(|| "not loaded".into()),
+                    ),
+                    name,
+                },
+            })
+            .collect())
+    }
+
+    /// Loads (or reloads) `<repository>/<name>`: the new model is loaded and warmed up while
+    /// the old one keeps serving, then swapped in; the old one finishes its queued requests
+    /// and stops. A load that fails leaves the old one serving. Blocking.
+    pub fn load_model(&self, name: &str) -> Result<Arc<Model>, String> {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        if !crate::spec::is_valid_name(name) {
+            return Err(format!("`{}` is not a valid model name", name.chars().take(80).collect::<String>()));
+        }
+        let dir = self.root.join(name);
+        if !dir.join("model.toml").is_file() {
+            return Err(format!("no {}", dir.join("model.toml").display()));
+        }
+        match load_one(&dir, self.cpu_threads) {
+            Ok(model) => {
+                log_loaded(&model);
+                let model = Arc::new(model);
+                let old = {
+                    let mut state = self.write();
+                    state.unavailable.remove(name);
+                    state.serving.insert(name.to_string(), model.clone())
+                };
+                if let Some(old) = old {
+                    old.batcher.shutdown();
+                }
+                Ok(model)
+            }
+            Err(reason) => {
+                let mut state = self.write();
+                if state.serving.contains_key(name) {
+                    tracing::error!(model = %name, "reload failed; the loaded version keeps serving: {reason}");
+                } else {
+                    tracing::error!(model = %name, "model not loaded: {reason}");
+                    state.unavailable.insert(name.to_string(), Some(reason.clone()));
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    /// Stops serving `name`: new requests get 404, queued ones are still answered. Blocking.
+    pub fn unload_model(&self, name: &str) -> Result<(), ApiError> {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = {
+            let mut state = self.write();
+            let old =
+                state.serving.remove(name).ok_or_else(|| ApiError::ModelNotFound(name.chars().take(80).collect()))?;
+            state.unavailable.insert(name.to_string(), None);
+            old
+        };
+        old.batcher.shutdown();
+        tracing::info!(model = %name, "model unloaded");
+        Ok(())
+    }
+
     /// Stops every model's executors after they finish their queued work. Blocking.
     pub fn shutdown(&self) {
-        for model in self.serving.values() {
+        for model in self.serving() {
             model.batcher.shutdown();
         }
     }
+}
+
+fn dir_name(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn log_loaded(model: &Model) {
+    tracing::info!(
+        model = %model.spec.name,
+        version = %model.spec.version,
+        device = %device_name(model.device),
+        max_batch_size = model.spec.effective_max_batch(),
+        "model loaded and warmed up"
+    );
 }
 
 /// Subdirectories holding a `model.toml`, sorted by name.

@@ -1,32 +1,36 @@
 //! Server stage: the HTTPS listener, the routes, and the robot endpoint's handler, which walks
-//! a request through validate → preprocess → batcher and shapes the answer.
+//! a request through auth → validate → preprocess → batcher and shapes the answer. The OIP
+//! endpoints ([`crate::oip`]) and the admin API ([`crate::admin`]) share the listener.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
+use axum::{Extension, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
-use vla_api::{Health, InferenceResponse, ModelList, Timing};
+use tower::ServiceExt;
+use vla_api::{Health, InferenceResponse, ModelList, Priority, Timing};
 
-use crate::batcher::JobError;
+use crate::auth::{Authenticator, Caller};
+use crate::batcher::{Done, JobError};
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::repository::Models;
-use crate::{preprocess, validate};
+use crate::model::TensorData;
+use crate::repository::{Model, Models};
+use crate::{admin, auth, oip, preprocess, tls, validate};
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -38,16 +42,49 @@ pub struct AppState {
     /// Bounds image decoding running at once on the blocking pool, so a burst of large images
     /// queues here instead of starving the machine of threads.
     pub preprocess_slots: Arc<Semaphore>,
+    /// Decides who each request comes from; owns the robot registry.
+    pub auth: Arc<Authenticator>,
+}
+
+impl AppState {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// 503 at once when shutting down or when no model serves.
+    pub fn check_accepting(&self) -> Result<(), ApiError> {
+        if self.is_shutting_down() {
+            return Err(ApiError::ShuttingDown);
+        }
+        if !self.models.is_serving() {
+            return Err(ApiError::Unavailable);
+        }
+        Ok(())
+    }
+}
+
+/// Every route of the appliance. Who may call each is decided by [`auth::access_for`] from the
+/// path alone, closed unless public; the tests walk this list to check it.
+pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    let mut routes =
+        vec![("/health", get(health)), ("/v1/models", get(list_models)), ("/v1/inference", post(inference))];
+    routes.extend(oip::routes());
+    routes.extend(admin::routes());
+    routes
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/v1/models", get(list_models))
-        .route("/v1/inference", post(inference))
+    let auth = state.auth.clone();
+    let mut router = Router::new();
+    for (path, method_router) in routes() {
+        router = router.route(path, method_router);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        // Outermost, so it runs before routing's 404/405 as well: nothing answers unauthenticated.
+        .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -60,7 +97,7 @@ async fn method_not_allowed(method: Method) -> ApiError {
 
 /// `GET /health`: 200 while at least one model serves, else 503; the body lists every model.
 async fn health(State(app): State<AppState>) -> Response {
-    let shutting_down = app.shutting_down.load(Ordering::Relaxed);
+    let shutting_down = app.is_shutting_down();
     let (status, code) = if shutting_down {
         ("shutting_down", StatusCode::SERVICE_UNAVAILABLE)
     } else if !app.models.is_serving() {
@@ -77,29 +114,43 @@ async fn health(State(app): State<AppState>) -> Response {
 async fn list_models(State(app): State<AppState>) -> axum::Json<ModelList> {
     axum::Json(ModelList {
         default_model: app.models.default_model().map(str::to_string),
-        models: app.models.serving().map(|m| m.info()).collect(),
+        models: app.models.serving().iter().map(|m| m.info()).collect(),
     })
 }
 
 /// `POST /v1/inference`: the robot endpoint.
-async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn inference(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let received = Instant::now();
-    if app.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::ShuttingDown);
-    }
-    if !app.models.is_serving() {
-        return Err(ApiError::Unavailable);
-    }
+    app.check_accepting()?;
+    let robot = caller.robot()?.clone();
     check_json_content_type(&headers)?;
-    let read_timeout = Duration::from_millis(app.config.server.read_timeout_ms);
-    let body = tokio::time::timeout(read_timeout, read_body(body, &headers, app.config.server.body_limit_bytes))
-        .await
-        .map_err(|_| ApiError::BodyTimeout { timeout_ms: app.config.server.read_timeout_ms })??;
+    let body = read_request_body(&app, &headers, body).await?;
     let request = validate::parse_request(&body)?;
     drop(body);
-    let model = app.models.resolve(request.model.as_deref())?.clone();
-    let robot_priority = app.config.robots.get(&request.robot_id).map(|r| r.priority);
-    let checked = validate::check_request(&request, &model.spec, &app.config.limits, robot_priority)?;
+    // A key acts only as its own robot; the answer is the same whether the other id exists.
+    if request.robot_id != robot.robot_id {
+        return Err(ApiError::Forbidden(format!(
+            "these credentials belong to robot `{}` and cannot act as another robot",
+            robot.robot_id
+        )));
+    }
+    if let Some(t) = &request.robot_type
+        && *t != robot.robot_type
+    {
+        return Err(ApiError::Forbidden(format!(
+            "robot `{}` is registered as type `{}`, not `{}`",
+            robot.robot_id,
+            robot.robot_type,
+            t.chars().take(80).collect::<String>()
+        )));
+    }
+    let model = app.models.resolve(request.model.as_deref())?;
+    let checked = validate::check_request(&request, &model.spec, &app.config.limits, robot.priority)?;
     // `check_request` bounds the deadline by `limits.max_deadline_ms`, itself at most a day.
     let deadline = received + Duration::from_millis(checked.deadline_ms);
 
@@ -123,14 +174,14 @@ async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) 
     };
     let preprocess = preprocess_start.elapsed();
 
-    let job_error = |e| job_error(e, &model.spec.name, checked.deadline_ms);
-    let ticket = model.batcher.submit(inputs, checked.priority, deadline).map_err(job_error)?;
-    let done = ticket.wait().await.map_err(job_error)?;
+    let mut done = compute(&model, vec![inputs], checked.priority, deadline, checked.deadline_ms).await?;
+    let done = done.pop().ok_or_else(|| ApiError::Internal("no result".into()))?;
+    let action_output = model.spec.robot_inputs().action_output;
     let response = InferenceResponse {
         request_id: uuid::Uuid::new_v4().to_string(),
         model: model.spec.name.clone(),
         model_version: model.spec.version.clone(),
-        action: done.action,
+        action: crate::model::f32s(&done.outputs[action_output]),
         timing: Timing {
             total_ms: ms(received.elapsed()),
             queue_ms: ms(done.queued),
@@ -140,6 +191,36 @@ async fn inference(State(app): State<AppState>, headers: HeaderMap, body: Body) 
         },
     };
     Ok(axum::Json(response).into_response())
+}
+
+/// Queues every sample (one per batch row) and waits for all their results. A sample refused
+/// by the queue drops the others' tickets, which abandons them if their batch has not started.
+pub async fn compute(
+    model: &Model,
+    samples: Vec<Vec<TensorData>>,
+    priority: Priority,
+    deadline: Instant,
+    deadline_ms: u64,
+) -> Result<Vec<Done>, ApiError> {
+    let job_error = |e| job_error(e, &model.spec.name, deadline_ms);
+    let tickets = samples
+        .into_iter()
+        .map(|s| model.batcher.submit(s, priority, deadline))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(job_error)?;
+    let mut done = Vec::with_capacity(tickets.len());
+    for ticket in tickets {
+        done.push(ticket.wait().await.map_err(job_error)?);
+    }
+    Ok(done)
+}
+
+/// The request body within `server.body_limit_bytes` and `server.read_timeout_ms`.
+pub async fn read_request_body(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let read_timeout = Duration::from_millis(app.config.server.read_timeout_ms);
+    tokio::time::timeout(read_timeout, read_body(body, headers, app.config.server.body_limit_bytes))
+        .await
+        .map_err(|_| ApiError::BodyTimeout { timeout_ms: app.config.server.read_timeout_ms })?
 }
 
 fn job_error(e: JobError, model: &str, deadline_ms: u64) -> ApiError {
@@ -184,17 +265,23 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-type Service = TowerToHyperService<Router>;
-
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
-    service: Service,
+    router: Router,
+    identity: Option<auth::PeerIdentity>,
     watcher: hyper_util::server::graceful::Watcher,
     peer: std::net::SocketAddr,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The connection's verified client certificate goes with each of its requests.
+    let service = TowerToHyperService::new(router.map_request(move |mut request: axum::http::Request<_>| {
+        if let Some(identity) = &identity {
+            request.extensions_mut().insert(identity.clone());
+        }
+        request
+    }));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, "connection ended: {e}");
@@ -205,10 +292,11 @@ async fn serve_connection<I>(
 /// requests up to `grace` to finish before the remaining connections are closed.
 ///
 /// Each connection runs in its own task; the TLS handshake is bounded by `handshake_timeout`
-/// so a silent client cannot hold a task forever.
+/// so a silent client cannot hold a task forever. Each new connection uses the latest TLS
+/// configuration published on `tls` (certificates reload without a restart).
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<watch::Receiver<Arc<rustls::ServerConfig>>>,
     router: Router,
     shutdown: impl Future<Output = ()>,
     handshake_timeout: Duration,
@@ -238,18 +326,21 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let acceptor = tls.as_ref().map(|rx| TlsAcceptor::from(rx.borrow().clone()));
         tokio::spawn(async move {
-            match tls {
+            match acceptor {
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_connection(&builder, stream, service, watcher, peer).await,
+                    Ok(Ok(stream)) => {
+                        let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
+                        serve_connection(&builder, stream, router, identity, watcher, peer).await
+                    }
                     Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 },
-                None => serve_connection(&builder, stream, service, watcher, peer).await,
+                None => serve_connection(&builder, stream, router, None, watcher, peer).await,
             }
         });
     }

@@ -1,14 +1,25 @@
 //! TLS: the server's rustls configuration from configured PEM files, or from a self-signed
-//! certificate generated once into `<data.dir>/tls/` and reused on later starts.
+//! certificate generated once into `<data.dir>/tls/` and reused on later starts; optionally
+//! verifying robots' client certificates against `tls.client_ca` (mutual TLS).
+//!
+//! [`watch`] checks the files every `tls.reload_interval_ms` and publishes a new configuration
+//! when they change; the accept loop uses the latest one for each new connection. A change that
+//! does not load (a half-written file, a key that does not match) is logged and the previous
+//! configuration keeps serving.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
+use std::time::{Duration, SystemTime};
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::auth::PeerIdentity;
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +62,28 @@ pub fn server_config(config: &Config) -> Result<(Arc<rustls::ServerConfig>, Cert
     let key = read_key(&key_path)?;
     let sha256_fingerprint = fingerprint(&certs[0]);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::File {
-            path: key_path.clone(),
-            problem: format!("does not match the certificate: {e}"),
-        })?;
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = match &config.tls.client_ca {
+        // Client certificates are verified when sent; whether one is needed is decided per
+        // request (see `auth`), so the admin and health endpoints stay reachable without one.
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_certs(ca)? {
+                roots.add(cert).map_err(|e| TlsError::File { path: ca.clone(), problem: e.to_string() })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::File { path: ca.clone(), problem: e.to_string() })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder.with_single_cert(certs, key).map_err(|e| TlsError::File {
+        path: key_path.clone(),
+        problem: format!("does not match the certificate: {e}"),
+    })?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((Arc::new(server), CertInfo { cert_path, sha256_fingerprint, generated }))
 }
@@ -104,4 +129,71 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 fn fingerprint(cert: &CertificateDer<'_>) -> String {
     Sha256::digest(cert.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// The identity in a verified client certificate: subject common names, then DNS and URI
+/// subject alternative names. `None` when no certificate was sent.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentity> {
+    use x509_parser::extensions::GeneralName;
+    let leaf = certs?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let mut names: Vec<String> =
+        cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok().map(str::to_string)).collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) | GeneralName::URI(n) => names.push((*n).to_string()),
+                _ => {}
+            }
+        }
+    }
+    Some(PeerIdentity { names })
+}
+
+/// Files the TLS configuration is built from, and their state when last loaded.
+fn watched_files(config: &Config) -> Vec<PathBuf> {
+    let mut files = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => vec![cert.clone(), key.clone()],
+        _ => vec![config.data.dir.join("tls/cert.pem"), config.data.dir.join("tls/key.pem")],
+    };
+    files.extend(config.tls.client_ca.clone());
+    files
+}
+
+fn file_states(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+    files.iter().map(|f| fs::metadata(f).ok().and_then(|m| Some((m.modified().ok()?, m.len())))).collect()
+}
+
+/// Re-reads the certificate, key and client CA whenever one of them changes, and publishes the
+/// new configuration on `tx`. Runs until every receiver is gone.
+pub async fn watch(config: Arc<Config>, tx: watch::Sender<Arc<rustls::ServerConfig>>) {
+    let interval = Duration::from_millis(config.tls.reload_interval_ms);
+    if interval.is_zero() {
+        return;
+    }
+    let files = watched_files(&config);
+    let mut last = file_states(&files);
+    loop {
+        tokio::time::sleep(interval).await;
+        if tx.is_closed() {
+            return;
+        }
+        let now = file_states(&files);
+        if now == last {
+            continue;
+        }
+        last = now;
+        let reloaded = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || server_config(&config)).await
+        };
+        match reloaded {
+            Ok(Ok((server, cert))) => {
+                tracing::info!(certificate = %cert.cert_path.display(), sha256 = %cert.sha256_fingerprint, "TLS files changed: reloaded");
+                let _ = tx.send(server);
+            }
+            Ok(Err(e)) => tracing::warn!("TLS files changed but do not load; still serving the previous ones: {e}"),
+            Err(e) => tracing::warn!("TLS reload task failed: {e}"),
+        }
+    }
 }

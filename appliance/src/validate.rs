@@ -7,10 +7,15 @@ use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::spec::ModelSpec;
 
-/// Parses the JSON body, telling malformed JSON from a well-formed body with a bad field.
+/// Parses the robot endpoint's JSON body.
 pub fn parse_request(body: &[u8]) -> Result<InferenceRequest, ApiError> {
+    parse_json(body)
+}
+
+/// Parses a JSON body, telling malformed JSON from a well-formed body with a bad field.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    let request: InferenceRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+    let request: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
@@ -61,12 +66,27 @@ pub struct Checked {
     pub priority: Priority,
 }
 
-/// Checks the fields that need the model or the limits to judge.
+/// A request's priority: the one it asks for, else the robot's class; never above the class.
+pub fn effective_priority(requested: Option<Priority>, class: Priority) -> Result<Priority, ApiError> {
+    match requested {
+        // `Priority` orders high < normal < low.
+        Some(p) if p < class => Err(ApiError::Forbidden(format!(
+            "priority `{}` is above this robot's class `{}`",
+            p.as_str(),
+            class.as_str()
+        ))),
+        Some(p) => Ok(p),
+        None => Ok(class),
+    }
+}
+
+/// Checks the fields that need the model or the limits to judge; `class` is the robot's
+/// registered priority class.
 pub fn check_request(
     request: &InferenceRequest,
     spec: &ModelSpec,
     limits: &LimitsConfig,
-    robot_priority: Option<Priority>,
+    class: Priority,
 ) -> Result<Checked, ApiError> {
     check_robot_id(&request.robot_id)
         .map_err(|problem| ApiError::InvalidValue { field: "robot_id".into(), problem })?;
@@ -111,7 +131,7 @@ pub fn check_request(
         }
         Some(ms) => ms,
     };
-    let priority = request.priority.or(robot_priority).unwrap_or_default();
+    let priority = effective_priority(request.priority, class)?;
     Ok(Checked { deadline_ms, priority })
 }
 
@@ -137,22 +157,25 @@ mod tests {
     }
 
     #[test]
-    fn priority_comes_from_the_request_then_the_robot_then_normal() {
+    fn priority_comes_from_the_request_then_the_robot_class_and_never_exceeds_the_class() {
         let (spec, limits) = (demo_spec(), LimitsConfig::default());
         let mut r = request();
-        assert_eq!(check_request(&r, &spec, &limits, None).expect("ok").priority, Priority::Normal);
-        assert_eq!(check_request(&r, &spec, &limits, Some(Priority::Low)).expect("ok").priority, Priority::Low);
+        assert_eq!(check_request(&r, &spec, &limits, Priority::Normal).expect("ok").priority, Priority::Normal);
+        assert_eq!(check_request(&r, &spec, &limits, Priority::Low).expect("ok").priority, Priority::Low);
+        r.priority = Some(Priority::Low);
+        assert_eq!(check_request(&r, &spec, &limits, Priority::High).expect("ok").priority, Priority::Low);
         r.priority = Some(Priority::High);
-        assert_eq!(check_request(&r, &spec, &limits, Some(Priority::Low)).expect("ok").priority, Priority::High);
+        let err = check_request(&r, &spec, &limits, Priority::Normal).expect_err("above the class");
+        assert_eq!(err.code(), "forbidden");
     }
 
     #[test]
     fn the_deadline_defaults_to_the_model_and_is_bounded_by_the_limit() {
         let (spec, limits) = (demo_spec(), LimitsConfig::default());
         let mut r = request();
-        assert_eq!(check_request(&r, &spec, &limits, None).expect("ok").deadline_ms, 1_000);
+        assert_eq!(check_request(&r, &spec, &limits, Priority::Normal).expect("ok").deadline_ms, 1_000);
         r.deadline_ms = Some(limits.max_deadline_ms + 1);
-        let err = check_request(&r, &spec, &limits, None).expect_err("refused");
+        let err = check_request(&r, &spec, &limits, Priority::Normal).expect_err("refused");
         assert!(err.to_string().starts_with("field `deadline_ms`"), "{err}");
     }
 

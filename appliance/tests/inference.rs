@@ -115,8 +115,14 @@ async fn bad_input_gets_a_4xx_naming_the_problem_and_other_robots_are_unaffected
         config.limits.max_image_bytes = 64 * 1024;
     })
     .await;
+    let key = app.robot_key("arm-3").await;
     let post = |body: Vec<u8>, content_type: &'static str| {
-        app.client.post(app.url("/v1/inference")).header("content-type", content_type).body(body).send()
+        app.client
+            .post(app.url("/v1/inference"))
+            .header("x-api-key", &key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
     };
     let with = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut v = serde_json::to_value(robot_request(3)).unwrap();
@@ -234,10 +240,11 @@ async fn bad_input_gets_a_4xx_naming_the_problem_and_other_robots_are_unaffected
             "invalid_value",
         )
         .await;
+        // Another robot's id, existing or not (and this one is not even valid): refused alike.
         expect_error(
             post(with(&|v| v["robot_id"] = serde_json::json!("../etc")), json).await.unwrap(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_value",
+            StatusCode::FORBIDDEN,
+            "forbidden",
         )
         .await;
         expect_error(
@@ -246,10 +253,14 @@ async fn bad_input_gets_a_4xx_naming_the_problem_and_other_robots_are_unaffected
             "invalid_field",
         )
         .await;
-        expect_error(app.client.get(app.url("/v1/nothing")).send().await.unwrap(), StatusCode::NOT_FOUND, "not_found")
-            .await;
         expect_error(
-            app.client.get(app.url("/v1/inference")).send().await.unwrap(),
+            app.client.get(app.url("/v1/nothing")).header("x-api-key", &key).send().await.unwrap(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+        expect_error(
+            app.client.get(app.url("/v1/inference")).header("x-api-key", &key).send().await.unwrap(),
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
         )
@@ -329,8 +340,8 @@ async fn a_robot_that_disconnects_is_dropped_from_the_queue_and_never_computed()
     })
     .await;
     let impatient = app
-        .client
-        .post(app.url("/v1/inference"))
+        .as_robot("arm-1", reqwest::Method::POST, "/v1/inference")
+        .await
         .json(&robot_request(1))
         .timeout(Duration::from_millis(300))
         .send()

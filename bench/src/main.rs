@@ -121,14 +121,14 @@ fn curve(batch_sizes: &[usize], seconds: f64, threads: usize, device: &str) -> a
         let samples: Vec<&[TensorData]> = (0..n).map(|_| sample.as_slice()).collect();
         let inputs = model.stack(&samples)?;
         for _ in 0..3 {
-            model.forward_actions(&inputs, n)?;
+            model.forward_outputs(&inputs, n)?;
         }
         let mut times = Vec::new();
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < seconds || times.len() < 5 {
             let t = Instant::now();
             // Includes the copy of the actions back to the host, which waits for the GPU.
-            model.forward_actions(&inputs, n)?;
+            model.forward_outputs(&inputs, n)?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);

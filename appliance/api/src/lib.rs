@@ -101,7 +101,7 @@ pub struct ModelHealth {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
-    /// `serving` or `failed`.
+    /// `serving`, `failed` (the load failed; see `error`) or `unloaded`.
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
@@ -147,4 +147,50 @@ pub struct ModelStats {
     pub dropped_disconnect: u64,
     /// Requests whose batch failed in the model.
     pub failed: u64,
+}
+
+/// `POST /admin/robots`: register a robot. Its API key is in the answer, and only there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRobot {
+    pub robot_id: String,
+    /// Used for requests that send no `robot_type`; requests that send another are refused.
+    pub robot_type: String,
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// The robot's priority class: its requests' default and their ceiling.
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+fn default_group() -> String {
+    "default".into()
+}
+
+/// A registered robot as the admin API shows it (never with key material).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Robot {
+    pub robot_id: String,
+    pub robot_type: String,
+    pub group: String,
+    pub priority: Priority,
+    pub created_unix_ms: u64,
+    /// When the current key was issued; absent once revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_created_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_unix_ms: Option<u64>,
+}
+
+/// Answer to a registration or a key rotation: the key is shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobotKey {
+    pub robot: Robot,
+    pub api_key: String,
+}
+
+/// `GET /admin/robots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobotList {
+    pub robots: Vec<Robot>,
 }

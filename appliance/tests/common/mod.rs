@@ -37,7 +37,12 @@ pub fn add_model(repo: &Path, name: &str, model_toml: &str) {
 pub struct TestAppliance {
     pub addr: std::net::SocketAddr,
     pub data: tempfile::TempDir,
+    /// An HTTPS client with no credentials; see [`TestAppliance::admin`] and
+    /// [`TestAppliance::robot_key`].
     pub client: reqwest::Client,
+    /// The admin token the appliance generated into its data directory.
+    pub admin_token: String,
+    keys: tokio::sync::Mutex<std::collections::HashMap<String, String>>,
     shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
     task: Option<tokio::task::JoinHandle<Result<(), appliance::RunError>>>,
 }
@@ -50,6 +55,7 @@ pub fn test_config(data: &Path) -> Config {
     config.data.dir = data.to_path_buf();
     config.models.cpu_threads = 1;
     config.server.shutdown_grace_ms = 10_000;
+    config.auth.demo_robot = false;
     config
 }
 
@@ -81,6 +87,7 @@ impl TestAppliance {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let cert_path = config.tls.cert.clone().unwrap_or_else(|| config.data.dir.join("tls/cert.pem"));
+        let token_file = config.admin_token_file();
         let task = tokio::spawn(appliance::run(config, listener, async {
             let _ = rx.await;
         }));
@@ -91,12 +98,22 @@ impl TestAppliance {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let client = https_client(&cert_path, addr);
-        let app = TestAppliance { addr, data, client, shutdown: std::sync::Mutex::new(Some(tx)), task: Some(task) };
+        let mut app = TestAppliance {
+            addr,
+            data,
+            client,
+            admin_token: String::new(),
+            keys: Default::default(),
+            shutdown: std::sync::Mutex::new(Some(tx)),
+            task: Some(task),
+        };
         // Models load before the listener serves, so the first answer is the final word.
         loop {
             if let Ok(r) = app.client.get(app.url("/health")).send().await {
                 let status = r.status();
                 let body = r.text().await.unwrap();
+                // The token is written before the listener serves.
+                app.admin_token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
                 return (app, status, body);
             }
             assert!(start.elapsed() < Duration::from_secs(120), "appliance did not answer /health");
@@ -108,13 +125,53 @@ impl TestAppliance {
         format!("https://localhost:{}{path}", self.addr.port())
     }
 
+    /// A request with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path)).bearer_auth(&self.admin_token)
+    }
+
+    /// Registers `robot_id` (type `ur5e`, priority class `high`) through the admin API.
+    pub async fn register(&self, robot_id: &str, priority: &str) -> vla_api::RobotKey {
+        let response = self
+            .admin(reqwest::Method::POST, "/admin/robots")
+            .json(&serde_json::json!({"robot_id": robot_id, "robot_type": "ur5e", "priority": priority}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::CREATED, "{}", response.text().await.unwrap());
+        response.json().await.unwrap()
+    }
+
+    /// The API key of `robot_id`, registering it (class `high`) the first time.
+    pub async fn robot_key(&self, robot_id: &str) -> String {
+        let mut keys = self.keys.lock().await;
+        if let Some(key) = keys.get(robot_id) {
+            return key.clone();
+        }
+        let key = self.register(robot_id, "high").await.api_key;
+        keys.insert(robot_id.to_string(), key.clone());
+        key
+    }
+
+    /// A request carrying `robot_id`'s key.
+    pub async fn as_robot(&self, robot_id: &str, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let key = self.robot_key(robot_id).await;
+        self.client.request(method, self.url(path)).header("x-api-key", key)
+    }
+
+    /// `POST /v1/inference` with the key of the request's robot.
     pub async fn infer(&self, request: InferenceRequest) -> reqwest::Response {
-        self.client.post(self.url("/v1/inference")).json(&request).send().await.unwrap()
+        self.as_robot(&request.robot_id, reqwest::Method::POST, "/v1/inference")
+            .await
+            .json(&request)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn stats(&self, model: &str) -> vla_api::ModelStats {
         let list: vla_api::ModelList =
-            self.client.get(self.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+            self.admin(reqwest::Method::GET, "/v1/models").send().await.unwrap().json().await.unwrap();
         list.models.into_iter().find(|m| m.name == model).unwrap().stats
     }
 
