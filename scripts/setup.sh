@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing the appliance need. Idempotent: quick when done.
 #   - Debian packages (only those missing)
-#   - .venv with torch==2.11.0 from PyPI (libtorch for tch; see requirements.txt)
+#   - .venv with torch==2.11.0 from PyPI (libtorch for tch) and tritonclient (tests); see
+#     requirements.txt
 #   - the wasm32-wasip2 Rust target (policy crates)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,11 +21,11 @@ fi
 
 python="${PYTHON:-python3}"
 if ! .venv/bin/python - <<'PY' 2>/dev/null
-import sys, torch
+import sys, torch, tritonclient.http
 sys.exit(0 if torch.__version__.split("+")[0] == "2.11.0" else 1)
 PY
 then
-    echo "setup: creating .venv with torch 2.11.0 (a few GB, once)"
+    echo "setup: installing .venv from scripts/requirements.txt (torch 2.11.0 is a few GB, once)"
     [ -x .venv/bin/python ] || "$python" -m venv .venv
     .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
     .venv/bin/python -m pip install --disable-pip-version-check -q -r scripts/requirements.txt

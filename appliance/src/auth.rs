@@ -97,6 +97,9 @@ pub struct Authenticator {
     admin_hash: [u8; 32],
     client_names: BTreeMap<String, String>,
     client_auth: ClientAuth,
+    /// How much of a refused request's body is read before answering (see [`guard`]).
+    drain_limit: usize,
+    drain_timeout: std::time::Duration,
 }
 
 /// A freshly issued API key: the full key (shown once) and what is stored of it.
@@ -114,6 +117,8 @@ impl Authenticator {
             admin_hash,
             client_names: config.tls.client_names.clone(),
             client_auth: config.tls.client_auth,
+            drain_limit: config.server.body_limit_bytes,
+            drain_timeout: std::time::Duration::from_millis(config.server.read_timeout_ms),
         }
     }
 
@@ -286,16 +291,17 @@ pub async fn guard(State(auth): State<Arc<Authenticator>>, mut request: Request,
         return next.run(request).await;
     }
     let caller = auth.authenticate(request.headers(), request.extensions().get::<PeerIdentity>());
-    match (access, caller) {
-        (_, Err(e)) => e.into_response(),
-        (Access::Admin, Ok(Caller::Robot(_))) => {
-            ApiError::Forbidden("this endpoint needs the admin token".into()).into_response()
-        }
+    let refusal = match (access, caller) {
+        (_, Err(e)) => e,
+        (Access::Admin, Ok(Caller::Robot(_))) => ApiError::Forbidden("this endpoint needs the admin token".into()),
         (_, Ok(caller)) => {
             request.extensions_mut().insert(caller);
-            next.run(request).await
+            return next.run(request).await;
         }
-    }
+    };
+    // A client still sending its body would otherwise see a reset instead of this answer.
+    crate::server::drain(request.into_body(), auth.drain_limit, auth.drain_timeout).await;
+    refusal.into_response()
 }
 
 #[cfg(test)]

@@ -56,6 +56,10 @@ pub enum TensorData {
     I64(Vec<i64>),
 }
 
+/// One sample's outputs, in the model's output order: each output's values as little-endian
+/// bytes of its declared datatype.
+pub type SampleOutputs = Vec<Vec<u8>>;
+
 /// A loaded TorchScript module and what it needs to run a batch.
 #[derive(Debug)]
 pub struct LoadedModel {
@@ -152,7 +156,7 @@ impl LoadedModel {
 
     /// Runs one forward on a stacked batch of `n` and splits every output per sample: for each
     /// sample, each output's values as little-endian bytes of the output's declared datatype.
-    pub fn forward_outputs(&self, inputs: &[Tensor], n: usize) -> Result<Vec<Vec<Vec<u8>>>, ModelError> {
+    pub fn forward_outputs(&self, inputs: &[Tensor], n: usize) -> Result<Vec<SampleOutputs>, ModelError> {
         let _guard = tch::no_grad_guard();
         let tensors = if self.outputs.len() == 1 {
             vec![self.module.forward_ts(inputs).map_err(|e| ModelError::Forward(first_line(&e.to_string())))?]
@@ -179,7 +183,7 @@ impl LoadedModel {
                 Err(e) => return Err(ModelError::Forward(first_line(&e.to_string()))),
             }
         };
-        let mut per_sample: Vec<Vec<Vec<u8>>> = (0..n).map(|_| Vec::with_capacity(tensors.len())).collect();
+        let mut per_sample: Vec<SampleOutputs> = (0..n).map(|_| Vec::with_capacity(tensors.len())).collect();
         for (t, (kind, dims)) in tensors.iter().zip(&self.outputs) {
             let mut expected = vec![n as i64];
             expected.extend(dims);
@@ -198,7 +202,7 @@ impl LoadedModel {
     }
 
     /// Stack, forward and split in one call, timing the whole of it.
-    pub fn run(&self, samples: &[&[TensorData]]) -> Result<(Vec<Vec<Vec<u8>>>, std::time::Duration), ModelError> {
+    pub fn run(&self, samples: &[&[TensorData]]) -> Result<(Vec<SampleOutputs>, std::time::Duration), ModelError> {
         let start = Instant::now();
         let inputs = self.stack(samples)?;
         // The copy of the outputs to the host waits for the device, so the time is the batch's.

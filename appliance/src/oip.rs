@@ -186,6 +186,8 @@ async fn infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
+    // Read first: see `server::inference`.
+    let body = server::read_request_body(&app, &headers, body).await?;
     app.check_accepting()?;
     let robot = caller.robot()?.clone();
     let model = model_of(&app, &params)?;
@@ -196,7 +198,6 @@ async fn infer(
                 ApiError::InferenceHeader("Inference-Header-Content-Length must be a byte count".into())
             })?),
         };
-    let body = server::read_request_body(&app, &headers, body).await?;
     if let Some(n) = header_len
         && n > body.len()
     {

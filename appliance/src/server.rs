@@ -87,11 +87,13 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
 }
 
-async fn not_found(uri: Uri) -> ApiError {
+async fn not_found(State(app): State<AppState>, uri: Uri, body: Body) -> ApiError {
+    drain(body, app.config.server.body_limit_bytes, Duration::from_millis(app.config.server.read_timeout_ms)).await;
     ApiError::RouteNotFound(uri.path().chars().take(200).collect())
 }
 
-async fn method_not_allowed(method: Method) -> ApiError {
+async fn method_not_allowed(State(app): State<AppState>, method: Method, body: Body) -> ApiError {
+    drain(body, app.config.server.body_limit_bytes, Duration::from_millis(app.config.server.read_timeout_ms)).await;
     ApiError::MethodNotAllowed(method.to_string())
 }
 
@@ -126,10 +128,12 @@ async fn inference(
     body: Body,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
+    // The body is read before anything can refuse the request: an HTTP/1.1 client still
+    // sending a body it was refused would see a reset connection instead of the answer.
+    let body = read_request_body(&app, &headers, body).await?;
     app.check_accepting()?;
     let robot = caller.robot()?.clone();
     check_json_content_type(&headers)?;
-    let body = read_request_body(&app, &headers, body).await?;
     let request = validate::parse_request(&body)?;
     drop(body);
     // A key acts only as its own robot; the answer is the same whether the other id exists.
@@ -213,6 +217,12 @@ pub async fn compute(
         done.push(ticket.wait().await.map_err(job_error)?);
     }
     Ok(done)
+}
+
+/// Reads and discards what is left of a refused request's body (up to `limit` bytes, for at
+/// most `timeout`), so an HTTP/1.1 client still sending it reads the answer instead of a reset.
+pub async fn drain(body: Body, limit: usize, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
 }
 
 /// The request body within `server.body_limit_bytes` and `server.read_timeout_ms`.

@@ -230,7 +230,9 @@ async fn every_client_mistake_gets_a_4xx_with_an_error_naming_it() {
             json!({"name": "state", "datatype": "FP32", "shape": [1, 7], "parameters": {"binary_data_size": 28}});
         json!({"inputs": inputs})
     };
-    let cases: Vec<(&str, String, Vec<u8>, Option<usize>, StatusCode, &str, &str)> = vec![
+    // (what, path, body, Inference-Header-Content-Length, status, code, part of the message)
+    type Case<'a> = (&'a str, String, Vec<u8>, Option<usize>, StatusCode, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "unknown model",
             "/v2/models/nope/infer".into(),

@@ -163,9 +163,10 @@ fn batching(concurrency: &[usize], seconds: f64, image: &str) -> anyhow::Result<
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..16u32)
             .map(|i| {
+                // Every simulated robot uses the demo robot's identity and key.
                 serde_json::to_vec(&InferenceRequest {
-                    robot_id: format!("arm-{i}"),
-                    robot_type: Some("ur5e".into()),
+                    robot_id: appliance::admin::DEMO_ROBOT.into(),
+                    robot_type: None,
                     model: None,
                     instruction: "pick up the red block and place it in the bin".into(),
                     image: jpeg_b64(w, h, i),
@@ -218,8 +219,11 @@ fn batching(concurrency: &[usize], seconds: f64, image: &str) -> anyhow::Result<
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
             let url = format!("https://localhost:{}/v1/inference", addr.port());
+            let key_file = data.path().join(appliance::admin::DEMO_KEY_FILE);
+            let key = std::fs::read_to_string(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
+            let key = key.trim().to_string();
             for &c in concurrency {
-                let p = closed_loop(&client, &url, &bodies, c, seconds).await;
+                let p = closed_loop(&client, &url, &key, &bodies, c, seconds).await;
                 let mut lat = p.latencies_ms.clone();
                 lat.sort_by(f64::total_cmp);
                 let pct = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
@@ -252,13 +256,21 @@ fn client(cert: &Path, addr: std::net::SocketAddr) -> anyhow::Result<reqwest::Cl
 }
 
 /// `c` robots, each sending its next request as soon as the previous answer arrives.
-async fn closed_loop(client: &reqwest::Client, url: &str, bodies: &Arc<Vec<Vec<u8>>>, c: usize, seconds: f64) -> Point {
+async fn closed_loop(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    bodies: &Arc<Vec<Vec<u8>>>,
+    c: usize,
+    seconds: f64,
+) -> Point {
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let tasks: Vec<_> = (0..c)
         .map(|i| {
             let client = client.clone();
             let url = url.to_string();
+            let key = key.to_string();
             let bodies = bodies.clone();
             tokio::spawn(async move {
                 let mut p = Point::default();
@@ -267,7 +279,13 @@ async fn closed_loop(client: &reqwest::Client, url: &str, bodies: &Arc<Vec<Vec<u
                     let body = bodies[k % bodies.len()].clone();
                     k += 1;
                     let t = Instant::now();
-                    let sent = client.post(&url).header("content-type", "application/json").body(body).send().await;
+                    let sent = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .header("x-api-key", &key)
+                        .body(body)
+                        .send()
+                        .await;
                     match sent {
                         Ok(r) if r.status().is_success() => match r.json::<InferenceResponse>().await {
                             Ok(resp) => {
