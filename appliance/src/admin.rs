@@ -8,7 +8,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use vla_api::{Priority, RegisterRobot, Robot, RobotKey, RobotList};
 
 use crate::auth::{self, AuthError, IssuedKey};
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::server::{AppState, Params};
 use crate::store::{RobotRecord, Store, WriteOutcome};
 use crate::validate;
 
@@ -110,7 +110,8 @@ async fn list_robots(State(app): State<AppState>) -> Result<Json<RobotList>, Api
 }
 
 /// `GET /admin/robots/{robot_id}`.
-async fn get_robot(State(app): State<AppState>, UrlPath(robot_id): UrlPath<String>) -> Result<Json<Robot>, ApiError> {
+async fn get_robot(State(app): State<AppState>, params: Params) -> Result<Json<Robot>, ApiError> {
+    let robot_id = params.get("robot_id").to_string();
     match app.auth.store().robot(&robot_id).map_err(internal)? {
         Some(r) => Ok(Json(view(&r))),
         None => Err(ApiError::RobotNotFound(robot_id.chars().take(80).collect())),
@@ -118,10 +119,8 @@ async fn get_robot(State(app): State<AppState>, UrlPath(robot_id): UrlPath<Strin
 }
 
 /// `POST /admin/robots/{robot_id}/rotate-key`: a new key; the old one stops working at once.
-async fn rotate_key(
-    State(app): State<AppState>,
-    UrlPath(robot_id): UrlPath<String>,
-) -> Result<Json<RobotKey>, ApiError> {
+async fn rotate_key(State(app): State<AppState>, params: Params) -> Result<Json<RobotKey>, ApiError> {
+    let robot_id = params.get("robot_id").to_string();
     let store = app.auth.store().clone();
     let data_dir = app.config.data.dir.clone();
     blocking(move || {
@@ -140,10 +139,8 @@ async fn rotate_key(
 }
 
 /// `DELETE /admin/robots/{robot_id}`: revokes; the robot's next request is refused.
-async fn revoke_robot(
-    State(app): State<AppState>,
-    UrlPath(robot_id): UrlPath<String>,
-) -> Result<Json<Robot>, ApiError> {
+async fn revoke_robot(State(app): State<AppState>, params: Params) -> Result<Json<Robot>, ApiError> {
+    let robot_id = params.get("robot_id").to_string();
     let store = app.auth.store().clone();
     let data_dir = app.config.data.dir.clone();
     blocking(move || match store.revoke(&robot_id, now_ms()).map_err(internal)? {
@@ -181,7 +178,12 @@ pub fn register_demo_robot(store: &Store, data_dir: &Path) -> Result<Option<std:
     let path = data_dir.join(DEMO_KEY_FILE);
     let write = || -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+        // A file left from before keeps its mode when rewritten: replace it instead.
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
         std::io::Write::write_all(&mut f, format!("{}\n", key.api_key).as_bytes())
     };
     write().map_err(|e| AuthError::Demo(format!("{}: {e}", path.display())))?;
@@ -227,7 +229,8 @@ async fn repository_index(State(app): State<AppState>, body: Bytes) -> Result<Js
 
 /// `POST /v2/repository/models/{model}/load`: loads or reloads; warm before it takes traffic,
 /// and a failed load keeps the serving version.
-async fn load_model(State(app): State<AppState>, UrlPath(model): UrlPath<String>) -> Result<Response, ApiError> {
+async fn load_model(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+    let model = params.get("model").to_string();
     let models = app.models.clone();
     let name = model.clone();
     let loaded = blocking(move || Ok(models.load_model(&name))).await?;
@@ -241,7 +244,8 @@ async fn load_model(State(app): State<AppState>, UrlPath(model): UrlPath<String>
 }
 
 /// `POST /v2/repository/models/{model}/unload`.
-async fn unload_model(State(app): State<AppState>, UrlPath(model): UrlPath<String>) -> Result<Response, ApiError> {
+async fn unload_model(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+    let model = params.get("model").to_string();
     let models = app.models.clone();
     let name = model.clone();
     blocking(move || models.unload_model(&name)).await?;

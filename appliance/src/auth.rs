@@ -127,28 +127,47 @@ impl Authenticator {
     }
 
     /// The caller of a request from its headers and its connection's client certificate.
+    ///
+    /// The admin token wins. A robot may send a key, present a certificate, or both; with both,
+    /// they must name the same robot. A certificate that maps to no registered robot is refused
+    /// unless a valid key comes with it. With `client_auth = required`, a robot needs a
+    /// certificate.
     pub fn authenticate(&self, headers: &HeaderMap, peer: Option<&PeerIdentity>) -> Result<Caller, ApiError> {
-        if let Some(token) = presented_token(headers)? {
-            if bool::from(Sha256::digest(token.as_bytes()).ct_eq(&self.admin_hash)) {
-                return Ok(Caller::Admin);
+        let token = presented_token(headers)?;
+        if let Some(token) = token
+            && bool::from(Sha256::digest(token.as_bytes()).ct_eq(&self.admin_hash))
+        {
+            return Ok(Caller::Admin);
+        }
+        let by_key = match token {
+            Some(t) => Some(self.verify_key(t)?.ok_or_else(invalid_key)?),
+            None => None,
+        };
+        let by_cert = peer.map(|p| self.robot_of_certificate(p));
+        let robot = match (by_cert, by_key) {
+            (Some(Ok(c)), Some(k)) if c.robot_id != k.robot_id => {
+                return Err(ApiError::Forbidden(
+                    "the API key and the client certificate belong to different robots".into(),
+                ));
             }
-            let robot = self.verify_key(token)?;
-            if self.client_auth == ClientAuth::Required {
+            (Some(Ok(c)), _) => c,
+            (_, Some(_)) if self.client_auth == ClientAuth::Required => {
                 return Err(ApiError::Unauthorized(
                     "this appliance requires robots to authenticate with a client certificate".into(),
                 ));
             }
-            return robot.map(|r| Caller::Robot(Arc::new(r))).ok_or_else(invalid_key);
-        }
-        match peer {
-            Some(peer) => self.robot_of_certificate(peer).map(|r| Caller::Robot(Arc::new(r))),
-            None if self.client_auth == ClientAuth::Required => {
-                Err(ApiError::Unauthorized("a client certificate is required".into()))
+            (_, Some(k)) => k,
+            (Some(Err(e)), None) => return Err(e),
+            (None, None) if self.client_auth == ClientAuth::Required => {
+                return Err(ApiError::Unauthorized("a client certificate is required".into()));
             }
-            None => Err(ApiError::Unauthorized(
-                "credentials required: send `X-API-Key: <key>` or `Authorization: Bearer <key>`".into(),
-            )),
-        }
+            (None, None) => {
+                return Err(ApiError::Unauthorized(
+                    "credentials required: send `X-API-Key: <key>` or `Authorization: Bearer <key>`".into(),
+                ));
+            }
+        };
+        Ok(Caller::Robot(Arc::new(robot)))
     }
 
     /// The robot whose key this is, if it is one: always hashes once, found or not.

@@ -207,6 +207,12 @@ impl Batcher {
         Ok(batcher)
     }
 
+    /// True once the batcher takes no more requests (shutdown, or its model was reloaded or
+    /// unloaded).
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed
+    }
+
     /// Queues a request. Never blocks: a full queue is refused at once.
     pub fn submit(&self, inputs: Vec<TensorData>, priority: Priority, deadline: Instant) -> Result<Ticket, JobError> {
         let state = Arc::new(AtomicU8::new(QUEUED));

@@ -61,6 +61,8 @@ pub enum ApiError {
     QueueFull { model: String, capacity: usize, retry_after_s: u64 },
     #[error("the appliance is shutting down")]
     ShuttingDown,
+    #[error("model `{0}` was reloaded or unloaded while the request waited; retry")]
+    ModelChanged(String),
     #[error("no model is serving")]
     Unavailable,
     #[error("deadline of {deadline_ms} ms passed before the request's batch started")]
@@ -101,6 +103,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::ModelChanged(_) => "model_changed",
             ApiError::Unavailable => "unavailable",
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
             ApiError::Inference { .. } => "inference_failed",
@@ -133,7 +136,7 @@ impl ApiError {
             | ApiError::RobotNotFound(_)
             | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::QueueFull { .. } | ApiError::ShuttingDown | ApiError::Unavailable => {
+            ApiError::QueueFull { .. } | ApiError::ShuttingDown | ApiError::Unavailable | ApiError::ModelChanged(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -154,6 +157,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         let retry_after = match &self {
             ApiError::QueueFull { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::ModelChanged(_) => Some(1),
             ApiError::ShuttingDown | ApiError::Unavailable => Some(5),
             _ => None,
         };

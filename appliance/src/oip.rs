@@ -9,13 +9,12 @@
 //! `BYTES` is accepted for the image input (an encoded JPEG/PNG, base64 in JSON) and for the
 //! instruction input (UTF-8 text), which are then preprocessed as the robot endpoint does.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use axum::Extension;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
@@ -29,7 +28,7 @@ use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::model::TensorData;
 use crate::repository::Model;
-use crate::server::{self, AppState};
+use crate::server::{self, AppState, Params};
 use crate::spec::{DataType, ModelSpec, PLATFORM};
 use crate::{preprocess, validate};
 
@@ -54,11 +53,9 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
     ]
 }
 
-type Params = UrlPath<HashMap<String, String>>;
-
-fn model_of(app: &AppState, params: &HashMap<String, String>) -> Result<std::sync::Arc<Model>, ApiError> {
-    let name = params.get("model").map(String::as_str).unwrap_or_default();
-    app.models.resolve_version(name, params.get("version").map(String::as_str))
+fn model_of(app: &AppState, params: &Params) -> Result<std::sync::Arc<Model>, ApiError> {
+    let version = Some(params.get("version")).filter(|v| !v.is_empty());
+    app.models.resolve_version(params.get("model"), version)
 }
 
 /// `GET /v2`.
@@ -83,7 +80,7 @@ async fn ready(State(app): State<AppState>) -> Response {
 }
 
 /// `GET /v2/models/{model}[/versions/{version}]`.
-async fn model_metadata(State(app): State<AppState>, UrlPath(params): Params) -> Result<Json<Value>, ApiError> {
+async fn model_metadata(State(app): State<AppState>, params: Params) -> Result<Json<Value>, ApiError> {
     let model = model_of(&app, &params)?;
     let spec = &model.spec;
     let tensors = |ts: &[crate::spec::TensorSpec]| -> Vec<Value> {
@@ -99,7 +96,7 @@ async fn model_metadata(State(app): State<AppState>, UrlPath(params): Params) ->
 }
 
 /// `GET /v2/models/{model}[/versions/{version}]/ready`: 200 when serving, 404 otherwise.
-async fn model_ready(State(app): State<AppState>, UrlPath(params): Params) -> Result<Json<Value>, ApiError> {
+async fn model_ready(State(app): State<AppState>, params: Params) -> Result<Json<Value>, ApiError> {
     let model = model_of(&app, &params)?;
     Ok(Json(json!({"name": model.spec.name, "version": model.spec.version, "ready": true})))
 }
@@ -126,7 +123,7 @@ fn stats_of(model: &Model) -> Value {
 }
 
 /// `GET /v2/models/{model}[/versions/{version}]/stats`: the statistics extension.
-async fn model_stats(State(app): State<AppState>, UrlPath(params): Params) -> Result<Json<Value>, ApiError> {
+async fn model_stats(State(app): State<AppState>, params: Params) -> Result<Json<Value>, ApiError> {
     let model = model_of(&app, &params)?;
     Ok(Json(json!({"model_stats": [stats_of(&model)]})))
 }
@@ -180,7 +177,7 @@ struct Parsed {
 /// `POST /v2/models/{model}[/versions/{version}]/infer`.
 async fn infer(
     State(app): State<AppState>,
-    UrlPath(params): Params,
+    params: Params,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
@@ -231,7 +228,7 @@ async fn infer(
         Some(us) => us.div_ceil(1000).min(app.config.limits.max_deadline_ms),
     };
     let deadline = received + Duration::from_millis(deadline_ms);
-    let done = server::compute(&model, parsed.samples, priority, deadline, deadline_ms).await?;
+    let (model, done) = server::compute(&app, model, parsed.samples, priority, deadline, deadline_ms).await?;
     Ok(respond(&model.spec, parsed.id, &parsed.outputs, &done))
 }
 
@@ -335,10 +332,13 @@ fn parse(body: &[u8], header_len: Option<usize>, spec: &ModelSpec, limits: &Limi
                 ));
             }
         };
-        if n > spec.max_batch_size {
+        let limit = spec.max_batch_size.min(spec.batching.queue_capacity);
+        if n > limit {
             return Err(invalid(
                 name,
-                format!("batch of {n} is more than the model's max_batch_size {}", spec.max_batch_size),
+                format!(
+                    "batch of {n} is more than the model takes in one request ({limit}: max_batch_size, queue_capacity)"
+                ),
             ));
         }
         match batch {
@@ -459,10 +459,12 @@ fn convert(
         (DataType::Int64, Some(raw)) => {
             check_binary_size(name, raw, count, elt, &input.shape)?;
             let v: Vec<i64> = raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+            check_tokens(name, &v, idx == robot.instruction)?;
             v.chunks(per_row).map(|c| TensorData::I64(c.to_vec())).collect()
         }
         (DataType::Int64, None) => {
             let v = flatten(name, input.data.as_ref(), count, &input.shape, |v| v.as_i64(), "an integer")?;
+            check_tokens(name, &v, idx == robot.instruction)?;
             v.chunks(per_row).map(|c| TensorData::I64(c.to_vec())).collect()
         }
         (_, Some(raw)) => {
@@ -480,6 +482,15 @@ fn convert(
         }
     };
     Ok(rows)
+}
+
+/// Instruction tokens outside the encoding's range would index past the model's embedding and
+/// fail the whole batch (on CUDA, the device): refused here. `utf8-bytes` tokens are 0-255.
+fn check_tokens(name: &str, tokens: &[i64], is_instruction: bool) -> Result<(), ApiError> {
+    match tokens.iter().position(|t| !(0..=255).contains(t)).filter(|_| is_instruction) {
+        Some(i) => Err(invalid(name, format!("element {i} is {}; utf8-bytes tokens are 0-255", tokens[i]))),
+        None => Ok(()),
+    }
 }
 
 fn check_binary_size(name: &str, raw: &[u8], count: usize, elt: usize, shape: &[i64]) -> Result<(), ApiError> {
@@ -501,7 +512,8 @@ fn flatten<T>(
     get: impl Fn(&Value) -> Option<T>,
     what: &str,
 ) -> Result<Vec<T>, ApiError> {
-    let mut out = Vec::with_capacity(count);
+    // `count` comes from the client's shape: allocate as the data arrives, not up front.
+    let mut out = Vec::with_capacity(count.min(1 << 16));
     let mut stack = vec![data.unwrap_or(&Value::Null)];
     let mut seen = 0usize;
     while let Some(v) = stack.pop() {

@@ -63,6 +63,29 @@ impl AppState {
     }
 }
 
+/// A route's path parameters. A segment that does not decode (`%FF`) gets the usual JSON
+/// error instead of axum's plain-text rejection.
+#[derive(Debug)]
+pub struct Params(pub std::collections::HashMap<String, String>);
+
+impl Params {
+    /// The parameter `name`; empty when the route has none of that name.
+    pub fn get(&self, name: &str) -> &str {
+        self.0.get(name).map_or("", String::as_str)
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map(|p| Params(p.0))
+            .map_err(|e| ApiError::InvalidField { field: "path".into(), problem: e.body_text() })
+    }
+}
+
 /// Every route of the appliance. Who may call each is decided by [`auth::access_for`] from the
 /// path alone, closed unless public; the tests walk this list to check it.
 pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
@@ -178,7 +201,7 @@ async fn inference(
     };
     let preprocess = preprocess_start.elapsed();
 
-    let mut done = compute(&model, vec![inputs], checked.priority, deadline, checked.deadline_ms).await?;
+    let (model, mut done) = compute(&app, model, vec![inputs], checked.priority, deadline, checked.deadline_ms).await?;
     let done = done.pop().ok_or_else(|| ApiError::Internal("no result".into()))?;
     let action_output = model.spec.robot_inputs().action_output;
     let response = InferenceResponse {
@@ -199,14 +222,43 @@ async fn inference(
 
 /// Queues every sample (one per batch row) and waits for all their results. A sample refused
 /// by the queue drops the others' tickets, which abandons them if their batch has not started.
+///
+/// If `model` was reloaded while the request was being preprocessed, its samples go to the new
+/// version when that takes the same inputs; otherwise the client is told to retry. Returns the
+/// model that computed them.
 pub async fn compute(
+    app: &AppState,
+    model: Arc<Model>,
+    samples: Vec<Vec<TensorData>>,
+    priority: Priority,
+    deadline: Instant,
+    deadline_ms: u64,
+) -> Result<(Arc<Model>, Vec<Done>), ApiError> {
+    let mut model = model;
+    if model.batcher.is_closed() && !app.is_shutting_down() {
+        let current = app.models.resolve(Some(&model.spec.name))?;
+        if current.spec.inputs != model.spec.inputs || current.spec.preprocess != model.spec.preprocess {
+            return Err(ApiError::ModelChanged(model.spec.name.clone()));
+        }
+        model = current;
+    }
+    let done = submit_and_wait(app, &model, samples, priority, deadline, deadline_ms).await?;
+    Ok((model, done))
+}
+
+async fn submit_and_wait(
+    app: &AppState,
     model: &Model,
     samples: Vec<Vec<TensorData>>,
     priority: Priority,
     deadline: Instant,
     deadline_ms: u64,
 ) -> Result<Vec<Done>, ApiError> {
-    let job_error = |e| job_error(e, &model.spec.name, deadline_ms);
+    let job_error = |e| match e {
+        // Closed between the check above and the submit: a reload or unload, not a shutdown.
+        JobError::ShuttingDown if !app.is_shutting_down() => ApiError::ModelChanged(model.spec.name.clone()),
+        e => job_error(e, &model.spec.name, deadline_ms),
+    };
     let tickets = samples
         .into_iter()
         .map(|s| model.batcher.submit(s, priority, deadline))

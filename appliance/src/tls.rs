@@ -172,17 +172,20 @@ pub async fn watch(config: Arc<Config>, tx: watch::Sender<Arc<rustls::ServerConf
         return;
     }
     let files = watched_files(&config);
-    let mut last = file_states(&files);
+    // `loaded`: the files' state when last loaded; `warned`: when a reload last failed (one
+    // warning per change, but a retry every interval until it loads: a `chmod` that fixes an
+    // unreadable key changes neither mtime nor length).
+    let mut loaded = file_states(&files);
+    let mut warned = None;
     loop {
         tokio::time::sleep(interval).await;
         if tx.is_closed() {
             return;
         }
         let now = file_states(&files);
-        if now == last {
+        if now == loaded {
             continue;
         }
-        last = now;
         let reloaded = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || server_config(&config)).await
@@ -191,8 +194,14 @@ pub async fn watch(config: Arc<Config>, tx: watch::Sender<Arc<rustls::ServerConf
             Ok(Ok((server, cert))) => {
                 tracing::info!(certificate = %cert.cert_path.display(), sha256 = %cert.sha256_fingerprint, "TLS files changed: reloaded");
                 let _ = tx.send(server);
+                loaded = now;
+                warned = None;
             }
-            Ok(Err(e)) => tracing::warn!("TLS files changed but do not load; still serving the previous ones: {e}"),
+            Ok(Err(e)) if warned.as_ref() != Some(&now) => {
+                tracing::warn!("TLS files changed but do not load; still serving the previous ones: {e}");
+                warned = Some(now);
+            }
+            Ok(Err(_)) => {}
             Err(e) => tracing::warn!("TLS reload task failed: {e}"),
         }
     }

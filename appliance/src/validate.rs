@@ -14,8 +14,8 @@ pub fn parse_request(body: &[u8]) -> Result<InferenceRequest, ApiError> {
 
 /// Parses a JSON body, telling malformed JSON from a well-formed body with a bad field.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let request: T = serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let request: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
@@ -28,6 +28,8 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
             },
         }
     })?;
+    // Bytes after the JSON value (a binary tensor body sent without its header length, say).
+    de.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     Ok(request)
 }
 

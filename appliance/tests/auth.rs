@@ -324,6 +324,10 @@ async fn a_client_certificate_identifies_its_robot() {
             error_of(infer(client_with(app, ca.client(san, san)), request.clone()).await.unwrap()).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{san}: {body}");
     }
+    // A key and a certificate of different robots together: refused.
+    let arm1_key = app.robot_key("arm-1").await;
+    let both = arm7.post(app.url("/v1/inference")).header("x-api-key", arm1_key).json(&request).send().await.unwrap();
+    assert_eq!(both.status(), StatusCode::FORBIDDEN);
     // A certificate from another CA does not get past the handshake.
     let stranger = client_with(app, Ca::new("someone else").client("x", "arm-7.cell-7.local"));
     assert!(infer(stranger, request.clone()).await.is_err());
