@@ -273,8 +273,10 @@ impl Models {
         Ok(())
     }
 
-    /// Stops every model's executors after they finish their queued work. Blocking.
+    /// Stops every model's executors after they finish their queued work. Blocking; waits for
+    /// a load in progress, so a model it swaps in is stopped too.
     pub fn shutdown(&self) {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         for model in self.serving() {
             model.batcher.shutdown();
         }
