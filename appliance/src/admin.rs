@@ -18,7 +18,7 @@ use vla_api::{Priority, RegisterRobot, Robot, RobotKey, RobotList};
 use crate::auth::{self, AuthError, IssuedKey};
 use crate::error::ApiError;
 use crate::server::{AppState, Params};
-use crate::store::{RobotRecord, Store, WriteOutcome};
+use crate::store::{RobotRecord, Store, StoreError, WriteOutcome};
 use crate::validate;
 
 /// The robot registered on a first start with the embedded defaults.
@@ -85,13 +85,17 @@ pub fn register(store: &Store, request: &RegisterRobot) -> Result<RobotKey, ApiE
         key_created_unix_ms: Some(now),
         revoked_unix_ms: None,
     };
-    match store.register(record.clone(), &key.key_id, key.record).map_err(internal)? {
-        WriteOutcome::Done(()) => {
-            tracing::info!(robot_id = %record.robot_id, robot_type = %record.robot_type, "robot registered");
-            Ok(RobotKey { robot: view(&record), api_key: key.api_key })
-        }
+    written(store.register(record.clone(), &key.key_id, key.record), &record.robot_id)?;
+    tracing::info!(robot_id = %record.robot_id, robot_type = %record.robot_type, "robot registered");
+    Ok(RobotKey { robot: view(&record), api_key: key.api_key })
+}
+
+/// A store write's outcome as the admin API answers it.
+fn written<T>(outcome: Result<WriteOutcome<T>, StoreError>, robot_id: &str) -> Result<T, ApiError> {
+    match outcome.map_err(internal)? {
+        WriteOutcome::Done(value) => Ok(value),
+        WriteOutcome::NotFound => Err(ApiError::RobotNotFound(robot_id.chars().take(80).collect())),
         WriteOutcome::Conflict(why) => Err(ApiError::Conflict(why)),
-        WriteOutcome::NotFound => Err(ApiError::RobotNotFound(record.robot_id)),
     }
 }
 
@@ -125,15 +129,10 @@ async fn rotate_key(State(app): State<AppState>, params: Params) -> Result<Json<
     let data_dir = app.config.data.dir.clone();
     blocking(move || {
         let key = issue(&robot_id)?;
-        match store.rotate(&robot_id, &key.key_id, key.record, now_ms()).map_err(internal)? {
-            WriteOutcome::Done(robot) => {
-                tracing::info!(robot_id = %robot_id, "robot key rotated");
-                forget_demo_key(&data_dir, &robot_id);
-                Ok(Json(RobotKey { robot: view(&robot), api_key: key.api_key }))
-            }
-            WriteOutcome::NotFound => Err(ApiError::RobotNotFound(robot_id.chars().take(80).collect())),
-            WriteOutcome::Conflict(why) => Err(ApiError::Conflict(why)),
-        }
+        let robot = written(store.rotate(&robot_id, &key.key_id, key.record, now_ms()), &robot_id)?;
+        tracing::info!(robot_id = %robot_id, "robot key rotated");
+        forget_demo_key(&data_dir, &robot_id);
+        Ok(Json(RobotKey { robot: view(&robot), api_key: key.api_key }))
     })
     .await
 }
@@ -143,14 +142,11 @@ async fn revoke_robot(State(app): State<AppState>, params: Params) -> Result<Jso
     let robot_id = params.get("robot_id").to_string();
     let store = app.auth.store().clone();
     let data_dir = app.config.data.dir.clone();
-    blocking(move || match store.revoke(&robot_id, now_ms()).map_err(internal)? {
-        WriteOutcome::Done(robot) => {
-            tracing::info!(robot_id = %robot_id, "robot revoked");
-            forget_demo_key(&data_dir, &robot_id);
-            Ok(Json(view(&robot)))
-        }
-        WriteOutcome::NotFound => Err(ApiError::RobotNotFound(robot_id.chars().take(80).collect())),
-        WriteOutcome::Conflict(why) => Err(ApiError::Conflict(why)),
+    blocking(move || {
+        let robot = written(store.revoke(&robot_id, now_ms()), &robot_id)?;
+        tracing::info!(robot_id = %robot_id, "robot revoked");
+        forget_demo_key(&data_dir, &robot_id);
+        Ok(Json(view(&robot)))
     })
     .await
 }

@@ -77,11 +77,6 @@ impl Store {
         Ok(Store { db, robots, write: Mutex::new(()) })
     }
 
-    /// A tree for another subsystem (quotas, say) in the same database.
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
-    }
-
     pub fn robot(&self, robot_id: &str) -> Result<Option<RobotRecord>, StoreError> {
         self.get(&robot_key(robot_id))
     }

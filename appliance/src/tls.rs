@@ -44,20 +44,13 @@ pub struct CertInfo {
 
 /// Builds the server's TLS configuration (HTTP/2 and HTTP/1.1 by ALPN).
 pub fn server_config(config: &Config) -> Result<(Arc<rustls::ServerConfig>, CertInfo), TlsError> {
-    let (cert_path, key_path, generated) = match (&config.tls.cert, &config.tls.key) {
-        (Some(cert), Some(key)) => (cert.clone(), key.clone(), false),
-        _ => {
-            let dir = config.data.dir.join("tls");
-            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-            let generated = if cert.is_file() && key.is_file() {
-                false
-            } else {
-                generate_self_signed(&config.tls.self_signed_names, &cert, &key)?;
-                true
-            };
-            (cert, key, generated)
-        }
-    };
+    let (cert_path, key_path) = cert_and_key(config);
+    let configured = config.tls.cert.is_some() && config.tls.key.is_some();
+    let present = cert_path.is_file() && key_path.is_file();
+    let generated = !configured && !present;
+    if generated {
+        generate_self_signed(&config.tls.self_signed_names, &cert_path, &key_path)?;
+    }
     let certs = read_certs(&cert_path)?;
     let key = read_key(&key_path)?;
     let sha256_fingerprint = fingerprint(&certs[0]);
@@ -150,12 +143,18 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentit
     Some(PeerIdentity { names })
 }
 
-/// Files the TLS configuration is built from, and their state when last loaded.
+/// The certificate and key files: the configured ones, else the generated pair in `<data.dir>/tls/`.
+fn cert_and_key(config: &Config) -> (PathBuf, PathBuf) {
+    match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        _ => (config.data.dir.join("tls/cert.pem"), config.data.dir.join("tls/key.pem")),
+    }
+}
+
+/// Files the TLS configuration is built from.
 fn watched_files(config: &Config) -> Vec<PathBuf> {
-    let mut files = match (&config.tls.cert, &config.tls.key) {
-        (Some(cert), Some(key)) => vec![cert.clone(), key.clone()],
-        _ => vec![config.data.dir.join("tls/cert.pem"), config.data.dir.join("tls/key.pem")],
-    };
+    let (cert, key) = cert_and_key(config);
+    let mut files = vec![cert, key];
     files.extend(config.tls.client_ca.clone());
     files
 }

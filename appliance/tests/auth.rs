@@ -88,7 +88,9 @@ async fn only_a_registered_robot_with_its_own_key_gets_an_action() {
     assert_eq!(revoked.status(), StatusCode::OK);
     let revoked: vla_api::Robot = revoked.json().await.unwrap();
     assert!(revoked.revoked_unix_ms.is_some());
-    assert_eq!(post(Some(&rotated.api_key), &mine).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let (status, body) = error_of(post(Some(&rotated.api_key), &mine).await.unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, answers[0], "a revoked key answers like any invalid key");
     let rotate_revoked = app.admin(Method::POST, "/admin/robots/arm-1/rotate-key").send().await.unwrap();
     assert_eq!(rotate_revoked.status(), StatusCode::CONFLICT);
     // Registered again, it gets a new key.
