@@ -3,7 +3,8 @@
 #   - Debian packages (only those missing)
 #   - .venv with torch==2.11.0 from PyPI (libtorch for tch) and tritonclient (tests); see
 #     requirements.txt
-#   - the wasm32-wasip2 Rust target (policy crates)
+#   - the wasm32-unknown-unknown and wasm32-wasip2 Rust targets (policy crates)
+#   - the policy components in policies/dist (policies/build.sh; incremental)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -31,7 +32,13 @@ then
     .venv/bin/python -m pip install --disable-pip-version-check -q -r scripts/requirements.txt
 fi
 
-if ! rustup target list --installed | grep -qx wasm32-wasip2; then
-    echo "setup: adding the wasm32-wasip2 Rust target"
-    rustup target add wasm32-wasip2
-fi
+installed_targets="$(rustup target list --installed)"
+for target in wasm32-unknown-unknown wasm32-wasip2; do
+    if ! grep -qx "$target" <<<"$installed_targets"; then
+        echo "setup: adding the $target Rust target"
+        rustup target add "$target"
+    fi
+done
+
+echo "setup: building the policy components (policies/build.sh)"
+policies/build.sh

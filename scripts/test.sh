@@ -10,3 +10,5 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-0}"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The policy guests' own unit tests (their workspace is outside the host's build graph).
+(cd policies && cargo test -p joint-limits -p workspace-bounds -p instruction-filter)
