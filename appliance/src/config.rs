@@ -23,6 +23,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
+    pub policy: PolicyConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +116,114 @@ pub struct AuthConfig {
     /// On a first start with no robots registered, register the demo robot `demo-arm` and
     /// write its key to `<data.dir>/demo-robot.key` (mode 0600).
     pub demo_robot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Wall-clock budget of one policy call (instantiation included); past it the call is
+    /// interrupted and the request denied.
+    pub timeout_ms: u64,
+    /// Fuel (roughly, WebAssembly instructions) one policy call may burn.
+    pub fuel: u64,
+    /// Largest linear memory a policy instance may grow to, in bytes.
+    pub memory_limit_bytes: usize,
+    /// Largest WebAssembly stack a policy call may use, in bytes.
+    pub max_stack_bytes: usize,
+    /// Policy calls running at once (sizes the pooling allocator); more wait for a slot.
+    pub max_concurrent: u32,
+    /// Largest component accepted at upload, in bytes.
+    pub max_component_bytes: usize,
+    /// Consecutive failures after which a policy's circuit breaker opens: it is no longer
+    /// called and (in enforce mode) denies every request until an operator acts.
+    pub breaker_failures: u32,
+    /// Audit records kept; the oldest are dropped beyond this.
+    pub audit_retention: u64,
+    /// Base64 ed25519 public keys; when any is set, uploads must carry a valid `signature`.
+    pub trusted_keys: Vec<String>,
+    /// Policies installed at start when none of that name is stored yet (an operator's later
+    /// changes through the admin API win). A missing file stops the start.
+    pub preload: Vec<PreloadPolicy>,
+}
+
+/// A policy the configuration installs; see [`PolicyConfig::preload`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreloadPolicy {
+    pub name: String,
+    /// `admission` or `safety`.
+    pub world: String,
+    /// The component file; relative paths are taken from the working directory.
+    pub path: PathBuf,
+    #[serde(default = "default_order")]
+    pub order: i64,
+    /// `enforce` or `shadow`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// The policy's configuration (handed to it as JSON).
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_order() -> i64 {
+    100
+}
+
+fn default_mode() -> String {
+    "enforce".into()
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        fn shipped(name: &str, world: &str, order: i64, config: serde_json::Value) -> PreloadPolicy {
+            PreloadPolicy {
+                name: name.into(),
+                world: world.into(),
+                path: PathBuf::from(format!("policies/dist/{name}.wasm")),
+                order,
+                mode: "enforce".into(),
+                config: match config {
+                    serde_json::Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                },
+            }
+        }
+        PolicyConfig {
+            timeout_ms: 5,
+            fuel: 50_000_000,
+            memory_limit_bytes: 16 * 1024 * 1024,
+            max_stack_bytes: 256 * 1024,
+            max_concurrent: 16,
+            max_component_bytes: 8 * 1024 * 1024,
+            breaker_failures: 5,
+            audit_retention: 100_000,
+            trusted_keys: Vec::new(),
+            preload: vec![
+                shipped(
+                    "instruction-filter",
+                    "admission",
+                    10,
+                    serde_json::json!({"deny": ["disable safety", "ignore * limits"]}),
+                ),
+                shipped(
+                    "joint-limits",
+                    "safety",
+                    10,
+                    // The demo model's joint velocities reach about 0.3: the demo robot sees a clamp.
+                    serde_json::json!({
+                        "robot_types": {"demo": {"velocity": 0.25}},
+                        "default": {"velocity": 0.5, "position": {"min": -3.1, "max": 3.1}}
+                    }),
+                ),
+                shipped(
+                    "workspace-bounds",
+                    "safety",
+                    20,
+                    serde_json::json!({"min": [-0.5, -0.5, 0.0], "max": [0.5, 0.5, 0.8]}),
+                ),
+            ],
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -284,6 +393,48 @@ impl Config {
         for (name, id) in &self.tls.client_names {
             if let Err(problem) = crate::validate::check_robot_id(id) {
                 return Err(invalid(&format!("tls.client_names.\"{name}\""), problem));
+            }
+        }
+        let p = &self.policy;
+        if !(1..=60_000).contains(&p.timeout_ms) {
+            return Err(invalid("policy.timeout_ms", "must be 1-60000"));
+        }
+        if p.fuel == 0 {
+            return Err(invalid("policy.fuel", "must be greater than 0"));
+        }
+        if !(64 * 1024..=4 << 30).contains(&p.memory_limit_bytes) {
+            return Err(invalid("policy.memory_limit_bytes", "must be 64 KiB-4 GiB"));
+        }
+        if !(16 * 1024..=64 << 20).contains(&p.max_stack_bytes) {
+            return Err(invalid("policy.max_stack_bytes", "must be 16 KiB-64 MiB"));
+        }
+        if !(1..=1024).contains(&p.max_concurrent) {
+            return Err(invalid("policy.max_concurrent", "must be 1-1024"));
+        }
+        if p.max_component_bytes < 1024 {
+            return Err(invalid("policy.max_component_bytes", "must be at least 1024"));
+        }
+        if p.breaker_failures == 0 {
+            return Err(invalid("policy.breaker_failures", "must be greater than 0"));
+        }
+        if p.audit_retention == 0 {
+            return Err(invalid("policy.audit_retention", "must be greater than 0"));
+        }
+        for (i, key) in p.trusted_keys.iter().enumerate() {
+            if let Err(problem) = crate::policy::parse_public_key(key) {
+                return Err(invalid(&format!("policy.trusted_keys[{i}]"), problem));
+            }
+        }
+        for (i, item) in p.preload.iter().enumerate() {
+            let key = |field: &str| format!("policy.preload[{i}].{field}");
+            if let Err(problem) = crate::policy::check_name(&item.name) {
+                return Err(invalid(&key("name"), problem));
+            }
+            if let Err(problem) = item.world.parse::<crate::policy::World>() {
+                return Err(invalid(&key("world"), problem));
+            }
+            if let Err(problem) = item.mode.parse::<crate::policy::Mode>() {
+                return Err(invalid(&key("mode"), problem));
             }
         }
         if self.auth.admin_token_file.as_os_str().is_empty() {

@@ -69,8 +69,24 @@ pub enum ApiError {
     DeadlineExceeded { deadline_ms: u64 },
     #[error("inference failed in model `{model}`: {reason}")]
     Inference { model: String, reason: String },
+    #[error("{}", refusal_message(.0))]
+    PolicyRefused(Box<crate::policy::Refusal>),
+    #[error("{0}")]
+    PolicyInvalid(String),
+    #[error("{0}")]
+    SignatureInvalid(String),
+    #[error("policy `{0}` is not installed")]
+    PolicyNotFound(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn refusal_message(r: &crate::policy::Refusal) -> String {
+    if r.failed {
+        format!("policy `{}` (version {}) failed, so the request is denied: {}", r.policy, r.version, r.reason)
+    } else {
+        format!("policy `{}` (version {}) denied the request: {} ({})", r.policy, r.version, r.reason, r.code)
+    }
 }
 
 impl ApiError {
@@ -107,6 +123,11 @@ impl ApiError {
             ApiError::Unavailable => "unavailable",
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
             ApiError::Inference { .. } => "inference_failed",
+            ApiError::PolicyRefused(r) if r.failed => "policy_error",
+            ApiError::PolicyRefused(_) => "policy_rejected",
+            ApiError::PolicyInvalid(_) => "policy_invalid",
+            ApiError::SignatureInvalid(_) => "signature_invalid",
+            ApiError::PolicyNotFound(_) => "policy_not_found",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -118,7 +139,9 @@ impl ApiError {
             | ApiError::BodyRead(_)
             | ApiError::InvalidTensor { .. }
             | ApiError::InferenceHeader(_)
-            | ApiError::ModelLoad { .. } => StatusCode::BAD_REQUEST,
+            | ApiError::ModelLoad { .. }
+            | ApiError::PolicyInvalid(_)
+            | ApiError::SignatureInvalid(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -130,10 +153,12 @@ impl ApiError {
             | ApiError::UnsupportedImageFormat
             | ApiError::ImageDecode { .. }
             | ApiError::StateLength { .. }
-            | ApiError::InvalidValue { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            | ApiError::InvalidValue { .. }
+            | ApiError::PolicyRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ModelNotFound(_)
             | ApiError::ModelVersionNotFound { .. }
             | ApiError::RobotNotFound(_)
+            | ApiError::PolicyNotFound(_)
             | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::QueueFull { .. } | ApiError::ShuttingDown | ApiError::Unavailable | ApiError::ModelChanged(_) => {
@@ -153,8 +178,24 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(code = self.code(), "{self}");
         }
-        let body = ErrorBody { error: self.to_string(), code: self.code().to_string() };
-        let mut response = (status, axum::Json(body)).into_response();
+        let mut response = match &self {
+            ApiError::PolicyRefused(r) => {
+                let body = vla_api::PolicyRefusalBody {
+                    error: self.to_string(),
+                    code: self.code().to_string(),
+                    denied_by: vla_api::PolicyDenial {
+                        name: r.policy.clone(),
+                        version: r.version,
+                        code: r.code.clone(),
+                        reason: r.reason.clone(),
+                    },
+                    policy: r.trace.clone(),
+                };
+                (status, axum::Json(body)).into_response()
+            }
+            _ => (status, axum::Json(ErrorBody { error: self.to_string(), code: self.code().to_string() }))
+                .into_response(),
+        };
         let retry_after = match &self {
             ApiError::QueueFull { retry_after_s, .. } => Some(*retry_after_s),
             ApiError::ModelChanged(_) => Some(1),

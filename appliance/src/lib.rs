@@ -30,6 +30,7 @@ pub mod demo;
 pub mod error;
 pub mod model;
 pub mod oip;
+pub mod policy;
 pub mod preprocess;
 pub mod queue;
 pub mod repository;
@@ -60,6 +61,8 @@ pub enum RunError {
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("policies: {0}")]
+    Policy(String),
     #[error("{0}")]
     Task(String),
 }
@@ -111,7 +114,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             key_file.display()
         );
     }
-    let auth = Arc::new(auth::Authenticator::new(&config, store, admin_hash));
+    let auth = Arc::new(auth::Authenticator::new(&config, store.clone(), admin_hash));
 
     let models = {
         let config = config.clone();
@@ -124,6 +127,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         tracing::error!("no model is serving; /health answers 503");
     }
 
+    // After the models: dry runs are shown a request shaped like the default model's.
+    let policies = {
+        let config = config.clone();
+        let models = models.clone();
+        tokio::task::spawn_blocking(move || {
+            let default = models.default_model().and_then(|name| models.resolve(Some(name)).ok());
+            policy::Policies::open(&config.policy, &config.data.dir, &store, default.as_ref().map(|m| &*m.spec))
+        })
+        .await
+        .map_err(|e| RunError::Task(format!("policy loading task failed: {e}")))?
+        .map_err(RunError::Policy)?
+    };
+    let policies = Arc::new(policies);
+
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = server::AppState {
         config: config.clone(),
@@ -131,6 +148,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         shutting_down: shutting_down.clone(),
         preprocess_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)),
         auth,
+        policies,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     match listener.local_addr() {

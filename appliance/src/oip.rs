@@ -228,8 +228,42 @@ async fn infer(
         Some(us) => us.div_ceil(1000).min(app.config.limits.max_deadline_ms),
     };
     let deadline = received + Duration::from_millis(deadline_ms);
-    let (model, done) = server::compute(&app, model, parsed.samples, priority, deadline, deadline_ms).await?;
-    Ok(respond(&model.spec, parsed.id, &parsed.outputs, &done))
+
+    // Policies, as on the robot endpoint, for every row: one refused row refuses the request.
+    let set = app.policies.snapshot();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let now = crate::admin::now_ms();
+    let pos = model.spec.robot_inputs();
+    let rows = parsed.samples.len();
+    let mut admitted = Vec::with_capacity(rows);
+    for (row, sample) in parsed.samples.iter().enumerate() {
+        let instruction = match &sample[pos.instruction] {
+            // UTF-8 bytes as tokens, zero-padded (checked to be 0-255 by `parse`).
+            TensorData::I64(tokens) => {
+                let bytes: Vec<u8> = tokens.iter().take_while(|&&t| t != 0).map(|&t| t as u8).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            TensorData::F32(_) => String::new(),
+        };
+        let state = match &sample[pos.state] {
+            TensorData::F32(values) => values.clone(),
+            TensorData::I64(_) => Vec::new(),
+        };
+        let id = if rows == 1 { request_id.clone() } else { format!("{request_id}/{row}") };
+        let ctx = crate::policy::context(&id, &robot, &model.spec.name, instruction, state, now);
+        let passed = app.policies.admit(&set, &ctx).await?;
+        admitted.push((ctx, passed));
+    }
+
+    let (model, mut done) = server::compute(&app, model, parsed.samples, priority, deadline, deadline_ms).await?;
+    let mut traces = Vec::with_capacity(rows);
+    for ((ctx, passed), d) in admitted.into_iter().zip(done.iter_mut()) {
+        let proposed = crate::model::f32s(&d.outputs[pos.action_output]);
+        let (action, trace) = app.policies.check_action(&set, ctx, &passed, &model.spec, proposed).await?;
+        d.outputs[pos.action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
+        traces.push(trace);
+    }
+    Ok(respond(&model.spec, parsed.id, &parsed.outputs, &done, &traces))
 }
 
 fn invalid(name: &str, problem: impl Into<String>) -> ApiError {
@@ -583,7 +617,17 @@ fn json_values(dtype: DataType, bytes: &[u8]) -> Vec<Value> {
 }
 
 /// The infer response: JSON, or a JSON header followed by binary outputs.
-fn respond(spec: &ModelSpec, id: Option<String>, outputs: &[(usize, bool)], done: &[Done]) -> Response {
+///
+/// `policy` is the request's decision chain (every row's, in row order; the decision is
+/// `modify` if any row's action was changed); with more than one row, `policy_rows` has each
+/// row's own.
+fn respond(
+    spec: &ModelSpec,
+    id: Option<String>,
+    outputs: &[(usize, bool)],
+    done: &[Done],
+    traces: &[vla_api::PolicyTrace],
+) -> Response {
     let n = done.len();
     let any_binary = outputs.iter().any(|&(_, binary)| binary);
     let mut tail: Vec<u8> = Vec::new();
@@ -607,6 +651,14 @@ fn respond(spec: &ModelSpec, id: Option<String>, outputs: &[(usize, bool)], done
     let mut body = json!({"model_name": spec.name, "model_version": spec.version, "outputs": outputs});
     if let Some(id) = id {
         body["id"] = Value::String(id);
+    }
+    let modified = traces.iter().any(|t| t.decision == "modify");
+    body["policy"] = json!({
+        "decision": if modified { "modify" } else { "allow" },
+        "policies": traces.iter().flat_map(|t| &t.policies).collect::<Vec<_>>(),
+    });
+    if traces.len() > 1 {
+        body["policy_rows"] = json!(traces);
     }
     let header = serde_json::to_vec(&body).unwrap_or_default();
     if !any_binary {

@@ -29,6 +29,7 @@ use crate::batcher::{Done, JobError};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::model::TensorData;
+use crate::policy::Policies;
 use crate::repository::{Model, Models};
 use crate::{admin, auth, oip, preprocess, tls, validate};
 
@@ -44,6 +45,8 @@ pub struct AppState {
     pub preprocess_slots: Arc<Semaphore>,
     /// Decides who each request comes from; owns the robot registry.
     pub auth: Arc<Authenticator>,
+    /// Admission and safety policies, and the audit log.
+    pub policies: Arc<Policies>,
 }
 
 impl AppState {
@@ -93,6 +96,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         vec![("/health", get(health)), ("/v1/models", get(list_models)), ("/v1/inference", post(inference))];
     routes.extend(oip::routes());
     routes.extend(admin::routes());
+    routes.extend(crate::policy::api::routes());
     routes
 }
 
@@ -181,6 +185,20 @@ async fn inference(
     // `check_request` bounds the deadline by `limits.max_deadline_ms`, itself at most a day.
     let deadline = received + Duration::from_millis(checked.deadline_ms);
 
+    // Admission, before anything is queued. The request keeps this set of policies for its
+    // safety chain too, whatever an operator changes meanwhile.
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let policies = app.policies.snapshot();
+    let ctx = crate::policy::context(
+        &request_id,
+        &robot,
+        &model.spec.name,
+        request.instruction.clone(),
+        request.state.clone(),
+        crate::admin::now_ms(),
+    );
+    let admitted = app.policies.admit(&policies, &ctx).await?;
+
     let preprocess_start = Instant::now();
     let inputs = {
         // The permit moves into the blocking task: it bounds decodes running, even when the
@@ -204,11 +222,14 @@ async fn inference(
     let (model, mut done) = compute(&app, model, vec![inputs], checked.priority, deadline, checked.deadline_ms).await?;
     let done = done.pop().ok_or_else(|| ApiError::Internal("no result".into()))?;
     let action_output = model.spec.robot_inputs().action_output;
+    let proposed = crate::model::f32s(&done.outputs[action_output]);
+    let (action, policy) = app.policies.check_action(&policies, ctx, &admitted, &model.spec, proposed).await?;
     let response = InferenceResponse {
-        request_id: uuid::Uuid::new_v4().to_string(),
+        request_id,
         model: model.spec.name.clone(),
         model_version: model.spec.version.clone(),
-        action: crate::model::f32s(&done.outputs[action_output]),
+        action,
+        policy,
         timing: Timing {
             total_ms: ms(received.elapsed()),
             queue_ms: ms(done.queued),
@@ -279,8 +300,19 @@ pub async fn drain(body: Body, limit: usize, timeout: Duration) {
 
 /// The request body within `server.body_limit_bytes` and `server.read_timeout_ms`.
 pub async fn read_request_body(app: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    read_request_body_within(app, headers, body, app.config.server.body_limit_bytes).await
+}
+
+/// The request body within `limit` bytes and `server.read_timeout_ms` (policy uploads have
+/// their own limit).
+pub async fn read_request_body_within(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let read_timeout = Duration::from_millis(app.config.server.read_timeout_ms);
-    tokio::time::timeout(read_timeout, read_body(body, headers, app.config.server.body_limit_bytes))
+    tokio::time::timeout(read_timeout, read_body(body, headers, limit))
         .await
         .map_err(|_| ApiError::BodyTimeout { timeout_ms: app.config.server.read_timeout_ms })?
 }

@@ -1,6 +1,7 @@
 //! Store: the appliance's durable state in one sled database under `<data.dir>/store`.
 //!
-//! Holds the robot registry: one record per robot (`robot/<id>`) and one per API key
+//! Holds the robot registry (below) and, in their own trees, the installed policies and the
+//! audit log ([`crate::policy`]). The robot registry is one record per robot (`robot/<id>`) and one per API key
 //! (`key/<key id>`), the latter with only a salt and a salted hash of the key's secret. Writes
 //! go through one mutex (read-modify-write of a robot and its key must not interleave with
 //! another admin call) and are applied as one atomic sled batch, then flushed before the caller
@@ -75,6 +76,11 @@ impl Store {
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         let robots = db.open_tree("robots")?;
         Ok(Store { db, robots, write: Mutex::new(()) })
+    }
+
+    /// The database, for the stages that keep their own trees (policies, audit).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     pub fn robot(&self, robot_id: &str) -> Result<Option<RobotRecord>, StoreError> {

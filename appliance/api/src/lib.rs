@@ -61,6 +61,9 @@ pub struct InferenceResponse {
     pub model_version: String,
     pub action: Vec<f32>,
     pub timing: Timing,
+    /// What the policies decided; `action` is the final one, after any `modify`.
+    #[serde(default)]
+    pub policy: PolicyTrace,
 }
 
 /// Where the time of one request went, as measured by the appliance.
@@ -193,4 +196,161 @@ pub struct RobotKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RobotList {
     pub robots: Vec<Robot>,
+}
+
+/// The decision chain of one request: every policy evaluated, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyTrace {
+    /// `allow` (action unchanged), `modify` (an enforcing policy changed it) or `deny`.
+    pub decision: String,
+    pub policies: Vec<PolicyEval>,
+}
+
+impl Default for PolicyTrace {
+    fn default() -> Self {
+        PolicyTrace { decision: "allow".into(), policies: Vec::new() }
+    }
+}
+
+/// One policy's part in a [`PolicyTrace`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyEval {
+    pub name: String,
+    pub version: u64,
+    /// `admission` or `safety`.
+    pub world: String,
+    /// `enforce` or `shadow` (shadow decisions are recorded, not applied).
+    pub mode: String,
+    /// `allow`, `deny`, `modify`, or `error` (the policy failed; enforcing, that denies).
+    pub decision: String,
+    /// The policy's denial code, or the failure's kind (`timeout`, `trap`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Time of the call, instantiation included, in microseconds.
+    pub eval_us: u64,
+}
+
+/// An installed policy (`GET /admin/policies`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    pub name: String,
+    /// `admission` or `safety`.
+    pub world: String,
+    /// Counts up with every new component or configuration under this name.
+    pub version: u64,
+    /// Lower runs first; ties by name.
+    pub order: i64,
+    /// `enforce` or `shadow`.
+    pub mode: String,
+    pub enabled: bool,
+    /// SHA-256 of the component, hex.
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// Whether the upload carried a valid signature of a trusted key.
+    pub signed: bool,
+    /// The configuration handed to the policy (JSON).
+    pub config: serde_json::Value,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    /// `ready`, `broken` (cannot run: every request it sees is denied) or `circuit_open`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    pub stats: PolicyStats,
+}
+
+/// Counters since the appliance started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyStats {
+    pub evaluations: u64,
+    pub allows: u64,
+    pub denials: u64,
+    pub modifications: u64,
+    pub failures: u64,
+    pub consecutive_failures: u64,
+    /// Mean call time, microseconds.
+    pub mean_eval_us: f64,
+}
+
+/// `GET /admin/policies`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyList {
+    pub policies: Vec<PolicyInfo>,
+}
+
+/// `PATCH /admin/policies/{name}`: any subset. Every PATCH also closes an open circuit breaker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<i64>,
+    /// A new configuration (a JSON object); bumps the version after a dry run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    /// Roll forward: with `"mode": "enforce"`, atomically removes the named policy, so a
+    /// version trialled in shadow mode takes over from the one it replaces with no gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<String>,
+}
+
+/// The body of a 422 `policy_rejected` (a policy denied) or `policy_error` (a policy failed).
+/// No action is returned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRefusalBody {
+    pub error: String,
+    pub code: String,
+    pub denied_by: PolicyDenial,
+    /// The chain up to and including the refusing policy.
+    pub policy: PolicyTrace,
+}
+
+/// Which policy refused a request, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyDenial {
+    pub name: String,
+    pub version: u64,
+    /// The policy's own denial code, or the failure's kind (`timeout`, `trap`, …).
+    pub code: String,
+    pub reason: String,
+}
+
+/// One audited decision (`GET /admin/audit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub time_unix_ms: u64,
+    pub request_id: String,
+    pub robot_id: String,
+    pub robot_type: String,
+    pub model: String,
+    pub policy: String,
+    pub version: u64,
+    pub world: String,
+    pub mode: String,
+    /// `deny`, `modify` or `error`.
+    pub decision: String,
+    /// Whether it changed what the robot got (enforce mode) or was only recorded (shadow).
+    pub applied: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The action the policy was shown (safety policies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_action: Option<Vec<f32>>,
+    /// The action after this policy: the replacement for `modify`, none for `deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_action: Option<Vec<f32>>,
+}
+
+/// `GET /admin/audit`, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditList {
+    pub records: Vec<AuditRecord>,
 }

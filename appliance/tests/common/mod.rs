@@ -44,6 +44,7 @@ pub struct TestAppliance {
     pub admin_token: String,
     keys: tokio::sync::Mutex<std::collections::HashMap<String, String>>,
     shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    config: Config,
     task: Option<tokio::task::JoinHandle<Result<(), appliance::RunError>>>,
 }
 
@@ -56,7 +57,31 @@ pub fn test_config(data: &Path) -> Config {
     config.models.cpu_threads = 1;
     config.server.shutdown_grace_ms = 10_000;
     config.auth.demo_robot = false;
+    // Tests install the policies they need (see `policy_path`).
+    config.policy.preload.clear();
     config
+}
+
+/// A built policy component: `policies/dist/<name>.wasm` (shipped) or
+/// `policies/dist/fixtures/<name>.wasm` (hostile test fixtures), built by scripts/setup.sh.
+pub fn policy_path(name: &str) -> PathBuf {
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/dist");
+    let path = [dist.join(format!("{name}.wasm")), dist.join(format!("fixtures/{name}.wasm"))]
+        .into_iter()
+        .find(|p| p.exists());
+    path.unwrap_or_else(|| panic!("no built policy `{name}` under {}: run policies/build.sh", dist.display()))
+}
+
+/// A `policy.preload` entry for the built policy `name`.
+pub fn preload(name: &str, world: &str, order: i64, config: serde_json::Value) -> appliance::config::PreloadPolicy {
+    appliance::config::PreloadPolicy {
+        name: name.into(),
+        world: world.into(),
+        path: policy_path(name),
+        order,
+        mode: "enforce".into(),
+        config: config.as_object().cloned().unwrap_or_default(),
+    }
 }
 
 impl TestAppliance {
@@ -88,6 +113,7 @@ impl TestAppliance {
         let (tx, rx) = oneshot::channel::<()>();
         let cert_path = config.tls.cert.clone().unwrap_or_else(|| config.data.dir.join("tls/cert.pem"));
         let token_file = config.admin_token_file();
+        let kept = config.clone();
         let task = tokio::spawn(appliance::run(config, listener, async {
             let _ = rx.await;
         }));
@@ -105,6 +131,7 @@ impl TestAppliance {
             admin_token: String::new(),
             keys: Default::default(),
             shutdown: std::sync::Mutex::new(Some(tx)),
+            config: kept,
             task: Some(task),
         };
         // Models load before the listener serves, so the first answer is the final word.
@@ -180,6 +207,32 @@ impl TestAppliance {
         if let Some(tx) = self.shutdown.lock().unwrap().take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Stops and starts again on the same data directory and configuration (a new port).
+    pub async fn restart(mut self) -> TestAppliance {
+        self.signal_shutdown();
+        self.task.take().unwrap().await.unwrap().unwrap();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().unwrap());
+        let mut config = self.config.clone();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        drop(self);
+        Self::start_with(config, data).await
+    }
+
+    /// `POST /admin/policies` with the built component `component` and these text fields.
+    pub async fn upload_policy(&self, component: &str, fields: &[(&str, &str)]) -> reqwest::Response {
+        let bytes = std::fs::read(policy_path(component)).unwrap();
+        self.upload_policy_bytes(bytes, fields).await
+    }
+
+    pub async fn upload_policy_bytes(&self, bytes: Vec<u8>, fields: &[(&str, &str)]) -> reqwest::Response {
+        let mut form = reqwest::multipart::Form::new()
+            .part("component", reqwest::multipart::Part::bytes(bytes).file_name("policy.wasm"));
+        for (name, value) in fields {
+            form = form.text(name.to_string(), value.to_string());
+        }
+        self.admin(reqwest::Method::POST, "/admin/policies").multipart(form).send().await.unwrap()
     }
 
     /// Signals shutdown and waits for `run` to return.

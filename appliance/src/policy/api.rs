@@ -1,0 +1,246 @@
+//! Admin endpoints for policies and the audit log (admin token, see [`crate::auth`]):
+//!
+//! - `POST /admin/policies` (multipart): upload a component with its metadata;
+//! - `GET /admin/policies`, `GET|PATCH|DELETE /admin/policies/{name}`;
+//! - `GET /admin/audit?robot_id=&policy=&decision=&since_unix_ms=&limit=`.
+//!
+//! Changes compile and dry-run the policy: they run on the blocking pool.
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Multipart, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use vla_api::{AuditList, PolicyList, PolicyPatch};
+
+use super::audit::{self, DEFAULT_LIMIT, MAX_LIMIT};
+use super::registry::{ChangeError, Upload};
+use super::{Mode, World};
+use crate::admin::blocking;
+use crate::error::ApiError;
+use crate::server::{AppState, Params};
+
+/// Room for the multipart framing and metadata fields around the component.
+const UPLOAD_OVERHEAD_BYTES: usize = 1024 * 1024;
+
+pub fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
+    use axum::routing::get;
+    vec![
+        ("/admin/policies", get(list).post(upload)),
+        ("/admin/policies/{name}", get(show).patch(patch).delete(delete)),
+        ("/admin/audit", get(audit_log)),
+    ]
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> ApiError {
+        match e {
+            ChangeError::Invalid(m) => ApiError::PolicyInvalid(m),
+            ChangeError::Signature(m) => ApiError::SignatureInvalid(m),
+            ChangeError::NotFound(name) => ApiError::PolicyNotFound(name),
+            ChangeError::Conflict(m) => ApiError::Conflict(m),
+            e @ (ChangeError::Store(_) | ChangeError::Io(_)) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+async fn list(State(app): State<AppState>) -> Json<PolicyList> {
+    Json(PolicyList { policies: app.policies.list() })
+}
+
+async fn show(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+    let name = params.get("name");
+    app.policies.get(name).map(|p| Json(p).into_response()).ok_or_else(|| not_found(name))
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::PolicyNotFound(name.chars().take(80).collect())
+}
+
+/// `POST /admin/policies`: multipart fields `name`, `world`, `component` (the `.wasm`),
+/// optional `config` (JSON object or TOML table), `order`, `mode`, `enabled`, `signature`
+/// (base64, or the raw 64 bytes, of an ed25519 signature over the component). 201 for a new
+/// policy, 200 for a new version.
+async fn upload(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let limit = app.config.policy.max_component_bytes + UPLOAD_OVERHEAD_BYTES;
+    let body = crate::server::read_request_body_within(&app, &parts.headers, body, limit).await?;
+    let multipart = Multipart::from_request(Request::from_parts(parts, Body::from(body)), &())
+        .await
+        .map_err(|e| ApiError::InvalidField { field: "body".into(), problem: e.body_text() })?;
+    let upload = read_upload(multipart).await?;
+    let policies = app.policies.clone();
+    let (info, created) = blocking(move || policies.upload(upload).map_err(ApiError::from)).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(info)).into_response())
+}
+
+async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {
+    let mut upload = Upload::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut component = false;
+    let invalid = |field: &str, problem: String| ApiError::InvalidField { field: field.into(), problem };
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::InvalidField { field: "body".into(), problem: e.body_text() })?
+    {
+        let name = field.name().unwrap_or("").to_string();
+        let file_name = field.file_name().map(str::to_string);
+        let bytes: Bytes = field.bytes().await.map_err(|e| invalid(&name, e.body_text()))?;
+        if !seen.insert(name.clone()) {
+            return Err(invalid(&name, "given more than once".into()));
+        }
+        let text =
+            || std::str::from_utf8(&bytes).map(str::trim).map_err(|_| invalid(&name, "must be UTF-8 text".into()));
+        match name.as_str() {
+            "name" => upload.name = text()?.to_string(),
+            "world" => upload.world = Some(text()?.parse::<World>().map_err(|p| invalid(&name, p))?),
+            "mode" => upload.mode = Some(text()?.parse::<Mode>().map_err(|p| invalid(&name, p))?),
+            "order" => {
+                upload.order = Some(text()?.parse::<i64>().map_err(|e| invalid(&name, format!("not an integer: {e}")))?)
+            }
+            "enabled" => {
+                upload.enabled = Some(match text()? {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(invalid(&name, format!("must be `true` or `false`, got `{}`", short(other)))),
+                })
+            }
+            "config" => {
+                upload.config = Some(parse_config(text()?, file_name.as_deref()).map_err(|p| invalid(&name, p))?)
+            }
+            "signature" => upload.signature = Some(parse_signature(&bytes).map_err(|p| invalid(&name, p))?),
+            "component" => {
+                component = true;
+                upload.bytes = bytes.to_vec();
+            }
+            other => {
+                return Err(invalid(
+                    other,
+                    "unknown field; expected name, world, component, config, order, mode, enabled, signature".into(),
+                ));
+            }
+        }
+    }
+    if upload.name.is_empty() {
+        return Err(invalid("name", "required".into()));
+    }
+    if !component {
+        return Err(invalid("component", "required: the policy's .wasm component".into()));
+    }
+    Ok(upload)
+}
+
+/// A policy's configuration: a JSON object, or a TOML table (converted to JSON).
+fn parse_config(text: &str, file_name: Option<&str>) -> Result<serde_json::Value, String> {
+    let toml_file = file_name.is_some_and(|f| f.ends_with(".toml"));
+    if !toml_file && let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
+        return if value.is_object() { Ok(value) } else { Err("must be a JSON object or a TOML table".into()) };
+    }
+    match toml::from_str::<toml::Table>(text) {
+        Ok(table) => serde_json::to_value(table).map_err(|e| format!("TOML cannot be converted to JSON: {e}")),
+        Err(toml_err) => match serde_json::from_str::<serde_json::Value>(text) {
+            Err(json_err) if !toml_file => Err(format!("neither JSON ({json_err}) nor TOML ({})", toml_err.message())),
+            _ => Err(format!("not TOML: {}", toml_err.message())),
+        },
+    }
+}
+
+fn parse_signature(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    if bytes.len() == 64 {
+        return Ok(bytes.to_vec());
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "must be base64 or the raw 64-byte signature".to_string())?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|e| format!("not base64: {e}"))?;
+    if raw.len() != 64 {
+        return Err(format!("an ed25519 signature is 64 bytes, got {}", raw.len()));
+    }
+    Ok(raw)
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+async fn patch(State(app): State<AppState>, params: Params, body: Bytes) -> Result<Response, ApiError> {
+    let patch: PolicyPatch = crate::validate::parse_json(&body)?;
+    let name = params.get("name").to_string();
+    let policies = app.policies.clone();
+    let info = blocking(move || policies.patch(&name, patch).map_err(ApiError::from)).await?;
+    Ok(Json(info).into_response())
+}
+
+async fn delete(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+    let name = params.get("name").to_string();
+    let policies = app.policies.clone();
+    blocking(move || policies.delete(&name).map_err(ApiError::from)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    robot_id: Option<String>,
+    policy: Option<String>,
+    decision: Option<String>,
+    since_unix_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn audit_log(
+    State(app): State<AppState>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AuditList>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidField { field: "query".into(), problem: e.body_text() })?;
+    if let Some(d) = &q.decision
+        && !matches!(d.as_str(), "deny" | "modify" | "error")
+    {
+        return Err(ApiError::InvalidValue {
+            field: "decision".into(),
+            problem: format!("must be `deny`, `modify` or `error`, got `{}`", short(d)),
+        });
+    }
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::InvalidValue { field: "limit".into(), problem: format!("must be 1-{MAX_LIMIT}") });
+    }
+    let query = audit::Query {
+        robot_id: q.robot_id,
+        policy: q.policy,
+        decision: q.decision,
+        since_unix_ms: q.since_unix_ms,
+        limit,
+    };
+    let policies = app.policies.clone();
+    let records =
+        blocking(move || policies.audit().query(&query).map_err(|e| ApiError::Internal(e.to_string()))).await?;
+    Ok(Json(AuditList { records }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn configs_are_json_objects_or_toml_tables() {
+        assert_eq!(parse_config(r#"{"a": 1}"#, None), Ok(serde_json::json!({"a": 1})));
+        assert_eq!(parse_config("a = 1\n[b]\nc = [1.5]", None), Ok(serde_json::json!({"a": 1, "b": {"c": [1.5]}})));
+        assert!(parse_config("[1, 2]", None).unwrap_err().contains("JSON object"));
+        assert!(parse_config("{nope", None).unwrap_err().contains("neither JSON"));
+        assert_eq!(parse_config("", Some("limits.toml")), Ok(serde_json::json!({})));
+        assert!(parse_config("{}", Some("limits.toml")).unwrap_err().contains("not TOML"));
+    }
+
+    #[test]
+    fn signatures_are_raw_or_base64_and_64_bytes() {
+        assert_eq!(parse_signature(&[7; 64]).map(|s| s.len()), Ok(64));
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+        assert_eq!(parse_signature(b64.as_bytes()), Ok(vec![7; 64]));
+        assert!(parse_signature(b"AAAA").unwrap_err().contains("64 bytes"));
+    }
+}

@@ -1,0 +1,687 @@
+//! Installed policies: what runs ([`PolicySet`], swapped atomically), what is kept (component
+//! files `<data.dir>/policies/<sha256>.wasm`, records in sled tree `policies`), and the
+//! operations that change them (upload, patch, delete, preload at start).
+//!
+//! Every change is validated before it is kept: the component compiles, implements the declared
+//! world, imports nothing else, and passes a dry run on a sample input within its limits. A
+//! change that fails leaves the previous version serving. Changes are serialised by one lock
+//! and persisted (file fsynced and renamed into place, record flushed) before the new set is
+//! swapped in; a request holds the set it started with until it finishes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use vla_api::{PolicyInfo, PolicyPatch};
+
+use super::audit::Audit;
+use super::bindings::{Action, ActionKind, RequestContext};
+use super::runtime::{Compiled, Input, Runtime};
+use super::{Health, Mode, Passed, Refusal, World, check_decision, check_name, parse_public_key, run_chain};
+use crate::config::PolicyConfig;
+use crate::spec::ModelSpec;
+use crate::store::{Store, StoreError};
+
+/// A policy at rest: everything but the component bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub name: String,
+    pub world: World,
+    pub version: u64,
+    pub order: i64,
+    pub mode: Mode,
+    pub enabled: bool,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub signed: bool,
+    /// A JSON object.
+    pub config: serde_json::Value,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    /// Installed from `policy.preload` and not changed through the admin API since: the
+    /// configuration keeps it current. Once an operator changes it, the operator's version wins.
+    #[serde(default)]
+    pub from_config: bool,
+}
+
+/// One policy as it runs.
+#[derive(Debug)]
+pub struct Installed {
+    pub record: PolicyRecord,
+    pub name: Arc<str>,
+    /// `record.config` as the JSON text the policy reads.
+    pub config: Arc<str>,
+    /// `Err`: the policy cannot run (its file is missing or no longer compiles); enforcing, it
+    /// denies every request it sees.
+    pub compiled: Result<Compiled, String>,
+    pub health: Arc<Health>,
+}
+
+/// The policies in force: each chain in run order. Immutable; replaced as a whole.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    pub admission: Vec<Arc<Installed>>,
+    pub safety: Vec<Arc<Installed>>,
+}
+
+impl PolicySet {
+    fn build(installed: impl IntoIterator<Item = Arc<Installed>>) -> PolicySet {
+        let mut set = PolicySet::default();
+        for p in installed {
+            match p.record.world {
+                World::Admission => set.admission.push(p),
+                World::Safety => set.safety.push(p),
+            }
+        }
+        for chain in [&mut set.admission, &mut set.safety] {
+            chain.sort_by(|a, b| (a.record.order, &a.record.name).cmp(&(b.record.order, &b.record.name)));
+        }
+        set
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Arc<Installed>> {
+        self.admission.iter().chain(&self.safety)
+    }
+
+    fn get(&self, name: &str) -> Option<&Arc<Installed>> {
+        self.all().find(|p| p.record.name == name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.admission.is_empty() && self.safety.is_empty()
+    }
+}
+
+/// Why a policy change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The component or its metadata is unusable (400 `policy_invalid`).
+    #[error("{0}")]
+    Invalid(String),
+    /// The signature is missing or does not verify (400 `signature_invalid`).
+    #[error("{0}")]
+    Signature(String),
+    #[error("policy `{0}` is not installed")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("policy files: {0}")]
+    Io(String),
+}
+
+/// A component and its metadata, as uploaded.
+#[derive(Debug, Clone, Default)]
+pub struct Upload {
+    pub name: String,
+    pub world: Option<World>,
+    pub bytes: Vec<u8>,
+    /// A JSON object; `None` keeps the previous version's (or `{}`).
+    pub config: Option<serde_json::Value>,
+    pub order: Option<i64>,
+    pub mode: Option<Mode>,
+    pub enabled: Option<bool>,
+    /// Detached ed25519 signature over `bytes`.
+    pub signature: Option<Vec<u8>>,
+}
+
+/// What dry runs are shown: a request to the default model as it is configured.
+#[derive(Debug, Clone)]
+struct Sample {
+    ctx: RequestContext,
+    action: Action,
+}
+
+impl Sample {
+    fn new(model: Option<&ModelSpec>) -> Sample {
+        let (name, state_dim, kind, dof, horizon) = match model {
+            Some(m) => (m.name.clone(), m.state_dim(), action_kind(m.action.kind), m.action.dof, m.action.horizon),
+            None => ("sample".into(), 7, ActionKind::JointVelocity, 7, 1),
+        };
+        Sample {
+            ctx: RequestContext {
+                request_id: "dry-run".into(),
+                robot_id: "dry-run".into(),
+                robot_type: "dry-run".into(),
+                model: name,
+                instruction: "pick up the red block".into(),
+                state: vec![0.0; state_dim],
+                time_ms: crate::admin::now_ms(),
+            },
+            action: Action { kind, dof: dof as u32, horizon: horizon as u32, values: vec![0.0; dof * horizon] },
+        }
+    }
+}
+
+/// The model's action kind in the WIT package's terms.
+pub fn action_kind(kind: crate::spec::ActionKind) -> ActionKind {
+    match kind {
+        crate::spec::ActionKind::JointVelocity => ActionKind::JointVelocity,
+        crate::spec::ActionKind::JointPosition => ActionKind::JointPosition,
+        crate::spec::ActionKind::EndEffectorDelta => ActionKind::EndEffectorDelta,
+    }
+}
+
+/// The policy stage: installed policies, the sandbox that runs them, and the audit log.
+#[derive(Debug)]
+pub struct Policies {
+    runtime: Arc<Runtime>,
+    config: PolicyConfig,
+    trusted_keys: Vec<[u8; 32]>,
+    dir: PathBuf,
+    tree: sled::Tree,
+    audit: Audit,
+    set: RwLock<Arc<PolicySet>>,
+    /// Counters and breaker per name, kept across versions.
+    health: Mutex<HashMap<String, Arc<Health>>>,
+    /// Serialises changes (uploads, patches, deletes).
+    write: Mutex<()>,
+    /// Bounds calls running at once to the pooling allocator's size.
+    slots: Arc<Semaphore>,
+    sample: Sample,
+}
+
+impl Policies {
+    /// Builds the sandbox, restores the stored policies (one that cannot be restored stays
+    /// installed as broken and denies; it is never dropped silently) and installs or updates
+    /// the configured ones. Blocking.
+    pub fn open(
+        config: &PolicyConfig,
+        data_dir: &Path,
+        store: &Store,
+        model: Option<&ModelSpec>,
+    ) -> Result<Policies, String> {
+        let data_dir = std::path::absolute(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+        let runtime = Runtime::new(config, &data_dir.join("policy-cache"))?;
+        let dir = data_dir.join("policies");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let trusted_keys = config.trusted_keys.iter().map(|k| parse_public_key(k)).collect::<Result<_, _>>()?;
+        let tree = store.db().open_tree("policies").map_err(|e| format!("store: {e}"))?;
+        let audit = Audit::open(store.db(), config.audit_retention).map_err(|e| e.to_string())?;
+        let policies = Policies {
+            runtime: Arc::new(runtime),
+            config: config.clone(),
+            trusted_keys,
+            dir,
+            tree,
+            audit,
+            set: RwLock::new(Arc::new(PolicySet::default())),
+            health: Mutex::new(HashMap::new()),
+            write: Mutex::new(()),
+            slots: Arc::new(Semaphore::new(config.max_concurrent as usize)),
+            sample: Sample::new(model),
+        };
+        policies.restore()?;
+        policies.preload()?;
+        Ok(policies)
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    pub fn breaker_failures(&self) -> u64 {
+        u64::from(self.config.breaker_failures)
+    }
+
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// The policies in force now; a request keeps this snapshot for both of its chains.
+    pub fn snapshot(&self) -> Arc<PolicySet> {
+        self.set.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Runs `chain` off the async workers, holding one of the sandbox's slots, and records what
+    /// it decided in the audit log.
+    pub async fn run(
+        self: &Arc<Self>,
+        set: &Arc<PolicySet>,
+        world: World,
+        ctx: RequestContext,
+        action: Option<Action>,
+    ) -> Result<Passed, Box<Refusal>> {
+        let chain = match world {
+            World::Admission => &set.admission,
+            World::Safety => &set.safety,
+        };
+        if chain.iter().all(|p| !p.record.enabled) {
+            return Ok(Passed { evals: Vec::new(), action, modified: false });
+        }
+        let refusal = |reason: String| {
+            Box::new(Refusal {
+                policy: "(appliance)".into(),
+                version: 0,
+                code: "unavailable".into(),
+                reason,
+                failed: true,
+                trace: vla_api::PolicyTrace { decision: "deny".into(), policies: Vec::new() },
+            })
+        };
+        // Closed only at shutdown; fail closed.
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return Err(refusal("the policy sandbox is shutting down".into()));
+        };
+        let policies = self.clone();
+        let set = set.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let chain = match world {
+                World::Admission => &set.admission,
+                World::Safety => &set.safety,
+            };
+            let (outcome, audit) = run_chain(&policies, chain, &ctx, action);
+            policies.audit.append(audit);
+            outcome.map_err(Box::new)
+        })
+        .await;
+        joined.unwrap_or_else(|e| Err(refusal(format!("policy task failed: {e}"))))
+    }
+
+    /// Every installed policy, in run order (admission first).
+    pub fn list(&self) -> Vec<PolicyInfo> {
+        self.snapshot().all().map(|p| info(p)).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<PolicyInfo> {
+        self.snapshot().get(name).map(|p| info(p))
+    }
+
+    /// Installs `upload` as a new policy or a new version of one. Returns it and whether it is
+    /// new. Blocking (compiles).
+    pub fn upload(&self, upload: Upload) -> Result<(PolicyInfo, bool), ChangeError> {
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        check_name(&upload.name).map_err(|p| ChangeError::Invalid(format!("field `name`: {p}")))?;
+        let signed = self.verify_signature(&upload)?;
+        let previous = self.snapshot().get(&upload.name).cloned();
+        let world = match (upload.world, &previous) {
+            (Some(w), Some(p)) if w != p.record.world => {
+                return Err(ChangeError::Conflict(format!(
+                    "policy `{}` is a {} policy; delete it before installing a {w} policy under that name",
+                    upload.name, p.record.world
+                )));
+            }
+            (Some(w), _) => w,
+            (None, Some(p)) => p.record.world,
+            (None, None) => {
+                return Err(ChangeError::Invalid("field `world`: required (`admission` or `safety`)".into()));
+            }
+        };
+        let config = match upload.config {
+            Some(c) => c,
+            None => previous.as_ref().map_or_else(|| serde_json::json!({}), |p| p.record.config.clone()),
+        };
+        let now = crate::admin::now_ms();
+        let record = PolicyRecord {
+            name: upload.name.clone(),
+            world,
+            version: previous.as_ref().map_or(1, |p| p.record.version + 1),
+            order: upload.order.or(previous.as_ref().map(|p| p.record.order)).unwrap_or(100),
+            mode: upload.mode.or(previous.as_ref().map(|p| p.record.mode)).unwrap_or(Mode::Enforce),
+            enabled: upload.enabled.or(previous.as_ref().map(|p| p.record.enabled)).unwrap_or(true),
+            sha256: hex(&Sha256::digest(&upload.bytes)),
+            size_bytes: upload.bytes.len() as u64,
+            signed,
+            config,
+            created_unix_ms: previous.as_ref().map_or(now, |p| p.record.created_unix_ms),
+            updated_unix_ms: now,
+            from_config: false,
+        };
+        let installed = self.validate(record, &upload.bytes)?;
+        self.write_component(&installed.record.sha256, &upload.bytes)?;
+        self.commit(Some(installed.clone()), None)?;
+        tracing::info!(
+            policy = %installed.record.name,
+            version = installed.record.version,
+            world = %world,
+            mode = installed.record.mode.as_str(),
+            sha256 = %installed.record.sha256,
+            "policy installed"
+        );
+        Ok((info(&installed), previous.is_none()))
+    }
+
+    /// Applies `patch` to the policy `name`. Any patch also closes its circuit breaker.
+    pub fn patch(&self, name: &str, patch: PolicyPatch) -> Result<PolicyInfo, ChangeError> {
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let set = self.snapshot();
+        let current = set.get(name).ok_or_else(|| ChangeError::NotFound(name.into()))?;
+        let mode = patch
+            .mode
+            .as_deref()
+            .map(|m| m.parse::<Mode>().map_err(|p| ChangeError::Invalid(format!("field `mode`: {p}"))))
+            .transpose()?;
+        let replaced = match &patch.replace {
+            None => None,
+            Some(_) if mode.unwrap_or(current.record.mode) != Mode::Enforce => {
+                return Err(ChangeError::Invalid(
+                    "field `replace`: only an enforcing policy can replace another; add `\"mode\": \"enforce\"`".into(),
+                ));
+            }
+            Some(other) if other == name => {
+                return Err(ChangeError::Invalid("field `replace`: a policy cannot replace itself".into()));
+            }
+            Some(other) => {
+                let other = set.get(other).ok_or_else(|| ChangeError::NotFound(other.clone()))?;
+                if other.record.world != current.record.world {
+                    return Err(ChangeError::Conflict(format!(
+                        "policy `{}` is a {} policy and cannot replace the {} policy `{}`",
+                        name, current.record.world, other.record.world, other.record.name
+                    )));
+                }
+                Some(other.record.name.clone())
+            }
+        };
+        let mut record = current.record.clone();
+        record.enabled = patch.enabled.unwrap_or(record.enabled);
+        record.mode = mode.unwrap_or(record.mode);
+        record.order = patch.order.unwrap_or(record.order);
+        record.updated_unix_ms = crate::admin::now_ms();
+        record.from_config = false;
+        let installed = match patch.config {
+            Some(config) if config != record.config => {
+                check_config(&config)?;
+                let compiled = current.compiled.clone().map_err(|p| {
+                    ChangeError::Invalid(format!("policy `{name}` cannot run ({p}); upload a new component instead"))
+                })?;
+                record.config = config;
+                record.version += 1;
+                let installed = self.installed(record, Ok(compiled));
+                self.dry_run(&installed)?;
+                installed
+            }
+            Some(_) | None => Arc::new(Installed {
+                record,
+                name: current.name.clone(),
+                config: current.config.clone(),
+                compiled: current.compiled.clone(),
+                health: current.health.clone(),
+            }),
+        };
+        self.commit(Some(installed.clone()), replaced.as_deref())?;
+        tracing::info!(policy = name, version = installed.record.version, ?replaced, "policy changed");
+        Ok(info(&installed))
+    }
+
+    /// Removes the policy `name`; requests already past it finish with it.
+    pub fn delete(&self, name: &str) -> Result<(), ChangeError> {
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.snapshot().get(name).is_none() {
+            return Err(ChangeError::NotFound(name.into()));
+        }
+        self.commit(None, Some(name))?;
+        tracing::info!(policy = name, "policy deleted");
+        Ok(())
+    }
+
+    /// Persists `install` (replacing its name) and removes `remove`, then swaps the set.
+    fn commit(&self, install: Option<Arc<Installed>>, remove: Option<&str>) -> Result<(), ChangeError> {
+        let mut batch = sled::Batch::default();
+        if let Some(p) = &install {
+            batch.insert(p.record.name.as_bytes(), serde_json::to_vec(&p.record).unwrap_or_default());
+        }
+        if let Some(name) = remove {
+            batch.remove(name.as_bytes());
+        }
+        self.tree.apply_batch(batch).map_err(StoreError::from)?;
+        self.tree.flush().map_err(StoreError::from)?;
+
+        let current = self.snapshot();
+        let replaced = install.as_ref().map(|p| p.record.name.as_str());
+        let kept = current
+            .all()
+            .filter(|p| Some(p.record.name.as_str()) != replaced && Some(p.record.name.as_str()) != remove)
+            .cloned();
+        let next = Arc::new(PolicySet::build(kept.chain(install.clone())));
+        if let Some(p) = &install {
+            p.health.reset();
+        }
+        if let Some(name) = remove {
+            self.health.lock().unwrap_or_else(PoisonError::into_inner).remove(name);
+        }
+        *self.set.write().unwrap_or_else(PoisonError::into_inner) = next.clone();
+        self.collect_files(&next);
+        Ok(())
+    }
+
+    /// Compiles `bytes` for `record` and dry-runs it.
+    fn validate(&self, record: PolicyRecord, bytes: &[u8]) -> Result<Arc<Installed>, ChangeError> {
+        if bytes.len() > self.config.max_component_bytes {
+            return Err(ChangeError::Invalid(format!(
+                "field `component`: {} bytes, more than policy.max_component_bytes ({})",
+                bytes.len(),
+                self.config.max_component_bytes
+            )));
+        }
+        check_config(&record.config)?;
+        let compiled = self
+            .runtime
+            .compile(bytes, record.world)
+            .map_err(|p| ChangeError::Invalid(format!("field `component`: {p}")))?;
+        let installed = self.installed(record, Ok(compiled));
+        self.dry_run(&installed)?;
+        Ok(installed)
+    }
+
+    fn dry_run(&self, installed: &Installed) -> Result<(), ChangeError> {
+        let Ok(compiled) = &installed.compiled else { return Ok(()) };
+        let input = match installed.record.world {
+            World::Admission => Input::Admit(&self.sample.ctx),
+            World::Safety => Input::Evaluate(&self.sample.ctx, &self.sample.action),
+        };
+        let shown = (installed.record.world == World::Safety).then_some(&self.sample.action);
+        self.runtime
+            .call(compiled, &installed.name, &installed.config, input)
+            .and_then(|d| check_decision(installed.record.world, d, shown))
+            .map(drop)
+            .map_err(|f| ChangeError::Invalid(format!("the dry run on a sample request failed: the policy {f}")))
+    }
+
+    fn installed(&self, record: PolicyRecord, compiled: Result<Compiled, String>) -> Arc<Installed> {
+        let health =
+            self.health.lock().unwrap_or_else(PoisonError::into_inner).entry(record.name.clone()).or_default().clone();
+        Arc::new(Installed {
+            name: record.name.as_str().into(),
+            config: serde_json::to_string(&record.config).unwrap_or_default().into(),
+            record,
+            compiled,
+            health,
+        })
+    }
+
+    fn verify_signature(&self, upload: &Upload) -> Result<bool, ChangeError> {
+        use ring::signature::{ED25519, UnparsedPublicKey};
+        match (&upload.signature, self.trusted_keys.is_empty()) {
+            (None, true) => Ok(false),
+            (None, false) => Err(ChangeError::Signature(
+                "field `signature`: required; policy.trusted_keys is set, so uploads must be signed".into(),
+            )),
+            (Some(_), true) => Err(ChangeError::Signature(
+                "field `signature`: cannot be verified, no policy.trusted_keys are configured".into(),
+            )),
+            (Some(signature), false) => {
+                if self
+                    .trusted_keys
+                    .iter()
+                    .any(|k| UnparsedPublicKey::new(&ED25519, k).verify(&upload.bytes, signature).is_ok())
+                {
+                    Ok(true)
+                } else {
+                    Err(ChangeError::Signature(
+                        "field `signature`: not a valid ed25519 signature of the component by a trusted key".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn component_path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}.wasm"))
+    }
+
+    /// Writes the component durably (temporary file, fsync, rename) unless it is there already.
+    fn write_component(&self, sha256: &str, bytes: &[u8]) -> Result<(), ChangeError> {
+        use std::io::Write;
+        let path = self.component_path(sha256);
+        if path.exists() {
+            return Ok(());
+        }
+        let io = |e: std::io::Error| ChangeError::Io(format!("{}: {e}", path.display()));
+        let tmp = self.dir.join(format!(".{sha256}.tmp"));
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Deletes component files no installed policy uses.
+    fn collect_files(&self, set: &PolicySet) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(sha) = name.strip_suffix(".wasm") else { continue };
+            if !set.all().any(|p| p.record.sha256 == sha) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Loads every stored policy. A policy whose file is missing, altered or no longer
+    /// compiles is installed broken: it fails closed until an operator replaces or deletes it.
+    fn restore(&self) -> Result<(), String> {
+        let mut installed = Vec::new();
+        for kv in self.tree.iter() {
+            let (key, value) = kv.map_err(|e| format!("store: {e}"))?;
+            let record: PolicyRecord = serde_json::from_slice(&value)
+                .map_err(|e| format!("store: corrupt policy record `{}`: {e}", String::from_utf8_lossy(&key)))?;
+            let compiled = self.load_file(&record);
+            match &compiled {
+                Ok(_) => tracing::info!(policy = %record.name, version = record.version, "policy restored"),
+                Err(problem) => tracing::error!(
+                    policy = %record.name,
+                    version = record.version,
+                    "policy cannot run and denies every request it sees until replaced or deleted: {problem}"
+                ),
+            }
+            installed.push(self.installed(record, compiled));
+        }
+        *self.set.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(PolicySet::build(installed));
+        Ok(())
+    }
+
+    fn load_file(&self, record: &PolicyRecord) -> Result<Compiled, String> {
+        let path = self.component_path(&record.sha256);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if hex(&Sha256::digest(&bytes)) != record.sha256 {
+            return Err(format!("{}: contents do not match the recorded SHA-256", path.display()));
+        }
+        self.runtime.compile(&bytes, record.world)
+    }
+
+    /// Installs each `policy.preload` entry that no operator has taken over, when it is new or
+    /// its file or settings changed. A file that is missing or fails validation stops the start.
+    fn preload(&self) -> Result<(), String> {
+        for item in &self.config.preload {
+            let bytes = std::fs::read(&item.path).map_err(|e| {
+                format!(
+                    "policy.preload `{}`: {}: {e} (build the shipped policies with scripts/setup.sh)",
+                    item.name,
+                    item.path.display()
+                )
+            })?;
+            let current = self.snapshot().get(&item.name).cloned();
+            let world: World = item.world.parse().map_err(|p| format!("policy.preload `{}`: world {p}", item.name))?;
+            let mode: Mode = item.mode.parse().map_err(|p| format!("policy.preload `{}`: mode {p}", item.name))?;
+            let config = serde_json::Value::Object(item.config.clone());
+            if let Some(current) = &current {
+                let r = &current.record;
+                if !r.from_config {
+                    tracing::info!(policy = %item.name, "policy.preload entry skipped: changed through the admin API since");
+                    continue;
+                }
+                if r.sha256 == hex(&Sha256::digest(&bytes))
+                    && r.world == world
+                    && r.mode == mode
+                    && r.order == item.order
+                    && r.config == config
+                    && current.compiled.is_ok()
+                {
+                    continue;
+                }
+            }
+            let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = crate::admin::now_ms();
+            let record = PolicyRecord {
+                name: item.name.clone(),
+                world,
+                version: current.as_ref().map_or(1, |p| p.record.version + 1),
+                order: item.order,
+                mode,
+                enabled: current.as_ref().is_none_or(|p| p.record.enabled),
+                sha256: hex(&Sha256::digest(&bytes)),
+                size_bytes: bytes.len() as u64,
+                signed: false,
+                config,
+                created_unix_ms: current.as_ref().map_or(now, |p| p.record.created_unix_ms),
+                updated_unix_ms: now,
+                from_config: true,
+            };
+            let installed = self
+                .validate(record, &bytes)
+                .map_err(|e| format!("policy.preload `{}` ({}): {e}", item.name, item.path.display()))?;
+            self.write_component(&installed.record.sha256, &bytes).map_err(|e| e.to_string())?;
+            self.commit(Some(installed.clone()), None).map_err(|e| e.to_string())?;
+            tracing::info!(policy = %item.name, version = installed.record.version, "policy installed from the configuration");
+        }
+        Ok(())
+    }
+}
+
+fn check_config(config: &serde_json::Value) -> Result<(), ChangeError> {
+    if config.is_object() {
+        Ok(())
+    } else {
+        Err(ChangeError::Invalid("field `config`: must be a JSON object (or a TOML table)".into()))
+    }
+}
+
+fn info(p: &Installed) -> PolicyInfo {
+    let r = &p.record;
+    let (state, problem) = match &p.compiled {
+        Err(problem) => ("broken", Some(problem.clone())),
+        Ok(_) if p.health.open.load(std::sync::atomic::Ordering::Relaxed) => {
+            ("circuit_open", Some("circuit breaker open; PATCH the policy to close it".to_string()))
+        }
+        Ok(_) => ("ready", None),
+    };
+    PolicyInfo {
+        name: r.name.clone(),
+        world: r.world.as_str().into(),
+        version: r.version,
+        order: r.order,
+        mode: r.mode.as_str().into(),
+        enabled: r.enabled,
+        sha256: r.sha256.clone(),
+        size_bytes: r.size_bytes,
+        signed: r.signed,
+        config: r.config.clone(),
+        created_unix_ms: r.created_unix_ms,
+        updated_unix_ms: r.updated_unix_ms,
+        state: state.into(),
+        problem,
+        stats: p.health.stats(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

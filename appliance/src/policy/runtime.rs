@@ -1,0 +1,363 @@
+//! The sandbox: wasmtime's engine, compilation of uploaded components into ready-to-instantiate
+//! policies, and one bounded call of a policy.
+//!
+//! Every call gets a fresh instance from the pooling allocator (no state survives between
+//! calls) and runs under all of these at once: a wall-clock budget (epoch interruption, ticked
+//! every millisecond by a background thread), fuel, a linear-memory cap, a WebAssembly stack
+//! cap and a bound on what the policy may log. Calls block: callers run them on the blocking
+//! pool, holding one of `max_concurrent` slots, which is also the pool's instance count.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+
+use super::World;
+use super::bindings::{
+    ALLOWED_IMPORTS, Action, Admission, AdmissionPre, Decision, LogLevel, PACKAGE_VERSION, RequestContext, SafetyPre,
+    host, types,
+};
+use crate::config::PolicyConfig;
+
+/// How many log lines one call may write, and how long each may be.
+const LOG_LINES_PER_CALL: u32 = 16;
+const LOG_LINE_BYTES: usize = 512;
+/// Epoch tick: the granularity of the wall-clock budget.
+const TICK: Duration = Duration::from_millis(1);
+
+/// A compiled policy, ready to instantiate.
+#[derive(Clone)]
+pub enum Compiled {
+    Admission(AdmissionPre<HostState>),
+    Safety(SafetyPre<HostState>),
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compiled::Admission(_) => "Compiled::Admission",
+            Compiled::Safety(_) => "Compiled::Safety",
+        })
+    }
+}
+
+/// Why a call produced no decision. Every one of these denies the request (fail closed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("ran past its time budget of {0} ms")]
+    Timeout(u64),
+    #[error("ran out of fuel ({0} units)")]
+    OutOfFuel(u64),
+    #[error("tried to grow its memory past the limit of {0} bytes")]
+    MemoryLimit(usize),
+    #[error("overflowed its stack")]
+    StackOverflow,
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("returned an invalid decision: {0}")]
+    InvalidOutput(String),
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+impl Failure {
+    /// Stable tag, for the audit log and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::Timeout(_) => "timeout",
+            Failure::OutOfFuel(_) => "out_of_fuel",
+            Failure::MemoryLimit(_) => "memory_limit",
+            Failure::StackOverflow => "stack_overflow",
+            Failure::Trap(_) => "trap",
+            Failure::InvalidOutput(_) => "invalid_output",
+            Failure::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// What a policy is asked.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    Admit(&'a RequestContext),
+    Evaluate(&'a RequestContext, &'a Action),
+}
+
+/// A store's data: what the host imports see during one call.
+pub struct HostState {
+    limiter: Limiter,
+    policy: Arc<str>,
+    config: Arc<str>,
+    logs_left: u32,
+    logs_dropped: u32,
+}
+
+impl std::fmt::Debug for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostState").field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        if self.logs_left == 0 {
+            self.logs_dropped += 1;
+            return;
+        }
+        self.logs_left -= 1;
+        let message = truncate(&message, LOG_LINE_BYTES);
+        let policy = &*self.policy;
+        match level {
+            LogLevel::Debug => tracing::debug!(policy, "{message}"),
+            LogLevel::Info => tracing::info!(policy, "{message}"),
+            LogLevel::Warn => tracing::warn!(policy, "{message}"),
+            LogLevel::Error => tracing::error!(policy, "{message}"),
+        }
+    }
+
+    fn config(&mut self) -> String {
+        self.config.to_string()
+    }
+}
+
+/// Caps linear memory and remembers that the cap was hit, so the trap it causes is reported
+/// as what it is.
+#[derive(Debug)]
+struct Limiter {
+    memory_limit: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.hit = true;
+            return Err(wasmtime::format_err!("memory limit of {} bytes reached", self.memory_limit));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The engine and what every call shares.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    timeout_ms: u64,
+    fuel: u64,
+    memory_limit: usize,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("timeout_ms", &self.timeout_ms).field("fuel", &self.fuel).finish()
+    }
+}
+
+impl Runtime {
+    /// Builds the engine: pooling allocator sized to `max_concurrent` calls, compiled
+    /// artifacts cached under `cache_dir` (an absolute path), and the epoch ticker.
+    pub fn new(config: &PolicyConfig, cache_dir: &Path) -> Result<Runtime, String> {
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(config.max_stack_bytes);
+        let n = config.max_concurrent;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .max_core_instances_per_component(8)
+            .total_memories(n * 2)
+            .max_memories_per_component(2)
+            .total_tables(n * 8)
+            .max_memory_size(config.memory_limit_bytes);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        std::fs::create_dir_all(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
+        let mut cache = wasmtime::CacheConfig::new();
+        cache.with_directory(cache_dir);
+        wasm.cache(Some(wasmtime::Cache::new(cache).map_err(|e| format!("compilation cache: {e}"))?));
+        let engine = Engine::new(&wasm).map_err(|e| format!("WebAssembly engine: {e}"))?;
+
+        let mut linker = Linker::new(&engine);
+        // Both worlds import the same interfaces; one linker serves both.
+        Admission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| format!("linker: {e}"))?;
+
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .map_err(|e| format!("epoch thread: {e}"))?;
+        Ok(Runtime {
+            engine,
+            linker,
+            timeout_ms: config.timeout_ms,
+            fuel: config.fuel,
+            memory_limit: config.memory_limit_bytes,
+        })
+    }
+
+    /// Compiles `bytes` as a policy for `world` (from the cache when it was compiled before)
+    /// and checks that it imports nothing but the world's imports and exports the world's
+    /// function. Blocking; the error is for the operator who uploaded it.
+    pub fn compile(&self, bytes: &[u8], world: World) -> Result<Compiled, String> {
+        if !wasmparser_is_component(bytes) {
+            return Err(if bytes.starts_with(b"\0asm") {
+                "this is a core WebAssembly module, not a component; build it into a component (see wit/README.md)"
+                    .into()
+            } else {
+                "not a WebAssembly component (bad magic number)".into()
+            });
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| format!("invalid component: {e:#}"))?;
+        let ty = component.component_type();
+        let offending: Vec<String> = ty
+            .imports(&self.engine)
+            // `use types.{..}` in a world also imports the used types by name; a type grants
+            // nothing, so only instances and functions are checked.
+            .filter(|(_, item)| !matches!(item.ty, ComponentItem::Type(_)))
+            .map(|(name, _)| name.to_string())
+            .filter(|name| !allowed_import(name))
+            .collect();
+        if !offending.is_empty() {
+            return Err(format!(
+                "imports {} beyond the {world} world's `vla:policy/host@{PACKAGE_VERSION}`; policies get no WASI or other capabilities",
+                offending.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        let wanted = world.export();
+        if !exports.iter().any(|e| e == wanted) {
+            let other = match world {
+                World::Admission => World::Safety,
+                World::Safety => World::Admission,
+            };
+            let hint = if exports.iter().any(|e| e == other.export()) {
+                format!(" (it exports `{}`: it implements the {other} world)", other.export())
+            } else {
+                String::new()
+            };
+            return Err(format!("does not implement the {world} world: no export `{wanted}`{hint}"));
+        }
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| format!("cannot be linked: {e:#}"))?;
+        match world {
+            World::Admission => AdmissionPre::new(pre)
+                .map(Compiled::Admission)
+                .map_err(|e| format!("does not implement the admission world: {e:#}")),
+            World::Safety => SafetyPre::new(pre)
+                .map(Compiled::Safety)
+                .map_err(|e| format!("does not implement the safety world: {e:#}")),
+        }
+    }
+
+    /// One call, instantiation included, within every limit. Blocking.
+    pub fn call(
+        &self,
+        compiled: &Compiled,
+        policy: &Arc<str>,
+        config: &Arc<str>,
+        input: Input<'_>,
+    ) -> Result<Decision, Failure> {
+        let state = HostState {
+            limiter: Limiter { memory_limit: self.memory_limit, hit: false },
+            policy: policy.clone(),
+            config: config.clone(),
+            logs_left: LOG_LINES_PER_CALL,
+            logs_dropped: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_fuel(self.fuel).map_err(|e| Failure::Instantiate(e.to_string()))?;
+        store.set_epoch_deadline(self.timeout_ms);
+        let result = match (compiled, input) {
+            (Compiled::Admission(pre), Input::Admit(ctx)) => match pre.instantiate(&mut store) {
+                Ok(bindings) => bindings.call_admit(&mut store, ctx),
+                Err(e) => return Err(self.classify(e, &store, true)),
+            },
+            (Compiled::Safety(pre), Input::Evaluate(ctx, action)) => match pre.instantiate(&mut store) {
+                Ok(bindings) => bindings.call_evaluate(&mut store, ctx, action),
+                Err(e) => return Err(self.classify(e, &store, true)),
+            },
+            _ => return Err(Failure::Instantiate("policy called with the other world's input".into())),
+        };
+        let dropped = store.data().logs_dropped;
+        if dropped > 0 {
+            tracing::warn!(policy = &**policy, "dropped {dropped} log lines beyond {LOG_LINES_PER_CALL} per call");
+        }
+        result.map_err(|e| self.classify(e, &store, false))
+    }
+
+    fn classify(&self, e: wasmtime::Error, store: &Store<HostState>, instantiating: bool) -> Failure {
+        if store.data().limiter.hit {
+            return Failure::MemoryLimit(self.memory_limit);
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => Failure::Timeout(self.timeout_ms),
+            Some(Trap::OutOfFuel) => Failure::OutOfFuel(self.fuel),
+            Some(Trap::StackOverflow) => Failure::StackOverflow,
+            Some(trap) => Failure::Trap(trap.to_string()),
+            None if instantiating => Failure::Instantiate(truncate(&format!("{e:#}"), 300).into_owned()),
+            None => Failure::Trap(truncate(&format!("{e:#}"), 300).into_owned()),
+        }
+    }
+}
+
+fn allowed_import(name: &str) -> bool {
+    let (interface, version) = name.split_once('@').unwrap_or((name, ""));
+    let compatible = version == PACKAGE_VERSION
+        || version.strip_prefix("0.1.").is_some_and(|patch| patch.chars().all(|c| c.is_ascii_digit()));
+    ALLOWED_IMPORTS.contains(&interface) && compatible
+}
+
+/// Whether `bytes` start like a component (layer 1) rather than a core module or junk.
+fn wasmparser_is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary, marked when cut.
+pub fn truncate(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn only_the_package_interfaces_at_a_compatible_version_may_be_imported() {
+        assert!(allowed_import("vla:policy/host@0.1.0"));
+        assert!(allowed_import("vla:policy/types@0.1.3"));
+        assert!(!allowed_import("vla:policy/host@0.2.0"));
+        assert!(!allowed_import("vla:policy/host"));
+        assert!(!allowed_import("wasi:filesystem/types@0.2.0"));
+        assert!(!allowed_import("wasi:cli/environment@0.2.0"));
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncate("abc", 5), "abc");
+        let cut = truncate("ééé", 3);
+        assert!(cut.starts_with("é…"), "{cut}");
+    }
+}
