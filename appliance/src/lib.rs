@@ -8,16 +8,18 @@
 //! | listen | [`server`], [`tls`] | TLS (and client certificates), HTTP/1.1 and HTTP/2, routing, graceful shutdown |
 //! | auth | [`auth`] | every path closed unless public: robot key, client certificate or admin token |
 //! | validate | [`validate`], [`oip`] | JSON body (or OIP tensors) → checked request; errors name the field |
+//! | admission | [`policy`] | operator-uploaded WebAssembly policies decide whether the request may be computed |
 //! | preprocess | [`preprocess`] | base64 JPEG/PNG → normalised tensor, instruction → tokens (blocking pool) |
 //! | queue | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
 //! | batch | [`batcher`] | executor threads take batches, run them, answer each request |
 //! | model | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split |
+//! | safety | [`policy`] | the policies allow, clamp (modify) or deny the proposed action; decisions audited |
 //!
 //! Around them: [`config`] (the one configuration tree), [`spec`] (`model.toml`),
 //! [`repository`] (loading and reloading the models), [`admin`] (robot registry and model
-//! repository endpoints), [`store`] (sled: the robot registry at rest), [`demo`] (the generated
-//! `tiny-vla` model) and [`error`] (the HTTP boundary's error type: status and stable code per
-//! variant).
+//! repository endpoints), [`store`] (sled: the robot registry, policies and audit log at
+//! rest), [`demo`] (the generated `tiny-vla` model) and [`error`] (the HTTP boundary's error
+//! type: status and stable code per variant).
 //!
 //! The library reads no environment: the binary loads [`Config`], binds the listener and
 //! calls [`run`].

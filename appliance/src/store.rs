@@ -1,8 +1,9 @@
 //! Store: the appliance's durable state in one sled database under `<data.dir>/store`.
 //!
 //! Holds the robot registry (below) and, in their own trees, the installed policies and the
-//! audit log ([`crate::policy`]). The robot registry is one record per robot (`robot/<id>`) and one per API key
-//! (`key/<key id>`), the latter with only a salt and a salted hash of the key's secret. Writes
+//! audit log ([`crate::policy`]). The robot registry is one record per robot (`robot/<id>`)
+//! and one per API key (`key/<key id>`), the latter with only a salt and a salted hash of the
+//! key's secret. Writes
 //! go through one mutex (read-modify-write of a robot and its key must not interleave with
 //! another admin call) and are applied as one atomic sled batch, then flushed before the caller
 //! is answered: a key the admin API handed out survives a power cut, and a revocation is never

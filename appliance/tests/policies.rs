@@ -422,6 +422,17 @@ async fn hostile_policies_are_contained_and_other_robots_keep_being_served() {
         );
     }
 
+    // Time-outs deny but do not open the breaker: fuel bounds the policy's work, so a call
+    // past the wall-clock budget may just have been descheduled on a busy machine.
+    let response = app.upload_policy("spin", &[("name", "hostile")]).await;
+    assert!(response.status().is_success());
+    for _ in 0..3 {
+        let mut attack = robot_request(6);
+        attack.instruction = "attack".into();
+        assert_eq!(app.infer(attack).await.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    assert_eq!(policy(&app, "hostile").await.state, "ready");
+
     // The log flood: bounded logging, the decision stands.
     let response = app.upload_policy("log-flood", &[("name", "hostile"), ("world", "safety")]).await;
     assert!(response.status().is_success());

@@ -6,8 +6,10 @@
 //!   driven by N concurrent robots in a closed loop over HTTPS, once with batching on and once
 //!   with it off; reports throughput, latency percentiles and the mean batch size the
 //!   appliance reported.
+//! - `bench policy` — one policy call (fresh instance included) for each shipped policy, through
+//!   the appliance's sandbox; p50/p99/p99.9 per call (target: p99 under 100 µs).
 //!
-//! Both print a markdown table with the date and machine; `--json FILE` also writes the figures.
+//! All print a markdown table with the date and machine; `--json FILE` also writes the figures.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,6 +59,19 @@ enum Command {
         /// Camera image size sent by each robot, WIDTHxHEIGHT (JPEG).
         #[arg(long, default_value = "320x240")]
         image: String,
+        /// Serve without the default policies (for an A/B of their cost).
+        #[arg(long)]
+        no_policies: bool,
+    },
+    /// One policy call (fresh instance included) for each shipped policy, through the
+    /// appliance's sandbox; p50/p99 per call.
+    Policy {
+        /// Calls timed per case (after 1000 warm-up calls).
+        #[arg(long, default_value = "20000")]
+        calls: usize,
+        /// Where the built components are (policies/build.sh).
+        #[arg(long, default_value = "policies/dist")]
+        dist: PathBuf,
     },
 }
 
@@ -64,7 +79,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let report = match args.command {
         Command::Curve { batch_sizes, seconds, threads, device } => curve(&batch_sizes, seconds, threads, &device)?,
-        Command::Batching { concurrency, seconds, image } => batching(&concurrency, seconds, &image)?,
+        Command::Batching { concurrency, seconds, image, no_policies } => {
+            batching(&concurrency, seconds, &image, no_policies)?
+        }
+        Command::Policy { calls, dist } => policy(calls, &dist)?,
     };
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("{}", path.display()))?;
@@ -157,7 +175,7 @@ struct Point {
     elapsed: f64,
 }
 
-fn batching(concurrency: &[usize], seconds: f64, image: &str) -> anyhow::Result<serde_json::Value> {
+fn batching(concurrency: &[usize], seconds: f64, image: &str, no_policies: bool) -> anyhow::Result<serde_json::Value> {
     let (w, h) = image.split_once('x').context("--image must be WIDTHxHEIGHT")?;
     let (w, h): (u32, u32) = (w.parse()?, h.parse()?);
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
@@ -193,6 +211,9 @@ fn batching(concurrency: &[usize], seconds: f64, image: &str) -> anyhow::Result<
         config.server.listen = "127.0.0.1:0".parse()?;
         config.data.dir = data.path().to_path_buf();
         config.server.shutdown_grace_ms = 2_000;
+        if no_policies {
+            config.policy.preload.clear();
+        }
         let repo = config.model_repository().join(appliance::demo::NAME);
         std::fs::create_dir_all(&repo)?;
         std::fs::copy(model_dir.join("model.pt"), repo.join("model.pt"))?;
@@ -294,7 +315,19 @@ async fn closed_loop(
                             }
                             Err(_) => p.errors += 1,
                         },
-                        _ => p.errors += 1,
+                        Ok(r) => {
+                            p.errors += 1;
+                            if p.errors == 1 {
+                                let status = r.status();
+                                eprintln!("first error: {status} {}", r.text().await.unwrap_or_default());
+                            }
+                        }
+                        Err(e) => {
+                            p.errors += 1;
+                            if p.errors == 1 {
+                                eprintln!("first error: {e}");
+                            }
+                        }
                     }
                 }
                 p
@@ -311,4 +344,81 @@ async fn closed_loop(
     }
     total.elapsed = start.elapsed().as_secs_f64();
     total
+}
+
+/// Per-call latency of the shipped policies: every call instantiates the component from its
+/// `InstancePre` in a fresh store with all limits set, calls it and checks nothing else (the
+/// host's decision checks are microseconds of plain Rust). One thread, as one request's chain
+/// runs.
+fn policy(calls: usize, dist: &Path) -> anyhow::Result<serde_json::Value> {
+    use appliance::policy::World;
+    use appliance::policy::bindings::{Action, ActionKind, RequestContext};
+    use appliance::policy::runtime::{Input, Runtime};
+
+    let config = appliance::config::PolicyConfig::default();
+    let cache = tempfile::tempdir()?;
+    let runtime = Runtime::new(&config, cache.path()).map_err(anyhow::Error::msg)?;
+    let ctx = RequestContext {
+        request_id: "8d3c6f1e-2b4a-4c7e-9f10-5a6b7c8d9e0f".into(),
+        robot_id: "arm-1".into(),
+        robot_type: "demo".into(),
+        model: "tiny-vla".into(),
+        instruction: "pick up the red block and place it in the left bin".into(),
+        state: vec![0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0],
+        time_ms: 1_795_000_000_000,
+    };
+    let velocity = |values: Vec<f32>| Action { kind: ActionKind::JointVelocity, dof: 7, horizon: 1, values };
+    let ee = Action {
+        kind: ActionKind::EndEffectorDelta,
+        dof: 7,
+        horizon: 1,
+        values: vec![0.01, -0.02, 0.01, 0.0, 0.0, 0.0, 1.0],
+    };
+    let limits = r#"{"robot_types": {"demo": {"velocity": 0.25}}, "default": {"velocity": 0.5, "position": {"min": -3.1, "max": 3.1}}}"#;
+    let bounds = r#"{"min": [-0.5, -0.5, 0.0], "max": [0.5, 0.5, 0.8]}"#;
+    let filter = r#"{"deny": ["disable safety", "ignore * limits"]}"#;
+    let cases: Vec<(&str, &str, World, &str, Option<Action>)> = vec![
+        ("joint-limits", "allow (within limits)", World::Safety, limits, Some(velocity(vec![0.1; 7]))),
+        (
+            "joint-limits",
+            "modify (clamps 3 of 7)",
+            World::Safety,
+            limits,
+            Some(velocity(vec![0.3, -0.4, 0.1, 0.27, 0.0, 0.1, 0.2])),
+        ),
+        ("workspace-bounds", "allow (inside the box)", World::Safety, bounds, Some(ee)),
+        ("instruction-filter", "allow (no pattern matches)", World::Admission, filter, None),
+    ];
+
+    println!("## Policy call, instantiation included ({}; {})\n", machine(), now_utc());
+    println!("| policy | case | p50 µs | p99 µs | p99.9 µs | mean µs | calls |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for (name, case, world, config, action) in cases {
+        let path = dist.join(format!("{name}.wasm"));
+        let bytes = std::fs::read(&path).with_context(|| format!("{} (run policies/build.sh)", path.display()))?;
+        let compiled = runtime.compile(&bytes, world).map_err(anyhow::Error::msg)?;
+        let policy_name: Arc<str> = name.into();
+        let config: Arc<str> = config.into();
+        let input = match &action {
+            Some(a) => Input::Evaluate(&ctx, a),
+            None => Input::Admit(&ctx),
+        };
+        let call = || runtime.call(&compiled, &policy_name, &config, input).map_err(|f| anyhow::anyhow!("{name}: {f}"));
+        for _ in 0..1000 {
+            call()?;
+        }
+        let mut times = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let t = Instant::now();
+            call()?;
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        println!("| {name} | {case} | {:.1} | {:.1} | {:.1} | {mean:.1} | {calls} |", at(0.5), at(0.99), at(0.999));
+        rows.push(json!({"policy": name, "case": case, "p50_us": at(0.5), "p99_us": at(0.99), "p999_us": at(0.999), "mean_us": mean, "calls": calls}));
+    }
+    Ok(json!({"benchmark": "policy", "machine": machine(), "date": now_utc(), "rows": rows}))
 }

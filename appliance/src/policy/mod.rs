@@ -9,7 +9,10 @@
 //!   loaded, circuit breaker open) stops the chain and the robot gets 422 `policy_error`;
 //! - an enforcing `modify` replaces the action after the host checked it (same kind, dof and
 //!   horizon, every value finite) and the next policy sees the replacement;
-//! - `shadow` policies are evaluated and recorded, never applied.
+//! - `shadow` policies are evaluated and recorded, never applied;
+//! - a policy that keeps failing opens its circuit breaker ([`Health`]): it is no longer
+//!   called and, enforcing, denies every request until an operator acts. Time-outs do not
+//!   count: fuel bounds a policy's own work, so a time-out with fuel left is a busy machine.
 //!
 //! Swaps are atomic: a request takes a snapshot ([`PolicySet`]) before admission and uses it for
 //! safety too, so it finishes on the versions it started with.
@@ -431,6 +434,11 @@ impl Installed {
                     Decision::Modify(_) => &health.modifications,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+            }
+            // A timeout with fuel to spare means the call sat descheduled on a busy machine:
+            // the request is denied, but the policy is not to blame, so the breaker ignores it.
+            Err(Failure::Timeout(_)) => {
+                health.failures.fetch_add(1, Ordering::Relaxed);
             }
             Err(failure) => {
                 if !health.open.load(Ordering::Relaxed) && self.compiled.is_ok() {
