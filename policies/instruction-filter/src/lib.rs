@@ -13,6 +13,7 @@ mod bindings {
 }
 
 use bindings::{Decision, Guest, RequestContext};
+use guest_util::truncate_reason;
 
 use bindings::vla::policy::types::Denial;
 
@@ -80,21 +81,7 @@ pub fn decide(config_json: &str, ctx: &RequestContext) -> Decision {
 }
 
 fn deny(code: &str, reason: String) -> Decision {
-    Decision::Deny(Denial { code: code.to_string(), reason: truncate(reason) })
-}
-
-/// Reasons are at most 1024 bytes (the contract); cut on a character boundary.
-fn truncate(mut s: String) -> String {
-    const MAX: usize = 1024;
-    if s.len() > MAX {
-        let mut end = MAX - '…'.len_utf8();
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
-    }
-    s
+    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason) })
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ mod bindings {
 }
 
 use bindings::{Action, Decision, Guest, RequestContext};
+use guest_util::truncate_reason;
 
 use bindings::vla::policy::types::{ActionKind, Denial, Modification};
 
@@ -237,26 +238,12 @@ pub fn decide(config_json: &str, ctx: &RequestContext, action: &Action) -> Decis
     }
     Decision::Modify(Modification {
         action: Action { kind: action.kind, dof: action.dof, horizon: action.horizon, values },
-        reason: truncate(format!("clamped {clamped} of {} joint {noun} to {whose}", action.values.len())),
+        reason: truncate_reason(format!("clamped {clamped} of {} joint {noun} to {whose}", action.values.len())),
     })
 }
 
 fn deny(code: &str, reason: String) -> Decision {
-    Decision::Deny(Denial { code: code.to_string(), reason: truncate(reason) })
-}
-
-/// Reasons are at most 1024 bytes (the contract); cut on a character boundary.
-fn truncate(mut s: String) -> String {
-    const MAX: usize = 1024;
-    if s.len() > MAX {
-        let mut end = MAX - '…'.len_utf8();
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
-    }
-    s
+    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason) })
 }
 
 #[cfg(test)]
