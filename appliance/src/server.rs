@@ -1,6 +1,7 @@
 //! Server stage: the HTTPS listener, the routes, and the robot endpoint's handler, which walks
-//! a request through auth → validate → preprocess → batcher and shapes the answer. The OIP
-//! endpoints ([`crate::oip`]) and the admin API ([`crate::admin`]) share the listener.
+//! a request through auth → validate → admission policies → preprocess → batcher → safety
+//! policies and shapes the answer. The OIP endpoints ([`crate::oip`]) and the admin APIs
+//! ([`crate::admin`], [`crate::policy::api`]) share the listener.
 
 use std::future::Future;
 use std::sync::Arc;

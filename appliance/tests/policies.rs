@@ -317,9 +317,12 @@ async fn signed_uploads_are_required_when_trusted_keys_are_configured() {
 
 #[tokio::test]
 async fn bad_uploads_are_refused_with_what_was_wrong() {
-    let app = TestAppliance::start(|config, _| config.policy.max_component_bytes = 1024 * 1024).await;
+    let app = TestAppliance::start(|config, _| config.policy.max_component_bytes = 4 * 1024 * 1024).await;
     let mut oversized = b"\0asm\x0d\0\x01\0".to_vec();
-    oversized.resize(1024 * 1024 + 1, 0);
+    oversized.resize(4 * 1024 * 1024 + 1, 0);
+    // Large but within the limit (and past axum's 2 MB multipart default): read and parsed.
+    let mut large = b"\0asm\x0d\0\x01\0".to_vec();
+    large.resize(3 * 1024 * 1024, 0);
     // (component, form fields, what the error must say)
     type Case<'a> = (Vec<u8>, Vec<(&'a str, &'a str)>, &'a str);
     let cases: Vec<Case> = vec![
@@ -339,6 +342,7 @@ async fn bad_uploads_are_refused_with_what_was_wrong() {
             vec![("name", "x"), ("world", "safety")],
             "`wasi:filesystem/types@",
         ),
+        (large, vec![("name", "x"), ("world", "safety")], "invalid component"),
         (oversized, vec![("name", "x"), ("world", "safety")], "more than policy.max_component_bytes"),
         (vec![0], vec![("world", "safety")], "field `name`: required"),
         (vec![0], vec![("name", "../x"), ("world", "safety")], "field `name`"),

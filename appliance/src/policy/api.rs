@@ -27,7 +27,9 @@ const UPLOAD_OVERHEAD_BYTES: usize = 1024 * 1024;
 pub fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
     use axum::routing::get;
     vec![
-        ("/admin/policies", get(list).post(upload)),
+        // The upload reads its body within its own limit (`policy.max_component_bytes` plus
+        // room for the form), so axum's 2 MB default for multipart must not apply.
+        ("/admin/policies", get(list).post(upload).layer(axum::extract::DefaultBodyLimit::disable())),
         ("/admin/policies/{name}", get(show).patch(patch).delete(delete)),
         ("/admin/audit", get(audit_log)),
     ]
