@@ -131,7 +131,8 @@ pub struct PolicyConfig {
     pub fuel: u64,
     /// Largest linear memory a policy instance may grow to, in bytes.
     pub memory_limit_bytes: usize,
-    /// Largest WebAssembly stack a policy call may use, in bytes.
+    /// Largest WebAssembly stack a policy call may use, in bytes (at most 1 MiB: calls run on
+    /// threads with 2 MiB stacks).
     pub max_stack_bytes: usize,
     /// Policy calls running at once (sizes the pooling allocator); more wait for a slot.
     pub max_concurrent: u32,
@@ -408,8 +409,10 @@ impl Config {
         if !(64 * 1024..=4 << 30).contains(&p.memory_limit_bytes) {
             return Err(invalid("policy.memory_limit_bytes", "must be 64 KiB-4 GiB"));
         }
-        if !(16 * 1024..=64 << 20).contains(&p.max_stack_bytes) {
-            return Err(invalid("policy.max_stack_bytes", "must be 16 KiB-64 MiB"));
+        // Policies run on the blocking pool's threads (2 MiB native stacks): the WebAssembly
+        // stack must stay well inside, so a deep recursion traps instead of overflowing the host.
+        if !(16 * 1024..=1 << 20).contains(&p.max_stack_bytes) {
+            return Err(invalid("policy.max_stack_bytes", "must be 16 KiB-1 MiB"));
         }
         if !(1..=1024).contains(&p.max_concurrent) {
             return Err(invalid("policy.max_concurrent", "must be 1-1024"));
@@ -438,6 +441,9 @@ impl Config {
             }
             if let Err(problem) = item.mode.parse::<crate::policy::Mode>() {
                 return Err(invalid(&key("mode"), problem));
+            }
+            if p.preload[..i].iter().any(|other| other.name == item.name) {
+                return Err(invalid(&key("name"), format!("`{}` is preloaded twice", item.name)));
             }
         }
         if self.auth.admin_token_file.as_os_str().is_empty() {
@@ -543,5 +549,17 @@ mod tests {
         assert!(err.to_string().contains("tls.client_auth"), "{err}");
         let err = load("[tls.client_names]\n\"arm.cell\" = \"bad id!\"\n", &[]).expect_err("rejected");
         assert!(err.to_string().contains("tls.client_names"), "{err}");
+    }
+
+    #[test]
+    fn policy_settings_are_checked() {
+        let err = load("[policy]\nmax_stack_bytes = 4194304\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("policy.max_stack_bytes"), "{err}");
+        let twice = "[[policy.preload]]\nname = \"a\"\nworld = \"safety\"\npath = \"a.wasm\"\n\
+                     [[policy.preload]]\nname = \"a\"\nworld = \"safety\"\npath = \"b.wasm\"\n";
+        let err = load(twice, &[]).expect_err("rejected");
+        assert!(err.to_string().contains("policy.preload[1].name"), "{err}");
+        let err = load("[policy]\ntrusted_keys = [\"AAAA\"]\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("policy.trusted_keys[0]"), "{err}");
     }
 }

@@ -239,8 +239,11 @@ async fn infer(
     for (row, sample) in parsed.samples.iter().enumerate() {
         let instruction = match &sample[pos.instruction] {
             // UTF-8 bytes as tokens, zero-padded (checked to be 0-255 by `parse`).
+            // Only the trailing padding is cut: the policies see every byte the model sees,
+            // NULs included.
             TensorData::I64(tokens) => {
-                let bytes: Vec<u8> = tokens.iter().take_while(|&&t| t != 0).map(|&t| t as u8).collect();
+                let len = tokens.iter().rposition(|&t| t != 0).map_or(0, |i| i + 1);
+                let bytes: Vec<u8> = tokens[..len].iter().map(|&t| t as u8).collect();
                 String::from_utf8_lossy(&bytes).into_owned()
             }
             TensorData::F32(_) => String::new(),
@@ -256,11 +259,13 @@ async fn infer(
     }
 
     let (model, mut done) = server::compute(&app, model, parsed.samples, priority, deadline, deadline_ms).await?;
+    // The model that computed (a reload may have swapped it in): its outputs, its action.
+    let action_output = model.spec.robot_inputs().action_output;
     let mut traces = Vec::with_capacity(rows);
     for ((ctx, passed), d) in admitted.into_iter().zip(done.iter_mut()) {
-        let proposed = crate::model::f32s(&d.outputs[pos.action_output]);
+        let proposed = crate::model::f32s(&d.outputs[action_output]);
         let (action, trace) = app.policies.check_action(&set, ctx, &passed, &model.spec, proposed).await?;
-        d.outputs[pos.action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
+        d.outputs[action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
         traces.push(trace);
     }
     Ok(respond(&model.spec, parsed.id, &parsed.outputs, &done, &traces))

@@ -54,12 +54,14 @@ impl Audit {
         record.seq = self.db.generate_id()?;
         let bytes = serde_json::to_vec(record).unwrap_or_default();
         self.tree.insert(record.seq.to_be_bytes(), bytes)?;
-        let mut len = self.len.fetch_add(1, Ordering::Relaxed) + 1;
-        while len > self.retention {
+        self.len.fetch_add(1, Ordering::Relaxed);
+        // Each pop first claims one record over the retention, so appenders running at once
+        // never drop more than their surplus.
+        let retention = self.retention;
+        while self.len.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| (l > retention).then(|| l - 1)).is_ok() {
             if self.tree.pop_min()?.is_none() {
                 break;
             }
-            len = self.len.fetch_sub(1, Ordering::Relaxed) - 1;
         }
         Ok(())
     }
@@ -73,10 +75,10 @@ impl Audit {
                 key: format!("audit/{}", u64::from_be_bytes(key.as_ref().try_into().unwrap_or_default())),
                 problem: e.to_string(),
             })?;
+            // Keys are in write order, `time_unix_ms` is the request's arrival: a slow request's
+            // record can follow newer ones, so an old record does not end the scan.
             if q.since_unix_ms.is_some_and(|since| record.time_unix_ms < since) {
-                // Time order follows key order (one clock, ids handed out in order), so
-                // nothing older can match.
-                break;
+                continue;
             }
             let matches = q.robot_id.as_ref().is_none_or(|r| *r == record.robot_id)
                 && q.policy.as_ref().is_none_or(|p| *p == record.policy)

@@ -239,6 +239,14 @@ impl Policies {
         spec: &crate::spec::ModelSpec,
         values: Vec<f32>,
     ) -> Result<(Vec<f32>, PolicyTrace), ApiError> {
+        if values.len() != spec.action.dof * spec.action.horizon {
+            return Err(ApiError::Internal(format!(
+                "model `{}` returned {} action values, not dof × horizon = {}; nothing was sent",
+                spec.name,
+                values.len(),
+                spec.action.dof * spec.action.horizon
+            )));
+        }
         let action = Action {
             kind: registry::action_kind(spec.action.kind),
             dof: spec.action.dof as u32,
@@ -438,6 +446,11 @@ impl Installed {
             // A timeout with fuel to spare means the call sat descheduled on a busy machine:
             // the request is denied, but the policy is not to blame, so the breaker ignores it.
             Err(Failure::Timeout(_)) => {
+                health.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            // An older version, still serving requests that started before an upload, does not
+            // trip the breaker its replacement now shares.
+            Err(_) if !policies.is_current(self) => {
                 health.failures.fetch_add(1, Ordering::Relaxed);
             }
             Err(failure) => {

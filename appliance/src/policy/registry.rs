@@ -228,6 +228,12 @@ impl Policies {
         u64::from(self.config.breaker_failures)
     }
 
+    /// Whether `policy` is the version of its name in force (requests still running on an
+    /// older snapshot call older versions).
+    pub fn is_current(&self, policy: &Installed) -> bool {
+        self.snapshot().get(&policy.record.name).is_some_and(|p| std::ptr::eq(&**p, policy))
+    }
+
     pub fn audit(&self) -> &Audit {
         &self.audit
     }
@@ -361,6 +367,11 @@ impl Policies {
             Some(_) if mode.unwrap_or(current.record.mode) != Mode::Enforce => {
                 return Err(ChangeError::Invalid(
                     "field `replace`: only an enforcing policy can replace another; add `\"mode\": \"enforce\"`".into(),
+                ));
+            }
+            Some(_) if !patch.enabled.unwrap_or(current.record.enabled) => {
+                return Err(ChangeError::Invalid(
+                    "field `replace`: a disabled policy cannot replace another; add `\"enabled\": true`".into(),
                 ));
             }
             Some(other) if other == name => {

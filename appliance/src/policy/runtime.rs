@@ -170,7 +170,9 @@ impl Runtime {
             .consume_fuel(true)
             .epoch_interruption(true)
             .max_wasm_stack(config.max_stack_bytes);
-        let n = config.max_concurrent;
+        // One instance more than the calls requests may run at once: the upload dry run (one at
+        // a time, under the registry's write lock) never takes a request's instance.
+        let n = config.max_concurrent + 1;
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(n)
             .total_core_instances(n * 8)
