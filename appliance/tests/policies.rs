@@ -482,3 +482,30 @@ async fn hostile_policies_are_contained_and_other_robots_keep_being_served() {
     // Every failure is in the audit log.
     assert!(audit(&app, "?policy=hostile&decision=error").await.records.len() >= 8);
 }
+
+#[tokio::test]
+async fn preloaded_policies_follow_the_configuration_until_an_operator_takes_them_over() {
+    let limits =
+        |velocity: f32| preload("joint-limits", "safety", 10, json!({"robot_types": {"ur5e": {"velocity": velocity}}}));
+    let app = TestAppliance::start(move |config, _| config.policy.preload = vec![limits(0.5)]).await;
+    assert_eq!(policy(&app, "joint-limits").await.version, 1);
+    // Same configuration: nothing to do. Changed: a new version.
+    let app = app.restart().await;
+    assert_eq!(policy(&app, "joint-limits").await.version, 1);
+    let app = app.restart_with(move |config| config.policy.preload = vec![limits(0.1)]).await;
+    let info = policy(&app, "joint-limits").await;
+    assert_eq!((info.version, info.config["robot_types"]["ur5e"]["velocity"].as_f64()), (2, Some(0.1f32.into())));
+    // An operator's change wins over the configuration from then on.
+    assert_eq!(patch(&app, "joint-limits", json!({"order": 5})).await.status(), StatusCode::OK);
+    let app = app.restart_with(move |config| config.policy.preload = vec![limits(0.9)]).await;
+    let info = policy(&app, "joint-limits").await;
+    assert_eq!((info.version, info.order), (2, 5));
+    // A preloaded component that is missing stops the start, naming it.
+    let data = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(data.path());
+    config.policy.preload = vec![limits(0.5)];
+    config.policy.preload[0].path = "/nonexistent/joint-limits.wasm".into();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = appliance::run(config, listener, std::future::pending()).await.unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/joint-limits.wasm"), "{err}");
+}

@@ -210,12 +210,18 @@ impl TestAppliance {
     }
 
     /// Stops and starts again on the same data directory and configuration (a new port).
-    pub async fn restart(mut self) -> TestAppliance {
+    pub async fn restart(self) -> TestAppliance {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Stops and starts again on the same data directory, the configuration changed by `tune`.
+    pub async fn restart_with(mut self, tune: impl FnOnce(&mut Config)) -> TestAppliance {
         self.signal_shutdown();
         self.task.take().unwrap().await.unwrap().unwrap();
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().unwrap());
         let mut config = self.config.clone();
         config.server.listen = "127.0.0.1:0".parse().unwrap();
+        tune(&mut config);
         drop(self);
         Self::start_with(config, data).await
     }
