@@ -259,7 +259,7 @@ fn b64(bytes: &[u8]) -> String {
 
 /// A new key for `robot_id`: 64 random bits of id, 256 of secret, 128 of salt.
 pub fn issue_key(robot_id: &str) -> Result<IssuedKey, AuthError> {
-    let key_id: String = random::<8>()?.iter().map(|b| format!("{b:02x}")).collect();
+    let key_id = crate::store::hex(&random::<8>()?);
     let secret = b64(&random::<32>()?);
     let salt = random::<16>()?;
     let hash = hash_secret(&salt, &secret);

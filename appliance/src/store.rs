@@ -191,12 +191,17 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, St
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: key.into(), problem: e.to_string() })
 }
 
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Fixed-size byte arrays as lower-case hex.
 mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer, const N: usize>(bytes: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        s.collect_str(&super::hex(bytes))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {

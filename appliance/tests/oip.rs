@@ -171,7 +171,12 @@ async fn json_and_binary_tensors_give_the_robot_endpoints_action() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_rows_in_one_request_gives_each_rows_action() {
-    let app = TestAppliance::start(|_, _| {}).await;
+    // A policy that allows everything: each row's decision chain is reported.
+    let app = TestAppliance::start(|config, _| {
+        let limits = serde_json::json!({"robot_types": {"ur5e": {"velocity": 10.0}}});
+        config.policy.preload = vec![common::preload("joint-limits", "safety", 10, limits)];
+    })
+    .await;
     let (a, b) = (v1_action(&app, 1).await, v1_action(&app, 2).await);
     let ((i1, t1, s1), (i2, t2, s2)) = (tensors(1), tensors(2));
     let cat = |x: &[f32], y: &[f32]| [x, y].concat();
@@ -191,6 +196,10 @@ async fn a_batch_of_rows_in_one_request_gives_each_rows_action() {
     let actions = floats(&body["outputs"][0]["data"]);
     assert_close(&actions[..7], &a);
     assert_close(&actions[7..], &b);
+    assert_eq!(body["policy"]["policies"].as_array().unwrap().len(), 2, "{body}");
+    let rows = body["policy_rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["decision"] == "allow" && r["policies"][0]["name"] == "joint-limits"), "{body}");
 
     let stats: Value = app.admin(Method::GET, &format!("{MODEL}/stats")).send().await.unwrap().json().await.unwrap();
     let s = &stats["model_stats"][0];

@@ -113,16 +113,14 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// Policy names: 1-64 of `[A-Za-z0-9._-]`, starting with a letter or digit.
+/// Policy names: the model repository's names ([`crate::spec::is_valid_name`]), starting with
+/// a letter or digit.
 pub fn check_name(name: &str) -> Result<(), String> {
-    let ok_start = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if name.is_empty() || name.len() > 64 || !ok_start {
-        return Err("must be 1-64 characters, starting with a letter or digit".into());
+    if crate::spec::is_valid_name(name) && name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        Ok(())
+    } else {
+        Err("must be 1-64 of [A-Za-z0-9._-], starting with a letter or digit".into())
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("must contain only letters, digits, `.`, `_` and `-`, found {c:?}"));
-    }
-    Ok(())
 }
 
 /// Parses a trusted key: base64 of a 32-byte ed25519 public key.
@@ -332,7 +330,7 @@ pub fn run_chain(
             Ok(Decision::Allow) => ("allow", None, None),
             Ok(Decision::Deny(d)) => ("deny", Some(d.code.clone()), Some(d.reason.clone())),
             Ok(Decision::Modify(m)) => ("modify", None, Some(m.reason.clone())),
-            Err(f) => ("error", Some(f.kind().to_string()), Some(f.message().to_string())),
+            Err(f) => ("error", Some(f.kind().to_string()), Some(f.to_string())),
         };
         evals.push(PolicyEval {
             name: record.name.clone(),
@@ -393,13 +391,6 @@ pub fn run_chain(
         }
     }
     (Ok(Passed { evals, action: current, modified }), audit)
-}
-
-impl Failure {
-    /// The failure as told to the robot and the operator.
-    fn message(&self) -> String {
-        self.to_string()
-    }
 }
 
 impl Installed {

@@ -23,7 +23,7 @@ use super::runtime::{Compiled, Input, Runtime};
 use super::{Health, Mode, Passed, Refusal, World, check_decision, check_name, parse_public_key, run_chain};
 use crate::config::PolicyConfig;
 use crate::spec::ModelSpec;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, hex};
 
 /// A policy at rest: everything but the component bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,10 +88,6 @@ impl PolicySet {
 
     fn get(&self, name: &str) -> Option<&Arc<Installed>> {
         self.all().find(|p| p.record.name == name)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.admission.is_empty() && self.safety.is_empty()
     }
 }
 
@@ -609,6 +605,7 @@ impl Policies {
                     item.path.display()
                 )
             })?;
+            let sha256 = hex(&Sha256::digest(&bytes));
             let current = self.snapshot().get(&item.name).cloned();
             let world: World = item.world.parse().map_err(|p| format!("policy.preload `{}`: world {p}", item.name))?;
             let mode: Mode = item.mode.parse().map_err(|p| format!("policy.preload `{}`: mode {p}", item.name))?;
@@ -619,7 +616,7 @@ impl Policies {
                     tracing::info!(policy = %item.name, "policy.preload entry skipped: changed through the admin API since");
                     continue;
                 }
-                if r.sha256 == hex(&Sha256::digest(&bytes))
+                if r.sha256 == sha256
                     && r.world == world
                     && r.mode == mode
                     && r.order == item.order
@@ -638,7 +635,7 @@ impl Policies {
                 order: item.order,
                 mode,
                 enabled: current.as_ref().is_none_or(|p| p.record.enabled),
-                sha256: hex(&Sha256::digest(&bytes)),
+                sha256,
                 size_bytes: bytes.len() as u64,
                 signed: false,
                 config,
@@ -691,8 +688,4 @@ fn info(p: &Installed) -> PolicyInfo {
         problem,
         stats: p.health.stats(),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
