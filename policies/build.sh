@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the policy components into policies/dist/ (run from anywhere; scripts/setup.sh runs it).
-#   dist/<name>.wasm           the shipped policies (joint-limits, workspace-bounds, instruction-filter)
+#   dist/<name>.wasm           the shipped policies (joint-limits, workspace-bounds, instruction-filter, rate-limit)
 #   dist/fixtures/<name>.wasm  hostile fixtures for the appliance's containment tests (test-only)
 # Guests are built for wasm32-unknown-unknown and made into components by ./componentize, so
 # they import nothing but their world (vla:policy/host and the types); wasi-filesystem alone is
@@ -12,7 +12,7 @@ cd "$here"
 export CARGO_TARGET_DIR="$(realpath -m "${CARGO_TARGET_DIR:-$here/target}")"
 target_dir="$CARGO_TARGET_DIR"
 
-shipped=(joint-limits workspace-bounds instruction-filter)
+shipped=(joint-limits workspace-bounds instruction-filter rate-limit)
 fixtures=(spin memory-bomb deep-recursion panic oversized-output log-flood)
 
 installed="$(rustup target list --installed)"

@@ -24,6 +24,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub policy: PolicyConfig,
+    pub quota: QuotaConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,6 +151,26 @@ pub struct PolicyConfig {
     pub preload: Vec<PreloadPolicy>,
 }
 
+/// Rate limits and quotas ([`crate::quota`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// `sync`: a charge is on disk before the response that acknowledges it is sent (group
+    /// commit). `interval:<ms>`: flushed every `<ms>`; a crash loses at most that window.
+    pub durability: String,
+    /// Limits per robot id; they win over the rate-limit policy's defaults, and the admin API's
+    /// overrides win over them. Each: `rate` (`10/min`), `burst`, `day`, `month`.
+    pub robots: BTreeMap<String, vla_api::QuotaLimits>,
+    /// Limits per robot group, as for `robots`.
+    pub groups: BTreeMap<String, vla_api::QuotaLimits>,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig { durability: "sync".into(), robots: BTreeMap::new(), groups: BTreeMap::new() }
+    }
+}
+
 /// A policy the configuration installs; see [`PolicyConfig::preload`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -203,6 +224,16 @@ impl Default for PolicyConfig {
             audit_retention: 100_000,
             trusted_keys: Vec::new(),
             preload: vec![
+                // First: a flood is refused before any other policy spends time on it.
+                shipped(
+                    "rate-limit",
+                    "admission",
+                    0,
+                    serde_json::json!({
+                        "exempt_instructions": ["stop", "stop *", "halt", "emergency stop*"],
+                        "robot": {"rate": "50/s", "burst": 50}
+                    }),
+                ),
                 shipped(
                     "instruction-filter",
                     "admission",
@@ -446,6 +477,19 @@ impl Config {
                 return Err(invalid(&key("name"), format!("`{}` is preloaded twice", item.name)));
             }
         }
+        if let Err(problem) = self.quota.durability.parse::<crate::quota::Durability>() {
+            return Err(invalid("quota.durability", problem));
+        }
+        for (table, limits) in [("robots", &self.quota.robots), ("groups", &self.quota.groups)] {
+            for (key, wire) in limits {
+                if let Err(problem) = crate::validate::check_robot_id(key) {
+                    return Err(invalid(&format!("quota.{table}.\"{key}\""), problem));
+                }
+                if let Err((field, problem)) = crate::quota::Limits::parse(wire) {
+                    return Err(invalid(&format!("quota.{table}.\"{key}\".{field}"), problem));
+                }
+            }
+        }
         if self.auth.admin_token_file.as_os_str().is_empty() {
             return Err(invalid("auth.admin_token_file", "must not be empty"));
         }
@@ -561,5 +605,18 @@ mod tests {
         assert!(err.to_string().contains("policy.preload[1].name"), "{err}");
         let err = load("[policy]\ntrusted_keys = [\"AAAA\"]\n", &[]).expect_err("rejected");
         assert!(err.to_string().contains("policy.trusted_keys[0]"), "{err}");
+    }
+
+    #[test]
+    fn quota_settings_are_checked_and_name_the_key() {
+        let config = load("[quota]\ndurability = \"interval:250\"\n[quota.robots.arm-1]\nrate = \"10/min\"\n", &[])
+            .expect("loads");
+        assert_eq!(config.quota.robots["arm-1"].rate.as_deref(), Some("10/min"));
+        let err = load("[quota]\ndurability = \"sometimes\"\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("quota.durability"), "{err}");
+        let err = load("[quota.robots.arm-1]\nrate = \"10 per minute\"\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("quota.robots.\"arm-1\".rate"), "{err}");
+        let err = load("[quota.groups.line-a]\nday = -5\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("quota.groups.line-a.day"), "{err}");
     }
 }

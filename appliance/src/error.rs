@@ -77,6 +77,8 @@ pub enum ApiError {
     SignatureInvalid(String),
     #[error("policy `{0}` is not installed")]
     PolicyNotFound(String),
+    #[error("quota state could not be written to disk, so the request is not acknowledged: {0}")]
+    QuotaUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -124,10 +126,12 @@ impl ApiError {
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
             ApiError::Inference { .. } => "inference_failed",
             ApiError::PolicyRefused(r) if r.failed => "policy_error",
+            ApiError::PolicyRefused(r) if r.rate_limit.is_some() => "rate_limited",
             ApiError::PolicyRefused(_) => "policy_rejected",
             ApiError::PolicyInvalid(_) => "policy_invalid",
             ApiError::SignatureInvalid(_) => "signature_invalid",
             ApiError::PolicyNotFound(_) => "policy_not_found",
+            ApiError::QuotaUnavailable(_) => "quota_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -143,6 +147,7 @@ impl ApiError {
             | ApiError::PolicyInvalid(_)
             | ApiError::SignatureInvalid(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::PolicyRefused(r) if r.rate_limit.is_some() && !r.failed => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -161,9 +166,11 @@ impl ApiError {
             | ApiError::PolicyNotFound(_)
             | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::QueueFull { .. } | ApiError::ShuttingDown | ApiError::Unavailable | ApiError::ModelChanged(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::QueueFull { .. }
+            | ApiError::ShuttingDown
+            | ApiError::Unavailable
+            | ApiError::ModelChanged(_)
+            | ApiError::QuotaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Inference { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -197,9 +204,16 @@ impl IntoResponse for ApiError {
                 .into_response(),
         };
         let retry_after = match &self {
+            ApiError::PolicyRefused(r) if self.status() == StatusCode::TOO_MANY_REQUESTS => {
+                r.rate_limit.map(|s| {
+                    crate::server::rate_limit_headers(response.headers_mut(), &s);
+                    // Whole seconds, rounded up: a robot that waits this long fits.
+                    s.retry_after_ms.div_ceil(1000).max(1)
+                })
+            }
             ApiError::QueueFull { retry_after_s, .. } => Some(*retry_after_s),
             ApiError::ModelChanged(_) => Some(1),
-            ApiError::ShuttingDown | ApiError::Unavailable => Some(5),
+            ApiError::ShuttingDown | ApiError::Unavailable | ApiError::QuotaUnavailable(_) => Some(5),
             _ => None,
         };
         if let Some(seconds) = retry_after {

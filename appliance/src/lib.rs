@@ -8,7 +8,7 @@
 //! | listen | [`server`], [`tls`] | TLS (and client certificates), HTTP/1.1 and HTTP/2, routing, graceful shutdown |
 //! | auth | [`auth`] | every path closed unless public: robot key, client certificate or admin token |
 //! | validate | [`validate`], [`oip`] | JSON body (or OIP tensors) → checked request; errors name the field |
-//! | admission | [`policy`] | operator-uploaded WebAssembly policies decide whether the request may be computed |
+//! | admission | [`policy`], [`quota`] | operator-uploaded WebAssembly policies decide whether the request may be computed, charging the robot's durable rate limits and quotas |
 //! | preprocess | [`preprocess`] | base64 JPEG/PNG → normalised tensor, instruction → tokens (blocking pool) |
 //! | queue | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
 //! | batch | [`batcher`] | executor threads take batches, run them, answer each request |
@@ -17,8 +17,8 @@
 //!
 //! Around them: [`config`] (the one configuration tree), [`spec`] (`model.toml`),
 //! [`repository`] (loading and reloading the models), [`admin`] (robot registry and model
-//! repository endpoints), [`store`] (sled: the robot registry, policies and audit log at
-//! rest), [`demo`] (the generated `tiny-vla` model) and [`error`] (the HTTP boundary's error
+//! repository endpoints), [`store`] (sled: the robot registry, policies, audit log and
+//! quota state at rest), [`demo`] (the generated `tiny-vla` model) and [`error`] (the HTTP boundary's error
 //! type: status and stable code per variant).
 //!
 //! The library reads no environment: the binary loads [`Config`], binds the listener and
@@ -35,6 +35,7 @@ pub mod oip;
 pub mod policy;
 pub mod preprocess;
 pub mod queue;
+pub mod quota;
 pub mod repository;
 pub mod server;
 pub mod spec;
@@ -63,6 +64,8 @@ pub enum RunError {
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Quota(#[from] quota::QuotaError),
     #[error("policies: {0}")]
     Policy(String),
     #[error("{0}")]
@@ -99,6 +102,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             .map_err(|e| RunError::Task(format!("store task failed: {e}")))??
     };
     let store = Arc::new(store);
+    // Before the models: a quota store that cannot be trusted stops the start at once.
+    let quotas = Arc::new(quota::Quotas::open(store.db(), &config.quota)?);
+    tracing::info!(durability = %quotas.durability(), "quota store");
     let token_file = config.admin_token_file();
     let (admin_hash, generated) = auth::admin_token(&token_file)?;
     if generated {
@@ -135,13 +141,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         let models = models.clone();
         tokio::task::spawn_blocking(move || {
             let default = models.default_model().and_then(|name| models.resolve(Some(name)).ok());
-            policy::Policies::open(&config.policy, &config.data.dir, &store, default.as_ref().map(|m| &*m.spec))
+            let default = default.as_ref().map(|m| &*m.spec);
+            policy::Policies::open(&config.policy, &config.data.dir, &store, quotas, default)
         })
         .await
         .map_err(|e| RunError::Task(format!("policy loading task failed: {e}")))?
         .map_err(RunError::Policy)?
     };
     let policies = Arc::new(policies);
+    let quotas = policies.quotas().clone();
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = server::AppState {
@@ -151,6 +159,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         preprocess_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)),
         auth,
         policies,
+        quotas,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     match listener.local_addr() {

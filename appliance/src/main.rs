@@ -15,6 +15,31 @@ struct Args {
     /// Check the configuration, print it and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Maintain the quota store offline (stop the appliance first).
+    Quota {
+        #[command(subcommand)]
+        action: QuotaAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum QuotaAction {
+    /// Print every readable quota record as JSON (unreadable ones are listed on stderr).
+    Export,
+    /// Replace the quota records with an export (all are checked before any is written).
+    Import { file: PathBuf },
+    /// Forget all quota usage (every bucket full) and the admin API's limit overrides.
+    Reset {
+        /// Keep the limits set through `PUT /admin/quotas/{robot}`.
+        #[arg(long)]
+        keep_limits: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +65,9 @@ fn run() -> anyhow::Result<()> {
         println!("{}", toml::to_string_pretty(&config).context("printing the configuration")?);
         return Ok(());
     }
+    if let Some(Command::Quota { action }) = args.command {
+        return quota(&config, action);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("appliance-rt")
@@ -52,6 +80,39 @@ fn run() -> anyhow::Result<()> {
         appliance::run(config, listener, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+fn quota(config: &appliance::Config, action: QuotaAction) -> anyhow::Result<()> {
+    use appliance::quota::offline;
+    let store = appliance::store::Store::open(&config.data.dir)
+        .context("opening the store (is the appliance still running?)")?;
+    let db = store.db();
+    match action {
+        QuotaAction::Export => {
+            let (exported, skipped) = offline::export(db)?;
+            for s in &skipped {
+                eprintln!("skipped unreadable record {s}");
+            }
+            println!("{}", serde_json::to_string_pretty(&exported)?);
+        }
+        QuotaAction::Import { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}", file.display()))?;
+            let n = offline::import(db, &value)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{}", file.display()))?;
+            eprintln!("imported {n} quota records");
+        }
+        QuotaAction::Reset { keep_limits } => {
+            offline::reset(db, keep_limits)?;
+            eprintln!(
+                "quota usage forgotten{}",
+                if keep_limits { "; limit overrides kept" } else { " and limit overrides removed" }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).

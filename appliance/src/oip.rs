@@ -254,11 +254,17 @@ async fn infer(
         };
         let id = if rows == 1 { request_id.clone() } else { format!("{request_id}/{row}") };
         let ctx = crate::policy::context(&id, &robot, &model.spec.name, instruction, state, now);
-        let passed = app.policies.admit(&set, &ctx).await?;
+        let passed = app.policies.admit(&set, &ctx, &robot.group).await?;
         admitted.push((ctx, passed));
     }
 
     let (model, mut done) = server::compute(&app, model, parsed.samples, priority, deadline, deadline_ms).await?;
+    // Computed: each row's charge is kept (and on disk before the answer, in sync mode).
+    for (_, passed) in &admitted {
+        passed.keep_charges().await?;
+    }
+    // The tightest bucket after the last row's charge goes in the `RateLimit-*` headers.
+    let quota = admitted.iter().filter_map(|(_, p)| p.quota_status()).min_by_key(|s| (s.remaining, s.reset_ms));
     // The model that computed (a reload may have swapped it in): its outputs, its action.
     let action_output = model.spec.robot_inputs().action_output;
     let mut traces = Vec::with_capacity(rows);
@@ -268,7 +274,11 @@ async fn infer(
         d.outputs[action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
         traces.push(trace);
     }
-    Ok(respond(&model.spec, parsed.id, &parsed.outputs, &done, &traces))
+    let mut response = respond(&model.spec, parsed.id, &parsed.outputs, &done, &traces);
+    if let Some(status) = quota {
+        server::rate_limit_headers(response.headers_mut(), &status);
+    }
+    Ok(response)
 }
 
 fn invalid(name: &str, problem: impl Into<String>) -> ApiError {

@@ -48,6 +48,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Admission and safety policies, and the audit log.
     pub policies: Arc<Policies>,
+    /// Rate limits and quotas the admission policies charge (also `policies.quotas()`).
+    pub quotas: Arc<crate::quota::Quotas>,
 }
 
 impl AppState {
@@ -98,6 +100,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
     routes.extend(oip::routes());
     routes.extend(admin::routes());
     routes.extend(crate::policy::api::routes());
+    routes.extend(crate::quota::api::routes());
     routes
 }
 
@@ -198,7 +201,7 @@ async fn inference(
         request.state.clone(),
         crate::admin::now_ms(),
     );
-    let admitted = app.policies.admit(&policies, &ctx).await?;
+    let admitted = app.policies.admit(&policies, &ctx, &robot.group).await?;
 
     let preprocess_start = Instant::now();
     let inputs = {
@@ -222,6 +225,8 @@ async fn inference(
 
     let (model, mut done) = compute(&app, model, vec![inputs], checked.priority, deadline, checked.deadline_ms).await?;
     let done = done.pop().ok_or_else(|| ApiError::Internal("no result".into()))?;
+    // Computed: the robot is charged (given back above on any failure), on disk before it hears.
+    admitted.keep_charges().await?;
     let action_output = model.spec.robot_inputs().action_output;
     let proposed = crate::model::f32s(&done.outputs[action_output]);
     let (action, policy) = app.policies.check_action(&policies, ctx, &admitted, &model.spec, proposed).await?;
@@ -239,7 +244,20 @@ async fn inference(
             batch_size: done.batch_size,
         },
     };
-    Ok(axum::Json(response).into_response())
+    let mut response = axum::Json(response).into_response();
+    if let Some(status) = admitted.quota_status() {
+        rate_limit_headers(response.headers_mut(), &status);
+    }
+    Ok(response)
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds until the bucket
+/// is full again or its period starts over) for `status`.
+pub fn rate_limit_headers(headers: &mut HeaderMap, status: &crate::quota::Status) {
+    let reset_s = status.reset_ms.saturating_sub(crate::admin::now_ms()).div_ceil(1000);
+    headers.insert("ratelimit-limit", status.limit.into());
+    headers.insert("ratelimit-remaining", status.remaining.into());
+    headers.insert("ratelimit-reset", reset_s.into());
 }
 
 /// Queues every sample (one per batch row) and waits for all their results. A sample refused

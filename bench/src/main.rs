@@ -214,6 +214,12 @@ fn batching(concurrency: &[usize], seconds: f64, image: &str, no_policies: bool)
         if no_policies {
             config.policy.preload.clear();
         }
+        // Every simulated robot shares the demo robot's identity: its rate limit must not be
+        // what is measured (the quota path itself still runs).
+        config.quota.robots.insert(
+            appliance::admin::DEMO_ROBOT.into(),
+            vla_api::QuotaLimits { rate: Some("1000000/s".into()), ..Default::default() },
+        );
         let repo = config.model_repository().join(appliance::demo::NAME);
         std::fs::create_dir_all(&repo)?;
         std::fs::copy(model_dir.join("model.pt"), repo.join("model.pt"))?;

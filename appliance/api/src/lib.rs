@@ -354,3 +354,61 @@ pub struct AuditRecord {
 pub struct AuditList {
     pub records: Vec<AuditRecord>,
 }
+
+/// Limits of one robot or group: `PUT /admin/quotas/{robot}`, and `quota.robots.<id>` /
+/// `quota.groups.<group>` in the configuration. A field left out falls through to the next
+/// source (configuration, then the rate-limit policy's own defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    /// `<requests>/<period>`, e.g. `10/min`, `5/s`, `300/15m` (units ms, s, min or m, h, d).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// Requests allowed at once, at most; defaults to the rate's request count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    /// Requests per UTC day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day: Option<u64>,
+    /// Requests per UTC calendar month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub month: Option<u64>,
+}
+
+/// One bucket of a robot or group as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaBucket {
+    /// `robot` or `group`.
+    pub scope: String,
+    /// `rate`, `day` or `month`.
+    pub bucket: String,
+    /// The burst (rate) or the period's maximum (day, month).
+    pub limit: u64,
+    pub used: u64,
+    pub remaining: u64,
+    /// When the rate bucket is full again, or the period starts over.
+    pub reset_unix_ms: u64,
+    /// Where the limit comes from: `admin` (this API), `config`, or `policy` (the limit the
+    /// rate-limit policy last charged under).
+    pub source: String,
+}
+
+/// `GET /admin/quotas/{robot}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobotQuota {
+    pub robot_id: String,
+    pub robot_type: String,
+    pub group: String,
+    /// The operator's limits for this robot set through this API (empty when none).
+    pub overrides: QuotaLimits,
+    /// The limits the configuration sets for this robot.
+    pub configured: QuotaLimits,
+    /// The robot's and its group's buckets that have a limit or have been charged.
+    pub buckets: Vec<QuotaBucket>,
+}
+
+/// `GET /admin/quotas`: every registered robot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaList {
+    pub robots: Vec<RobotQuota>,
+}

@@ -8,6 +8,9 @@ mod admission_world {
     wasmtime::component::bindgen!({
         world: "admission",
         path: "../wit",
+        // A quota call that cannot reach the store traps the policy (it fails closed) instead
+        // of inventing an answer.
+        imports: { "vla:policy/quota": trappable },
     });
 }
 
@@ -23,14 +26,16 @@ mod safety_world {
 }
 
 pub use admission_world::vla::policy::host::{self, LogLevel};
+pub use admission_world::vla::policy::quota;
 pub use admission_world::vla::policy::types::{
     self, Action, ActionKind, Decision, Denial, Modification, RequestContext,
 };
 pub use admission_world::{Admission, AdmissionPre};
 pub use safety_world::{Safety, SafetyPre};
 
-/// The interfaces a policy may import, without their `@version` suffix; the version must be
-/// compatible with [`PACKAGE_VERSION`].
-pub const ALLOWED_IMPORTS: [&str; 2] = ["vla:policy/host", "vla:policy/types"];
+/// The interfaces a policy of each world may import, without their `@version` suffix; the
+/// version must be compatible with [`PACKAGE_VERSION`].
+pub const ADMISSION_IMPORTS: [&str; 3] = ["vla:policy/host", "vla:policy/types", "vla:policy/quota"];
+pub const SAFETY_IMPORTS: [&str; 2] = ["vla:policy/host", "vla:policy/types"];
 /// The WIT package's version the host implements.
 pub const PACKAGE_VERSION: &str = "0.1.0";

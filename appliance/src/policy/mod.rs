@@ -180,6 +180,9 @@ pub struct Refusal {
     pub reason: String,
     /// The policy failed (`policy_error`) rather than denied (`policy_rejected`).
     pub failed: bool,
+    /// The policy denied after a quota bucket refused a charge: the robot gets 429 with this
+    /// bucket's `Retry-After` and `RateLimit-*` headers.
+    pub rate_limit: Option<crate::quota::Status>,
     pub trace: PolicyTrace,
 }
 
@@ -190,6 +193,26 @@ pub struct Passed {
     /// The final action (safety chains), after any enforced `modify`.
     pub action: Option<Action>,
     pub modified: bool,
+    /// What the admission chain charged to the robot's quotas; given back unless the request
+    /// [keeps](Passed::keep_charges) it.
+    pub charged: Option<Arc<crate::quota::Charged>>,
+}
+
+impl Passed {
+    /// The request got its action: keep what admission charged and wait until the charge is on
+    /// disk (`quota.durability = "sync"`). A charge that cannot be made durable fails the
+    /// request (503), so nothing is acknowledged that a crash could forget.
+    pub async fn keep_charges(&self) -> Result<(), ApiError> {
+        match &self.charged {
+            Some(c) => c.keep().await.map_err(ApiError::from),
+            None => Ok(()),
+        }
+    }
+
+    /// The tightest quota bucket after this request's charges, for the `RateLimit-*` headers.
+    pub fn quota_status(&self) -> Option<crate::quota::Status> {
+        self.charged.as_ref().and_then(|c| c.tightest)
+    }
 }
 
 /// What a request's two chains decided, for the response.
@@ -222,9 +245,15 @@ pub fn context(
 }
 
 impl Policies {
-    /// The admission chain for one request; a refusal is the robot's 422.
-    pub async fn admit(self: &Arc<Self>, set: &Arc<PolicySet>, ctx: &RequestContext) -> Result<Passed, ApiError> {
-        self.run(set, World::Admission, ctx.clone(), None).await.map_err(ApiError::PolicyRefused)
+    /// The admission chain for one request from a robot of `group`; a refusal is the robot's
+    /// 422 (or 429 when a quota ran out).
+    pub async fn admit(
+        self: &Arc<Self>,
+        set: &Arc<PolicySet>,
+        ctx: &RequestContext,
+        group: &str,
+    ) -> Result<Passed, ApiError> {
+        self.run(set, World::Admission, ctx.clone(), group.into(), None).await.map_err(ApiError::PolicyRefused)
     }
 
     /// The safety chain on the model's proposed `values`; returns the action to send and the
@@ -251,7 +280,7 @@ impl Policies {
             horizon: spec.action.horizon as u32,
             values,
         };
-        match self.run(set, World::Safety, ctx, Some(action)).await {
+        match self.run(set, World::Safety, ctx, String::new(), Some(action)).await {
             Ok(passed) => {
                 let trace = trace(admitted, &passed);
                 Ok((passed.action.map(|a| a.values).unwrap_or_default(), trace))
@@ -311,11 +340,15 @@ fn check_decision(world: World, decision: Decision, shown: Option<&Action>) -> R
 /// Runs `policies` (one world's chain, in order) on `ctx` and `action`. Blocking.
 ///
 /// Returns the chain's outcome and the audit records it produced (written by the caller).
+///
+/// An admission chain gets the request's quota `session`: enforcing policies charge it, shadow
+/// ones only see what a charge would do. If the chain refuses, its charges are given back.
 pub fn run_chain(
     policies: &Policies,
     chain: &[Arc<Installed>],
     ctx: &RequestContext,
     action: Option<Action>,
+    mut session: Option<crate::quota::Session>,
 ) -> (Result<Passed, Refusal>, Vec<AuditRecord>) {
     let mut evals = Vec::with_capacity(chain.len());
     let mut audit = Vec::new();
@@ -323,8 +356,12 @@ pub fn run_chain(
     let mut modified = false;
     for policy in chain.iter().filter(|p| p.record.enabled) {
         let record = &policy.record;
+        if let Some(s) = &mut session {
+            s.apply = record.mode == Mode::Enforce;
+            s.refused = None;
+        }
         let started = Instant::now();
-        let outcome = policy.call(policies, ctx, current.as_ref());
+        let outcome = policy.call(policies, ctx, current.as_ref(), &mut session);
         let eval_us = started.elapsed().as_micros() as u64;
         let (decision, code, reason) = match &outcome {
             Ok(Decision::Allow) => ("allow", None, None),
@@ -378,24 +415,35 @@ pub fn run_chain(
             }
             Ok(Decision::Deny(_)) | Err(_) => {
                 let failed = outcome.is_err();
+                let rate_limit = session.as_ref().and_then(|s| s.refused).filter(|_| !failed);
+                // Dropping the charges unkept gives them back.
+                drop(session.and_then(crate::quota::Session::finish));
                 let refusal = Refusal {
                     policy: record.name.clone(),
                     version: record.version,
                     code: code.unwrap_or_default(),
                     reason: reason.unwrap_or_default(),
                     failed,
+                    rate_limit,
                     trace: PolicyTrace { decision: "deny".into(), policies: evals },
                 };
                 return (Err(refusal), audit);
             }
         }
     }
-    (Ok(Passed { evals, action: current, modified }), audit)
+    let charged = session.and_then(crate::quota::Session::finish);
+    (Ok(Passed { evals, action: current, modified, charged }), audit)
 }
 
 impl Installed {
     /// One evaluation with breaker and counters. Fails closed on every path.
-    fn call(&self, policies: &Policies, ctx: &RequestContext, action: Option<&Action>) -> Result<Decision, Failure> {
+    fn call(
+        &self,
+        policies: &Policies,
+        ctx: &RequestContext,
+        action: Option<&Action>,
+        session: &mut Option<crate::quota::Session>,
+    ) -> Result<Decision, Failure> {
         let health = &self.health;
         let outcome = if health.open.load(Ordering::Relaxed) {
             Err(Failure::Instantiate(format!(
@@ -414,10 +462,10 @@ impl Installed {
                             return Err(Failure::Instantiate("safety policy called without an action".into()));
                         }
                     };
-                    let result = policies
-                        .runtime()
-                        .call(compiled, &self.name, &self.config, input)
-                        .and_then(|d| check_decision(self.record.world, d, action));
+                    let (result, back) =
+                        policies.runtime().call_with(compiled, &self.name, &self.config, input, session.take());
+                    *session = back;
+                    let result = result.and_then(|d| check_decision(self.record.world, d, action));
                     health.evaluations.fetch_add(1, Ordering::Relaxed);
                     health.eval_us_total.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     result

@@ -22,6 +22,7 @@ use super::bindings::{Action, ActionKind, RequestContext};
 use super::runtime::{Compiled, Input, Runtime};
 use super::{Health, Mode, Passed, Refusal, World, check_decision, check_name, parse_public_key, run_chain};
 use crate::config::PolicyConfig;
+use crate::quota::{Quotas, Session};
 use crate::spec::ModelSpec;
 use crate::store::{Store, StoreError, hex};
 
@@ -179,6 +180,8 @@ pub struct Policies {
     /// Bounds calls running at once to the pooling allocator's size.
     slots: Arc<Semaphore>,
     sample: Sample,
+    /// The quota store admission policies charge.
+    quotas: Arc<Quotas>,
 }
 
 impl Policies {
@@ -189,6 +192,7 @@ impl Policies {
         config: &PolicyConfig,
         data_dir: &Path,
         store: &Store,
+        quotas: Arc<Quotas>,
         model: Option<&ModelSpec>,
     ) -> Result<Policies, String> {
         let data_dir = std::path::absolute(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
@@ -210,6 +214,7 @@ impl Policies {
             write: Mutex::new(()),
             slots: Arc::new(Semaphore::new(config.max_concurrent as usize)),
             sample: Sample::new(model),
+            quotas,
         };
         policies.restore()?;
         policies.preload()?;
@@ -218,6 +223,10 @@ impl Policies {
 
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+
+    pub fn quotas(&self) -> &Arc<Quotas> {
+        &self.quotas
     }
 
     pub fn breaker_failures(&self) -> u64 {
@@ -246,6 +255,7 @@ impl Policies {
         set: &Arc<PolicySet>,
         world: World,
         ctx: RequestContext,
+        group: String,
         action: Option<Action>,
     ) -> Result<Passed, Box<Refusal>> {
         let chain = match world {
@@ -253,7 +263,7 @@ impl Policies {
             World::Safety => &set.safety,
         };
         if chain.iter().all(|p| !p.record.enabled) {
-            return Ok(Passed { evals: Vec::new(), action, modified: false });
+            return Ok(Passed { evals: Vec::new(), action, modified: false, charged: None });
         }
         let refusal = |reason: String| {
             Box::new(Refusal {
@@ -262,6 +272,7 @@ impl Policies {
                 code: "unavailable".into(),
                 reason,
                 failed: true,
+                rate_limit: None,
                 trace: vla_api::PolicyTrace { decision: "deny".into(), policies: Vec::new() },
             })
         };
@@ -277,7 +288,9 @@ impl Policies {
                 World::Admission => &set.admission,
                 World::Safety => &set.safety,
             };
-            let (outcome, audit) = run_chain(&policies, chain, &ctx, action);
+            let session = (world == World::Admission)
+                .then(|| Session::new(policies.quotas.clone(), &ctx.robot_id, &group, ctx.time_ms));
+            let (outcome, audit) = run_chain(&policies, chain, &ctx, action, session);
             policies.audit.append(audit);
             outcome.map_err(Box::new)
         })
@@ -482,8 +495,15 @@ impl Policies {
             World::Safety => Input::Evaluate(&self.sample.ctx, &self.sample.action),
         };
         let shown = (installed.record.world == World::Safety).then_some(&self.sample.action);
+        // Admission policies may charge quotas: the dry run's charges are computed, not written.
+        let session = (installed.record.world == World::Admission).then(|| {
+            let mut s = Session::new(self.quotas.clone(), "dry-run", "dry-run", crate::admin::now_ms());
+            s.apply = false;
+            s
+        });
         self.runtime
-            .call(compiled, &installed.name, &installed.config, input)
+            .call_with(compiled, &installed.name, &installed.config, input, session)
+            .0
             .and_then(|d| check_decision(installed.record.world, d, shown))
             .map(drop)
             .map_err(|f| ChangeError::Invalid(format!("the dry run on a sample request failed: the policy {f}")))

@@ -17,10 +17,11 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::World;
 use super::bindings::{
-    ALLOWED_IMPORTS, Action, Admission, AdmissionPre, Decision, LogLevel, PACKAGE_VERSION, RequestContext, SafetyPre,
-    host, types,
+    ADMISSION_IMPORTS, Action, Admission, AdmissionPre, Decision, LogLevel, PACKAGE_VERSION, RequestContext,
+    SAFETY_IMPORTS, SafetyPre, host, quota, types,
 };
 use crate::config::PolicyConfig;
+use crate::quota::{Limits, Rate, Scope, Session, Status};
 
 /// How many log lines one call may write, and how long each may be.
 const LOG_LINES_PER_CALL: u32 = 16;
@@ -92,6 +93,8 @@ pub struct HostState {
     config: Arc<str>,
     logs_left: u32,
     logs_dropped: u32,
+    /// The request's quota session (admission chains); `None` elsewhere.
+    quota: Option<Session>,
 }
 
 impl std::fmt::Debug for HostState {
@@ -121,6 +124,64 @@ impl host::Host for HostState {
 
     fn config(&mut self) -> String {
         self.config.to_string()
+    }
+}
+
+impl quota::Host for HostState {
+    fn peek(&mut self, scope: quota::Scope, defaults: quota::Limits) -> wasmtime::Result<Vec<quota::Status>> {
+        let session = self.quota.as_ref().ok_or_else(no_quota)?;
+        let statuses = session.peek(scope_of(scope), limits_of(&defaults)?)?;
+        Ok(statuses.iter().map(status_to_wit).collect())
+    }
+
+    fn try_consume(
+        &mut self,
+        scope: quota::Scope,
+        defaults: quota::Limits,
+        amount: u32,
+    ) -> wasmtime::Result<Result<Vec<quota::Status>, quota::Status>> {
+        let session = self.quota.as_mut().ok_or_else(no_quota)?;
+        Ok(match session.try_consume(scope_of(scope), limits_of(&defaults)?, u64::from(amount))? {
+            Ok(statuses) => Ok(statuses.iter().map(status_to_wit).collect()),
+            Err(refused) => Err(status_to_wit(&refused)),
+        })
+    }
+}
+
+fn no_quota() -> wasmtime::Error {
+    wasmtime::format_err!("the quota store is only available to admission policies serving a request")
+}
+
+fn scope_of(s: quota::Scope) -> Scope {
+    match s {
+        quota::Scope::Robot => Scope::Robot,
+        quota::Scope::Group => Scope::Group,
+    }
+}
+
+/// The policy's defaults, checked like an operator's limits (a zero rate traps the policy).
+fn limits_of(l: &quota::Limits) -> wasmtime::Result<Limits> {
+    let rate = match l.rate {
+        None => None,
+        Some(r) if r.requests == 0 || r.period_ms == 0 || r.burst == 0 => {
+            wasmtime::bail!("quota: a rate needs requests, period-ms and burst of at least 1, got {r:?}")
+        }
+        Some(r) => Some(Rate { requests: r.requests, period_ms: r.period_ms, burst: r.burst }),
+    };
+    Ok(Limits { rate, day: l.day, month: l.month })
+}
+
+fn status_to_wit(s: &Status) -> quota::Status {
+    quota::Status {
+        bucket: match s.bucket {
+            crate::quota::Bucket::Rate => quota::Bucket::Rate,
+            crate::quota::Bucket::Day => quota::Bucket::Day,
+            crate::quota::Bucket::Month => quota::Bucket::Month,
+        },
+        limit: s.limit,
+        remaining: s.remaining,
+        reset_ms: s.reset_ms,
+        retry_after_ms: s.retry_after_ms,
     }
 }
 
@@ -232,12 +293,13 @@ impl Runtime {
             // nothing, so only instances and functions are checked.
             .filter(|(_, item)| !matches!(item.ty, ComponentItem::Type(_)))
             .map(|(name, _)| name.to_string())
-            .filter(|name| !allowed_import(name))
+            .filter(|name| !allowed_import(world, name))
             .collect();
         if !offending.is_empty() {
             return Err(format!(
-                "imports {} beyond the {world} world's `vla:policy/host@{PACKAGE_VERSION}`; policies get no WASI or other capabilities",
-                offending.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                "imports {} beyond the {world} world's {}; policies get no WASI or other capabilities",
+                offending.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+                imports_of(world).iter().map(|i| format!("`{i}@{PACKAGE_VERSION}`")).collect::<Vec<_>>().join(", ")
             ));
         }
         let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
@@ -273,33 +335,58 @@ impl Runtime {
         config: &Arc<str>,
         input: Input<'_>,
     ) -> Result<Decision, Failure> {
+        self.call_with(compiled, policy, config, input, None).0
+    }
+
+    /// [`Runtime::call`] with the request's quota session, handed back after the call.
+    pub fn call_with(
+        &self,
+        compiled: &Compiled,
+        policy: &Arc<str>,
+        config: &Arc<str>,
+        input: Input<'_>,
+        quota: Option<Session>,
+    ) -> (Result<Decision, Failure>, Option<Session>) {
         let state = HostState {
             limiter: Limiter { memory_limit: self.memory_limit, hit: false },
             policy: policy.clone(),
             config: config.clone(),
             logs_left: LOG_LINES_PER_CALL,
             logs_dropped: 0,
+            quota,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.set_fuel(self.fuel).map_err(|e| Failure::Instantiate(e.to_string()))?;
+        if let Err(e) = store.set_fuel(self.fuel) {
+            return (Err(Failure::Instantiate(e.to_string())), store.into_data().quota);
+        }
         store.set_epoch_deadline(self.timeout_ms);
         let result = match (compiled, input) {
             (Compiled::Admission(pre), Input::Admit(ctx)) => match pre.instantiate(&mut store) {
                 Ok(bindings) => bindings.call_admit(&mut store, ctx),
-                Err(e) => return Err(self.classify(e, &store, true)),
+                Err(e) => {
+                    let failure = self.classify(e, &store, true);
+                    return (Err(failure), store.into_data().quota);
+                }
             },
             (Compiled::Safety(pre), Input::Evaluate(ctx, action)) => match pre.instantiate(&mut store) {
                 Ok(bindings) => bindings.call_evaluate(&mut store, ctx, action),
-                Err(e) => return Err(self.classify(e, &store, true)),
+                Err(e) => {
+                    let failure = self.classify(e, &store, true);
+                    return (Err(failure), store.into_data().quota);
+                }
             },
-            _ => return Err(Failure::Instantiate("policy called with the other world's input".into())),
+            _ => {
+                let failure = Failure::Instantiate("policy called with the other world's input".into());
+                return (Err(failure), store.into_data().quota);
+            }
         };
         let dropped = store.data().logs_dropped;
         if dropped > 0 {
             tracing::warn!(policy = &**policy, "dropped {dropped} log lines beyond {LOG_LINES_PER_CALL} per call");
         }
-        result.map_err(|e| self.classify(e, &store, false))
+        let result = result.map_err(|e| self.classify(e, &store, false));
+        (result, store.into_data().quota)
     }
 
     fn classify(&self, e: wasmtime::Error, store: &Store<HostState>, instantiating: bool) -> Failure {
@@ -317,11 +404,18 @@ impl Runtime {
     }
 }
 
-fn allowed_import(name: &str) -> bool {
+fn imports_of(world: World) -> &'static [&'static str] {
+    match world {
+        World::Admission => &ADMISSION_IMPORTS,
+        World::Safety => &SAFETY_IMPORTS,
+    }
+}
+
+fn allowed_import(world: World, name: &str) -> bool {
     let (interface, version) = name.split_once('@').unwrap_or((name, ""));
     let compatible = version == PACKAGE_VERSION
         || version.strip_prefix("0.1.").is_some_and(|patch| patch.chars().all(|c| c.is_ascii_digit()));
-    ALLOWED_IMPORTS.contains(&interface) && compatible
+    imports_of(world).contains(&interface) && compatible
 }
 
 /// Whether `bytes` start like a component (layer 1) rather than a core module or junk.
@@ -348,12 +442,15 @@ mod tests {
 
     #[test]
     fn only_the_package_interfaces_at_a_compatible_version_may_be_imported() {
-        assert!(allowed_import("vla:policy/host@0.1.0"));
-        assert!(allowed_import("vla:policy/types@0.1.3"));
-        assert!(!allowed_import("vla:policy/host@0.2.0"));
-        assert!(!allowed_import("vla:policy/host"));
-        assert!(!allowed_import("wasi:filesystem/types@0.2.0"));
-        assert!(!allowed_import("wasi:cli/environment@0.2.0"));
+        let a = World::Admission;
+        assert!(allowed_import(a, "vla:policy/host@0.1.0"));
+        assert!(allowed_import(a, "vla:policy/types@0.1.3"));
+        assert!(allowed_import(a, "vla:policy/quota@0.1.0"));
+        assert!(!allowed_import(World::Safety, "vla:policy/quota@0.1.0"));
+        assert!(!allowed_import(a, "vla:policy/host@0.2.0"));
+        assert!(!allowed_import(a, "vla:policy/host"));
+        assert!(!allowed_import(a, "wasi:filesystem/types@0.2.0"));
+        assert!(!allowed_import(a, "wasi:cli/environment@0.2.0"));
     }
 
     #[test]

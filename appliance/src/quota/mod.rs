@@ -1,0 +1,928 @@
+//! Quotas: the host-owned, durable rate limits and quotas that admission policies charge
+//! through the WIT `quota` import (see `wit/policy.wit`), and the admin endpoints over them.
+//!
+//! State lives in the store's sled database, in two trees of its own:
+//!
+//! - `quota_state`: one record per bucket, key `<scope>\0<robot or group>\0<bucket>`, value a
+//!   versioned big-endian encoding ([`bucket::State`]);
+//! - `quota_limits`: the operator's overrides set through the admin API, key
+//!   `<scope>\0<robot or group>`, value a versioned big-endian encoding ([`encode_limits`]).
+//!
+//! **Atomicity.** A charge reads, checks and writes all buckets of one scope under one of
+//! [`STRIPES`] mutexes chosen by the scope's key, and writes them as one sled batch: two
+//! requests of the same robot never both spend its last token, and a charge is all or nothing
+//! across the robot's rate, day and month buckets. Different robots rarely share a stripe.
+//!
+//! **Durability** ([`Durability`]). Every write gets a sequence number. A flusher thread calls
+//! `Db::flush` (one fsync of sled's log) and then publishes the highest sequence number that
+//! flush covers. In `sync` mode a request waits for its charge's number before its response
+//! is sent, and the flusher runs whenever there is something to flush, so every charge made
+//! while a flush is under way rides on the next one (group commit). In `interval:<ms>` mode
+//! nobody waits; the flusher runs every `<ms>`.
+//!
+//! **Start.** Every record of both trees is decoded at open; one that does not decode stops
+//! the start with the key and the recovery commands (`appliance quota export|import|reset`).
+
+pub mod api;
+pub mod bucket;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use vla_api::QuotaLimits;
+
+pub use bucket::{Bucket, Limit, Rate, Scope, State, Status};
+
+/// Mutexes serialising charges; a scope's key picks one.
+pub const STRIPES: usize = 64;
+
+/// How soon a charge is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk before the response that acknowledges it is sent (group commit).
+    Sync,
+    /// Flushed every this many ms: a crash loses at most the charges of the last interval
+    /// (plus one flush's duration).
+    Interval(u64),
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Durability, String> {
+        match s.split_once(':') {
+            None if s == "sync" => Ok(Durability::Sync),
+            Some(("interval", ms)) => match ms.parse::<u64>() {
+                Ok(ms) if (1..=60_000).contains(&ms) => Ok(Durability::Interval(ms)),
+                _ => Err(format!("`interval:<ms>` needs 1-60000 ms, got `{}`", truncate(ms, 40))),
+            },
+            _ => Err(format!("must be `sync` or `interval:<ms>`, got `{}`", truncate(s, 40))),
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Durability::Sync => f.write_str("sync"),
+            Durability::Interval(ms) => write!(f, "interval:{ms}"),
+        }
+    }
+}
+
+/// The limits of one scope, each bucket optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub rate: Option<Rate>,
+    pub day: Option<u64>,
+    pub month: Option<u64>,
+}
+
+impl Limits {
+    pub fn get(&self, bucket: Bucket) -> Option<Limit> {
+        match bucket {
+            Bucket::Rate => self.rate.map(Limit::Rate),
+            Bucket::Day => self.day.map(Limit::Count),
+            Bucket::Month => self.month.map(Limit::Count),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// Each bucket from `self` where set, else from `below`.
+    pub fn over(self, below: Limits) -> Limits {
+        Limits { rate: self.rate.or(below.rate), day: self.day.or(below.day), month: self.month.or(below.month) }
+    }
+
+    /// Parses the wire form; the error names the field.
+    pub fn parse(wire: &QuotaLimits) -> Result<Limits, (&'static str, String)> {
+        let rate = match &wire.rate {
+            None => {
+                if wire.burst.is_some() {
+                    return Err(("burst", "needs `rate`".into()));
+                }
+                None
+            }
+            Some(text) => {
+                let (requests, period_ms) = parse_rate(text).map_err(|p| ("rate", p))?;
+                let burst = wire.burst.unwrap_or(requests);
+                if burst == 0 {
+                    return Err(("burst", "must be at least 1".into()));
+                }
+                Some(Rate { requests, period_ms, burst })
+            }
+        };
+        Ok(Limits { rate, day: wire.day, month: wire.month })
+    }
+
+    /// The wire form.
+    pub fn wire(&self) -> QuotaLimits {
+        QuotaLimits {
+            rate: self.rate.map(|r| format_rate(r.requests, r.period_ms)),
+            burst: self.rate.map(|r| r.burst),
+            day: self.day,
+            month: self.month,
+        }
+    }
+}
+
+/// `<requests>/<period>` → (requests, period in ms). Periods: `[<n>]<unit>` with units `ms`,
+/// `s`/`sec`/`second`, `m`/`min`/`minute`, `h`/`hour`, `d`/`day`.
+pub fn parse_rate(text: &str) -> Result<(u64, u64), String> {
+    let bad = || {
+        format!(
+            "`{}` is not a rate; write `<requests>/<period>`, e.g. `10/min`, `5/s` or `300/15m`",
+            truncate(text, 40)
+        )
+    };
+    let (n, period) = text.trim().split_once('/').ok_or_else(bad)?;
+    let requests: u64 = n.trim().parse().map_err(|_| bad())?;
+    if requests == 0 {
+        return Err("the request count must be at least 1 (to refuse every request, set `day = 0`)".into());
+    }
+    let period = period.trim();
+    let digits = period.find(|c: char| !c.is_ascii_digit()).unwrap_or(period.len());
+    let count: u64 = if digits == 0 { 1 } else { period[..digits].parse().map_err(|_| bad())? };
+    let unit_ms = match &period[digits..] {
+        "ms" => 1,
+        "s" | "sec" | "second" | "seconds" => 1_000,
+        "m" | "min" | "minute" | "minutes" => 60_000,
+        "h" | "hour" | "hours" => 3_600_000,
+        "d" | "day" | "days" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    let period_ms = count.checked_mul(unit_ms).filter(|ms| (1..=31 * 86_400_000).contains(ms));
+    Ok((requests, period_ms.ok_or_else(|| format!("the period of `{}` must be 1 ms-31 days", truncate(text, 40)))?))
+}
+
+fn format_rate(requests: u64, period_ms: u64) -> String {
+    for (unit, ms) in [("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1_000)] {
+        if period_ms % ms == 0 {
+            let n = period_ms / ms;
+            return if n == 1 { format!("{requests}/{unit}") } else { format!("{requests}/{n}{unit}") };
+        }
+    }
+    format!("{requests}/{period_ms}ms")
+}
+
+const LIMITS_VERSION: u8 = 1;
+
+/// `[version][flags: rate, day, month present][requests][period_ms][burst][day][month]`, the
+/// integers big-endian.
+pub fn encode_limits(l: &Limits) -> Vec<u8> {
+    let flags = u8::from(l.rate.is_some()) | u8::from(l.day.is_some()) << 1 | u8::from(l.month.is_some()) << 2;
+    let rate = l.rate.unwrap_or(Rate { requests: 0, period_ms: 0, burst: 0 });
+    let mut out = vec![LIMITS_VERSION, flags];
+    for n in [rate.requests, rate.period_ms, rate.burst, l.day.unwrap_or(0), l.month.unwrap_or(0)] {
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+    out
+}
+
+pub fn decode_limits(bytes: &[u8]) -> Result<Limits, String> {
+    if bytes.len() != 2 + 5 * 8 {
+        return Err(format!("{} bytes, expected 42", bytes.len()));
+    }
+    if bytes[0] != LIMITS_VERSION {
+        return Err(format!("unknown record version {}", bytes[0]));
+    }
+    let flags = bytes[1];
+    if flags > 7 {
+        return Err(format!("unknown flags {flags:#x}"));
+    }
+    let n = |i: usize| u64::from_be_bytes(bytes[2 + i * 8..10 + i * 8].try_into().unwrap_or_default());
+    let rate = Rate { requests: n(0), period_ms: n(1), burst: n(2) };
+    if flags & 1 == 1 && (rate.requests == 0 || rate.period_ms == 0 || rate.burst == 0) {
+        return Err("a rate with a zero field".into());
+    }
+    Ok(Limits {
+        rate: (flags & 1 == 1).then_some(rate),
+        day: (flags & 2 == 2).then_some(n(3)),
+        month: (flags & 4 == 4).then_some(n(4)),
+    })
+}
+
+/// Why the quota store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("quota store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error(
+        "quota store: record `{key}` in tree `{tree}` is unreadable ({problem}). The appliance will not \
+         start on quota state it cannot trust. Recover with `appliance quota export` (what can be read) and \
+         `appliance quota import`, or `appliance quota reset` (forgets all usage; limits set through the \
+         admin API are kept with `--keep-limits`); see README.md, Quotas"
+    )]
+    Corrupt { tree: &'static str, key: String, problem: String },
+    #[error("quota state could not be written to disk: {0}")]
+    NotDurable(String),
+}
+
+/// What the flusher publishes: every write up to `seq` is on disk; `error` while flushing fails.
+#[derive(Debug, Clone, Default)]
+struct Durable {
+    seq: u64,
+    error: Option<Arc<str>>,
+}
+
+/// What the flusher thread shares with the store, held weakly by the thread so that dropping
+/// the store closes the database.
+#[derive(Debug)]
+struct Shared {
+    db: sled::Db,
+    /// Sequence number of the last write applied.
+    written: AtomicU64,
+    durable: watch::Sender<Durable>,
+    flushes: AtomicU64,
+}
+
+/// The quota store.
+#[derive(Debug)]
+pub struct Quotas {
+    shared: Arc<Shared>,
+    state: sled::Tree,
+    limits: sled::Tree,
+    configured: HashMap<(Scope, String), Limits>,
+    stripes: Vec<Mutex<()>>,
+    durability: Durability,
+    flusher: std::thread::Thread,
+}
+
+/// A charge made for one request, to give back if the request is refused or fails.
+#[derive(Debug, Clone)]
+pub struct Charge {
+    scope: Scope,
+    key: String,
+    buckets: Vec<Bucket>,
+    amount: u64,
+}
+
+impl Quotas {
+    /// Opens the trees in `db`, checks every record, and starts the flusher.
+    pub fn open(db: &sled::Db, config: &crate::config::QuotaConfig) -> Result<Quotas, QuotaError> {
+        let state = db.open_tree("quota_state")?;
+        let limits = db.open_tree("quota_limits")?;
+        for kv in state.iter() {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).replace('\0', "/");
+            let corrupt = |problem: String| QuotaError::Corrupt { tree: "quota_state", key: key.clone(), problem };
+            let (_, _, bucket) = split_state_key(&k).ok_or_else(|| corrupt("malformed key".into()))?;
+            let decoded = State::decode(&v).map_err(corrupt)?;
+            if !bucket::fits(bucket, &decoded) {
+                return Err(corrupt(format!("a {} bucket holding {decoded:?}", bucket.as_str())));
+            }
+        }
+        for kv in limits.iter() {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).replace('\0', "/");
+            split_limits_key(&k).ok_or_else(|| QuotaError::Corrupt {
+                tree: "quota_limits",
+                key: key.clone(),
+                problem: "malformed key".into(),
+            })?;
+            decode_limits(&v).map_err(|problem| QuotaError::Corrupt { tree: "quota_limits", key, problem })?;
+        }
+        let mut configured = HashMap::new();
+        for (scope, table) in [(Scope::Robot, &config.robots), (Scope::Group, &config.groups)] {
+            for (key, wire) in table {
+                // Checked by `Config::validate`.
+                if let Ok(l) = Limits::parse(wire) {
+                    configured.insert((scope, key.clone()), l);
+                }
+            }
+        }
+        let durability = config.durability.parse().unwrap_or(Durability::Sync);
+        let (durable, _) = watch::channel(Durable::default());
+        let shared =
+            Arc::new(Shared { db: db.clone(), written: AtomicU64::new(0), durable, flushes: AtomicU64::new(0) });
+        let flusher = spawn_flusher(Arc::downgrade(&shared), durability)?;
+        Ok(Quotas {
+            shared,
+            state,
+            limits,
+            configured,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            durability,
+            flusher,
+        })
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Flushes done so far (for the benchmark's report).
+    pub fn flushes(&self) -> u64 {
+        self.shared.flushes.load(Ordering::Relaxed)
+    }
+
+    /// The limits in force for `scope`/`key`: per bucket, the admin API's override, else the
+    /// configuration's, else `defaults` (the policy's).
+    pub fn effective(&self, scope: Scope, key: &str, defaults: Limits) -> Result<Limits, QuotaError> {
+        let admin = self.override_of(scope, key)?.unwrap_or_default();
+        let configured = self.configured.get(&(scope, key.to_string())).copied().unwrap_or_default();
+        Ok(admin.over(configured).over(defaults))
+    }
+
+    /// Charges `amount` to every limited bucket of `scope`/`key`, all or nothing. With
+    /// `apply = false` nothing is written (shadow mode, dry runs): the answer is what a charge
+    /// would have been. Blocking (a sled write; no flush).
+    pub fn try_consume(
+        &self,
+        scope: Scope,
+        key: &str,
+        defaults: Limits,
+        amount: u64,
+        apply: bool,
+        now_ms: u64,
+    ) -> Result<Result<(Vec<Status>, Option<(Charge, u64)>), Status>, QuotaError> {
+        let limits = self.effective(scope, key, defaults)?;
+        let _stripe = self.stripe(scope, key).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut batch = sled::Batch::default();
+        let mut statuses = Vec::new();
+        let mut buckets = Vec::new();
+        for bucket in Bucket::ALL {
+            let Some(limit) = limits.get(bucket) else { continue };
+            let k = state_key(scope, key, bucket);
+            let stored = self.read_state(&k)?;
+            match bucket::charge(bucket, limit, stored, now_ms, amount) {
+                Ok(charged) => {
+                    batch.insert(k, charged.state.encode());
+                    statuses.push(charged.status);
+                    buckets.push(bucket);
+                }
+                Err(refused) => return Ok(Err(refused)),
+            }
+        }
+        if !apply || buckets.is_empty() || amount == 0 {
+            return Ok(Ok((statuses, None)));
+        }
+        self.state.apply_batch(batch)?;
+        let seq = self.wrote();
+        Ok(Ok((statuses, Some((Charge { scope, key: key.into(), buckets, amount }, seq)))))
+    }
+
+    /// The buckets of `scope`/`key` under the limits in force, without charging.
+    pub fn peek(&self, scope: Scope, key: &str, defaults: Limits, now_ms: u64) -> Result<Vec<Status>, QuotaError> {
+        let limits = self.effective(scope, key, defaults)?;
+        let mut out = Vec::new();
+        for bucket in Bucket::ALL {
+            if let Some(limit) = limits.get(bucket) {
+                out.push(bucket::peek(bucket, limit, self.read_state(&state_key(scope, key, bucket))?, now_ms));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives back `charge`. Blocking; not waited for (a refund only lowers what is on disk).
+    pub fn refund(&self, charge: &Charge, now_ms: u64) -> Result<(), QuotaError> {
+        let _stripe = self.stripe(charge.scope, &charge.key).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut batch = sled::Batch::default();
+        for &bucket in &charge.buckets {
+            let k = state_key(charge.scope, &charge.key, bucket);
+            if let Some(back) = self.read_state(&k)?.and_then(|s| bucket::refund(s, now_ms, charge.amount)) {
+                batch.insert(k, back.encode());
+            }
+        }
+        self.state.apply_batch(batch)?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Waits until write `seq` is on disk (sync mode); at once in interval mode.
+    pub async fn persisted(&self, seq: u64) -> Result<(), QuotaError> {
+        if self.durability != Durability::Sync || seq == 0 {
+            return Ok(());
+        }
+        let mut rx = self.shared.durable.subscribe();
+        let durable = rx
+            .wait_for(|d| d.seq >= seq || d.error.is_some())
+            .await
+            .map_err(|_| QuotaError::NotDurable("the flusher stopped".into()))?;
+        match &durable.error {
+            Some(e) if durable.seq < seq => Err(QuotaError::NotDurable(e.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Blocking variant of [`Quotas::persisted`], for the benchmark and the CLI.
+    pub fn persisted_blocking(&self, seq: u64) -> Result<(), QuotaError> {
+        if self.durability != Durability::Sync || seq == 0 {
+            return Ok(());
+        }
+        let mut rx = self.shared.durable.subscribe();
+        loop {
+            {
+                let d = rx.borrow_and_update();
+                if d.seq >= seq {
+                    return Ok(());
+                }
+                if let Some(e) = &d.error {
+                    return Err(QuotaError::NotDurable(e.to_string()));
+                }
+            }
+            // No runtime here: poll the channel (the flusher takes about a millisecond).
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// The admin API's override for `scope`/`key`.
+    pub fn override_of(&self, scope: Scope, key: &str) -> Result<Option<Limits>, QuotaError> {
+        match self.limits.get(limits_key(scope, key))? {
+            None => Ok(None),
+            Some(v) => decode_limits(&v).map(Some).map_err(|problem| QuotaError::Corrupt {
+                tree: "quota_limits",
+                key: format!("{}/{key}", scope.as_str()),
+                problem,
+            }),
+        }
+    }
+
+    /// The configuration's limits for `scope`/`key`.
+    pub fn configured(&self, scope: Scope, key: &str) -> Limits {
+        self.configured.get(&(scope, key.to_string())).copied().unwrap_or_default()
+    }
+
+    /// Sets (or with `None` or empty limits, clears) the admin override; flushed before return.
+    pub fn set_override(&self, scope: Scope, key: &str, limits: Option<Limits>) -> Result<(), QuotaError> {
+        match limits.filter(|l| !l.is_empty()) {
+            Some(l) => self.limits.insert(limits_key(scope, key), encode_limits(&l))?,
+            None => self.limits.remove(limits_key(scope, key))?,
+        };
+        self.shared.db.flush()?;
+        Ok(())
+    }
+
+    /// Forgets the usage of `scope`/`key` (every bucket full); flushed before return.
+    pub fn reset(&self, scope: Scope, key: &str) -> Result<(), QuotaError> {
+        let _stripe = self.stripe(scope, key).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut batch = sled::Batch::default();
+        for bucket in Bucket::ALL {
+            batch.remove(state_key(scope, key, bucket));
+        }
+        self.state.apply_batch(batch)?;
+        self.shared.db.flush()?;
+        Ok(())
+    }
+
+    /// The stored state of each bucket of `scope`/`key` that has been charged.
+    pub fn stored(&self, scope: Scope, key: &str) -> Result<BTreeMap<Bucket, State>, QuotaError> {
+        let mut out = BTreeMap::new();
+        for bucket in Bucket::ALL {
+            if let Some(s) = self.read_state(&state_key(scope, key, bucket))? {
+                out.insert(bucket, s);
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_state(&self, key: &[u8]) -> Result<Option<State>, QuotaError> {
+        match self.state.get(key)? {
+            None => Ok(None),
+            Some(v) => State::decode(&v).map(Some).map_err(|problem| QuotaError::Corrupt {
+                tree: "quota_state",
+                key: String::from_utf8_lossy(key).replace('\0', "/"),
+                problem,
+            }),
+        }
+    }
+
+    fn stripe(&self, scope: Scope, key: &str) -> &Mutex<()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (scope, key).hash(&mut h);
+        &self.stripes[(h.finish() % STRIPES as u64) as usize]
+    }
+
+    /// Numbers a write that has been applied, and in sync mode wakes the flusher.
+    fn wrote(&self) -> u64 {
+        let seq = self.shared.written.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.durability == Durability::Sync {
+            self.flusher.unpark();
+        }
+        seq
+    }
+}
+
+/// The flusher. It holds the store only while flushing, so dropping the store stops it.
+fn spawn_flusher(shared: Weak<Shared>, durability: Durability) -> Result<std::thread::Thread, QuotaError> {
+    let idle = match durability {
+        Durability::Sync => Duration::from_millis(50),
+        Durability::Interval(ms) => Duration::from_millis(ms),
+    };
+    let handle = std::thread::Builder::new()
+        .name("quota-flush".into())
+        .spawn(move || {
+            loop {
+                let Some(s) = shared.upgrade() else { return };
+                // Every write numbered up to `target` was applied before it was numbered, so
+                // the flush below covers it.
+                let target = s.written.load(Ordering::Acquire);
+                if target > s.durable.borrow().seq {
+                    match s.db.flush() {
+                        Ok(_) => {
+                            s.flushes.fetch_add(1, Ordering::Relaxed);
+                            s.durable.send_replace(Durable { seq: target, error: None });
+                        }
+                        Err(e) => {
+                            tracing::error!("quota store: flush failed: {e}");
+                            s.durable.send_modify(|d| d.error = Some(e.to_string().into()));
+                            drop(s);
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    }
+                    if durability == Durability::Sync {
+                        // More may have arrived while flushing: go again without sleeping.
+                        continue;
+                    }
+                }
+                drop(s);
+                match durability {
+                    Durability::Sync => std::thread::park_timeout(idle),
+                    Durability::Interval(_) => std::thread::sleep(idle),
+                }
+            }
+        })
+        .map_err(|e| QuotaError::NotDurable(format!("cannot start the flusher: {e}")))?;
+    Ok(handle.thread().clone())
+}
+
+fn state_key(scope: Scope, key: &str, bucket: Bucket) -> Vec<u8> {
+    format!("{}\0{key}\0{}", scope.as_str(), bucket.as_str()).into_bytes()
+}
+
+fn limits_key(scope: Scope, key: &str) -> Vec<u8> {
+    format!("{}\0{key}", scope.as_str()).into_bytes()
+}
+
+fn parse_scope(s: &str) -> Option<Scope> {
+    match s {
+        "robot" => Some(Scope::Robot),
+        "group" => Some(Scope::Group),
+        _ => None,
+    }
+}
+
+fn split_state_key(k: &[u8]) -> Option<(Scope, String, Bucket)> {
+    let text = std::str::from_utf8(k).ok()?;
+    let mut parts = text.split('\0');
+    let scope = parse_scope(parts.next()?)?;
+    let key = parts.next()?.to_string();
+    let bucket = match parts.next()? {
+        "rate" => Bucket::Rate,
+        "day" => Bucket::Day,
+        "month" => Bucket::Month,
+        _ => return None,
+    };
+    parts.next().is_none().then_some((scope, key, bucket))
+}
+
+fn split_limits_key(k: &[u8]) -> Option<(Scope, String)> {
+    let (scope, key) = std::str::from_utf8(k).ok()?.split_once('\0')?;
+    Some((parse_scope(scope)?, key.to_string())).filter(|(_, k)| !k.contains('\0'))
+}
+
+/// Offline maintenance of the quota trees, for `appliance quota export|import|reset` (the
+/// appliance stopped: sled allows one process per store).
+pub mod offline {
+    use serde_json::{Value, json};
+
+    use super::{State, decode_limits, split_limits_key, split_state_key};
+    use crate::store::hex;
+
+    const TREES: [&str; 2] = ["quota_state", "quota_limits"];
+
+    /// Every record that decodes, as JSON (raw values in hex, and readable); the keys of those
+    /// that do not, for the operator.
+    pub fn export(db: &sled::Db) -> Result<(Value, Vec<String>), sled::Error> {
+        let mut out = serde_json::Map::new();
+        let mut skipped = Vec::new();
+        for name in TREES {
+            let mut records = Vec::new();
+            for kv in db.open_tree(name)?.iter() {
+                let (k, v) = kv?;
+                let key = String::from_utf8_lossy(&k).replace('\0', "/");
+                match check(name, &k, &v) {
+                    Ok(readable) => records.push(json!({"key": key, "value": hex(&v), "readable": readable})),
+                    Err(problem) => skipped.push(format!("{name} `{key}`: {problem}")),
+                }
+            }
+            out.insert(name.into(), Value::Array(records));
+        }
+        out.insert("version".into(), json!(1));
+        Ok((Value::Object(out), skipped))
+    }
+
+    /// Replaces both trees with `exported`; every record is checked first, and nothing is
+    /// written unless all are good. Returns how many records were written.
+    pub fn import(db: &sled::Db, exported: &Value) -> Result<usize, String> {
+        if exported["version"] != 1 {
+            return Err("not a quota export (version 1)".into());
+        }
+        let mut batches = Vec::new();
+        let mut n = 0;
+        for name in TREES {
+            let mut batch = sled::Batch::default();
+            for (i, r) in exported[name].as_array().ok_or(format!("`{name}` is not a list"))?.iter().enumerate() {
+                let at = || format!("{name}[{i}]");
+                let key = r["key"].as_str().ok_or_else(|| format!("{}: no `key`", at()))?.replace('/', "\0");
+                let value = unhex(r["value"].as_str().unwrap_or_default())
+                    .ok_or_else(|| format!("{}: `value` is not hex", at()))?;
+                check(name, key.as_bytes(), &value).map_err(|p| format!("{}: {p}", at()))?;
+                batch.insert(key.as_bytes(), value);
+                n += 1;
+            }
+            batches.push((name, batch));
+        }
+        reset(db, false).map_err(|e| e.to_string())?;
+        for (name, batch) in batches {
+            db.open_tree(name).and_then(|t| t.apply_batch(batch)).map_err(|e| e.to_string())?;
+        }
+        db.flush().map_err(|e| e.to_string())?;
+        Ok(n)
+    }
+
+    /// Forgets all usage and (unless `keep_limits`) the admin API's overrides.
+    pub fn reset(db: &sled::Db, keep_limits: bool) -> Result<(), sled::Error> {
+        db.open_tree("quota_state")?.clear()?;
+        if !keep_limits {
+            db.open_tree("quota_limits")?.clear()?;
+        }
+        db.flush()?;
+        Ok(())
+    }
+
+    fn check(tree: &str, k: &[u8], v: &[u8]) -> Result<String, String> {
+        if tree == "quota_state" {
+            split_state_key(k).ok_or("malformed key")?;
+            State::decode(v).map(|s| format!("{s:?}"))
+        } else {
+            split_limits_key(k).ok_or("malformed key")?;
+            decode_limits(v).map(|l| format!("{l:?}"))
+        }
+    }
+
+    fn unhex(s: &str) -> Option<Vec<u8>> {
+        if s.len() % 2 != 0 {
+            return None;
+        }
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// What one admission chain charged: given back when dropped unless [`Charged::keep`] was
+/// called, so a request refused or failed before it got an action is not charged.
+#[derive(Debug)]
+pub struct Charged {
+    quotas: Arc<Quotas>,
+    charges: Vec<Charge>,
+    /// The highest write sequence number among the charges.
+    pub seq: u64,
+    /// The most restrictive bucket after the charges, for the `RateLimit-*` headers.
+    pub tightest: Option<Status>,
+    kept: AtomicBool,
+}
+
+impl Charged {
+    /// Keeps the charges and waits until they are on disk (sync mode).
+    pub async fn keep(&self) -> Result<(), QuotaError> {
+        self.kept.store(true, Ordering::Relaxed);
+        self.quotas.persisted(self.seq).await
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        if self.kept.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = crate::admin::now_ms();
+        for charge in &self.charges {
+            if let Err(e) = self.quotas.refund(charge, now) {
+                tracing::warn!("quota store: could not give back a refused request's charge: {e}");
+            }
+        }
+    }
+}
+
+/// One admission chain's access to the quota store: what the `quota` import sees. The robot
+/// and group are the request's, from its credentials.
+#[derive(Debug)]
+pub struct Session {
+    pub quotas: Arc<Quotas>,
+    pub robot: String,
+    pub group: String,
+    /// Whether charges are written: false for shadow policies and dry runs.
+    pub apply: bool,
+    /// Set when a charge was refused during the current policy call.
+    pub refused: Option<Status>,
+    pub now_ms: u64,
+    charges: Vec<Charge>,
+    seq: u64,
+    tightest: Option<Status>,
+}
+
+impl Session {
+    pub fn new(quotas: Arc<Quotas>, robot: &str, group: &str, now_ms: u64) -> Session {
+        Session {
+            quotas,
+            robot: robot.into(),
+            group: group.into(),
+            apply: true,
+            refused: None,
+            now_ms,
+            charges: Vec::new(),
+            seq: 0,
+            tightest: None,
+        }
+    }
+
+    fn key(&self, scope: Scope) -> &str {
+        match scope {
+            Scope::Robot => &self.robot,
+            Scope::Group => &self.group,
+        }
+    }
+
+    /// `try-consume` for the current policy.
+    pub fn try_consume(
+        &mut self,
+        scope: Scope,
+        defaults: Limits,
+        amount: u64,
+    ) -> Result<Result<Vec<Status>, Status>, QuotaError> {
+        let key = self.key(scope).to_string();
+        match self.quotas.try_consume(scope, &key, defaults, amount, self.apply, self.now_ms)? {
+            Ok((statuses, charge)) => {
+                if let Some((charge, seq)) = charge {
+                    self.charges.push(charge);
+                    self.seq = self.seq.max(seq);
+                }
+                if self.apply {
+                    for s in &statuses {
+                        if self.tightest.is_none_or(|t| (s.remaining, s.reset_ms) < (t.remaining, t.reset_ms)) {
+                            self.tightest = Some(*s);
+                        }
+                    }
+                }
+                Ok(Ok(statuses))
+            }
+            Err(refused) => {
+                self.refused = Some(refused);
+                Ok(Err(refused))
+            }
+        }
+    }
+
+    pub fn peek(&self, scope: Scope, defaults: Limits) -> Result<Vec<Status>, QuotaError> {
+        self.quotas.peek(scope, self.key(scope), defaults, self.now_ms)
+    }
+
+    /// The chain is over: what it charged, to keep or give back.
+    pub fn finish(self) -> Option<Arc<Charged>> {
+        (!self.charges.is_empty() || self.tightest.is_some()).then(|| {
+            Arc::new(Charged {
+                quotas: self.quotas,
+                charges: self.charges,
+                seq: self.seq,
+                tightest: self.tightest,
+                kept: AtomicBool::new(false),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn rates_parse_with_units_and_name_the_problem() {
+        assert_eq!(parse_rate("10/min"), Ok((10, 60_000)));
+        assert_eq!(parse_rate("5/s"), Ok((5, 1_000)));
+        assert_eq!(parse_rate("300/15m"), Ok((300, 900_000)));
+        assert_eq!(parse_rate(" 1 / 250ms "), Ok((1, 250)));
+        assert!(parse_rate("10").unwrap_err().contains("<requests>/<period>"));
+        assert!(parse_rate("10/fortnight").is_err());
+        assert!(parse_rate("-1/min").is_err());
+        assert!(parse_rate("0/min").unwrap_err().contains("at least 1"));
+        assert!(parse_rate("1/0s").unwrap_err().contains("period"));
+        assert_eq!(format_rate(10, 60_000), "10/min");
+        assert_eq!(format_rate(300, 900_000), "300/15min");
+    }
+
+    #[test]
+    fn durability_parses() {
+        assert_eq!("sync".parse(), Ok(Durability::Sync));
+        assert_eq!("interval:100".parse(), Ok(Durability::Interval(100)));
+        assert!("interval:0".parse::<Durability>().is_err());
+        assert!("interval:soon".parse::<Durability>().is_err());
+        assert!("fast".parse::<Durability>().is_err());
+    }
+
+    #[test]
+    fn limits_round_trip_and_merge_per_bucket() {
+        let l = Limits { rate: Some(Rate { requests: 10, period_ms: 60_000, burst: 3 }), day: Some(0), month: None };
+        assert_eq!(decode_limits(&encode_limits(&l)), Ok(l));
+        assert!(decode_limits(&[1, 0]).is_err());
+        let below = Limits { rate: None, day: Some(5), month: Some(9) };
+        assert_eq!(l.over(below), Limits { rate: l.rate, day: Some(0), month: Some(9) });
+        let wire = QuotaLimits { rate: None, burst: Some(3), day: None, month: None };
+        assert_eq!(Limits::parse(&wire).unwrap_err().0, "burst");
+    }
+
+    fn open(durability: &str) -> (tempfile::TempDir, Arc<Quotas>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path().join("store")).open().unwrap();
+        let config = crate::config::QuotaConfig { durability: durability.into(), ..Default::default() };
+        (dir, Arc::new(Quotas::open(&db, &config).unwrap()))
+    }
+
+    #[test]
+    fn sixty_four_concurrent_charges_never_spend_a_token_twice() {
+        let (_dir, quotas) = open("sync");
+        let defaults =
+            Limits { rate: Some(Rate { requests: 1, period_ms: 3_600_000, burst: 20 }), ..Limits::default() };
+        let now = 1_700_000_000_000;
+        let admitted = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..64 {
+                s.spawn(|| {
+                    if let Ok((_, Some((_, seq)))) =
+                        quotas.try_consume(Scope::Robot, "r1", defaults, 1, true, now).unwrap()
+                    {
+                        quotas.persisted_blocking(seq).unwrap();
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 20);
+        assert_eq!(quotas.peek(Scope::Robot, "r1", defaults, now).unwrap()[0].remaining, 0);
+        assert!(quotas.flushes() >= 1);
+    }
+
+    #[test]
+    fn a_charge_is_all_or_nothing_across_buckets_and_can_be_given_back() {
+        let (_dir, quotas) = open("interval:50");
+        let defaults =
+            Limits { rate: Some(Rate { requests: 100, period_ms: 1_000, burst: 100 }), day: Some(1), month: None };
+        let now = 1_700_000_000_000;
+        let (statuses, charge) = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap().unwrap();
+        assert_eq!(statuses.len(), 2);
+        let refused = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap().unwrap_err();
+        assert_eq!(refused.bucket, Bucket::Day);
+        // The refused charge left the rate bucket as it was.
+        assert_eq!(quotas.peek(Scope::Group, "g", defaults, now).unwrap()[0].remaining, 99);
+        quotas.refund(&charge.unwrap().0, now).unwrap();
+        assert!(quotas.try_consume(Scope::Group, "g", defaults, 1, false, now).unwrap().is_ok());
+    }
+
+    #[test]
+    fn operator_overrides_win_over_the_policy_defaults() {
+        let (_dir, quotas) = open("sync");
+        let defaults = Limits { day: Some(100), ..Limits::default() };
+        quotas.set_override(Scope::Robot, "r", Some(Limits { day: Some(1), ..Limits::default() })).unwrap();
+        let now = 1_700_000_000_000;
+        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).unwrap().is_ok());
+        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).unwrap().is_err());
+        quotas.reset(Scope::Robot, "r").unwrap();
+        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).unwrap().is_ok());
+    }
+
+    #[test]
+    fn an_unreadable_record_stops_the_open_and_export_reset_import_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path().join("store")).open().unwrap();
+        let config = crate::config::QuotaConfig::default();
+        let good = State::Count { period: 1, count: 3, limit: 9 };
+        db.open_tree("quota_state").unwrap().insert(b"robot\0r2\0day", good.encode()).unwrap();
+        db.open_tree("quota_state").unwrap().insert(b"robot\0r1\0rate", &b"garbage"[..]).unwrap();
+        let err = Quotas::open(&db, &config).unwrap_err().to_string();
+        assert!(err.contains("robot/r1/rate") && err.contains("appliance quota reset"), "{err}");
+
+        let (exported, skipped) = offline::export(&db).unwrap();
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(
+            offline::import(
+                &db,
+                &serde_json::json!({"version": 1, "quota_state": [{"key": "x", "value": "00"}], "quota_limits": []})
+            )
+            .is_err()
+        );
+        assert_eq!(offline::import(&db, &exported), Ok(1));
+        let quotas = Quotas::open(&db, &config).unwrap();
+        assert_eq!(quotas.stored(Scope::Robot, "r2").unwrap()[&Bucket::Day], good);
+    }
+}
