@@ -169,6 +169,19 @@ impl TestAppliance {
         response.json().await.unwrap()
     }
 
+    /// Registers `robot_id` (type `ur5e`, class `high`) in `group` and remembers its key.
+    pub async fn register_in(&self, robot_id: &str, group: &str) {
+        let response = self
+            .admin(reqwest::Method::POST, "/admin/robots")
+            .json(&serde_json::json!({"robot_id": robot_id, "robot_type": "ur5e", "priority": "high", "group": group}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::CREATED, "{}", response.text().await.unwrap());
+        let key: vla_api::RobotKey = response.json().await.unwrap();
+        self.keys.lock().await.insert(robot_id.to_string(), key.api_key);
+    }
+
     /// The API key of `robot_id`, registering it (class `high`) the first time.
     pub async fn robot_key(&self, robot_id: &str) -> String {
         let mut keys = self.keys.lock().await;
