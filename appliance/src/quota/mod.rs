@@ -163,7 +163,7 @@ pub fn parse_rate(text: &str) -> Result<(u64, u64), String> {
 
 fn format_rate(requests: u64, period_ms: u64) -> String {
     for (unit, ms) in [("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1_000)] {
-        if period_ms % ms == 0 {
+        if period_ms.is_multiple_of(ms) {
             let n = period_ms / ms;
             return if n == 1 { format!("{requests}/{unit}") } else { format!("{requests}/{n}{unit}") };
         }
@@ -254,6 +254,17 @@ pub struct Quotas {
     flusher: std::thread::Thread,
 }
 
+/// A charge that went through.
+#[derive(Debug)]
+pub struct Consumed {
+    /// Each limited bucket after the charge.
+    pub statuses: Vec<Status>,
+    /// What was written (`None` when nothing was: no limit, or not applied).
+    pub charge: Option<Charge>,
+    /// The write's sequence number, for [`Quotas::persisted`] (0: nothing written).
+    pub seq: u64,
+}
+
 /// A charge made for one request, to give back if the request is refused or fails.
 #[derive(Debug, Clone)]
 pub struct Charge {
@@ -341,7 +352,7 @@ impl Quotas {
         amount: u64,
         apply: bool,
         now_ms: u64,
-    ) -> Result<Result<(Vec<Status>, Option<(Charge, u64)>), Status>, QuotaError> {
+    ) -> Result<Result<Consumed, Status>, QuotaError> {
         let limits = self.effective(scope, key, defaults)?;
         let _stripe = self.stripe(scope, key).lock().unwrap_or_else(PoisonError::into_inner);
         let mut batch = sled::Batch::default();
@@ -361,11 +372,11 @@ impl Quotas {
             }
         }
         if !apply || buckets.is_empty() || amount == 0 {
-            return Ok(Ok((statuses, None)));
+            return Ok(Ok(Consumed { statuses, charge: None, seq: 0 }));
         }
         self.state.apply_batch(batch)?;
         let seq = self.wrote();
-        Ok(Ok((statuses, Some((Charge { scope, key: key.into(), buckets, amount }, seq)))))
+        Ok(Ok(Consumed { statuses, charge: Some(Charge { scope, key: key.into(), buckets, amount }), seq }))
     }
 
     /// The buckets of `scope`/`key` under the limits in force, without charging.
@@ -669,7 +680,7 @@ pub mod offline {
     }
 
     fn unhex(s: &str) -> Option<Vec<u8>> {
-        if s.len() % 2 != 0 {
+        if !s.len().is_multiple_of(2) {
             return None;
         }
         (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -763,8 +774,8 @@ impl Session {
     ) -> Result<Result<Vec<Status>, Status>, QuotaError> {
         let key = self.key(scope).to_string();
         match self.quotas.try_consume(scope, &key, defaults, amount, self.apply, self.now_ms)? {
-            Ok((statuses, charge)) => {
-                if let Some((charge, seq)) = charge {
+            Ok(Consumed { statuses, charge, seq }) => {
+                if let Some(charge) = charge {
                     self.charges.push(charge);
                     self.seq = self.seq.max(seq);
                 }
@@ -859,10 +870,8 @@ mod tests {
         std::thread::scope(|s| {
             for _ in 0..64 {
                 s.spawn(|| {
-                    if let Ok((_, Some((_, seq)))) =
-                        quotas.try_consume(Scope::Robot, "r1", defaults, 1, true, now).unwrap()
-                    {
-                        quotas.persisted_blocking(seq).unwrap();
+                    if let Ok(consumed) = quotas.try_consume(Scope::Robot, "r1", defaults, 1, true, now).unwrap() {
+                        quotas.persisted_blocking(consumed.seq).unwrap();
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }
                 });
@@ -879,13 +888,13 @@ mod tests {
         let defaults =
             Limits { rate: Some(Rate { requests: 100, period_ms: 1_000, burst: 100 }), day: Some(1), month: None };
         let now = 1_700_000_000_000;
-        let (statuses, charge) = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap().unwrap();
-        assert_eq!(statuses.len(), 2);
+        let consumed = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap().unwrap();
+        assert_eq!(consumed.statuses.len(), 2);
         let refused = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap().unwrap_err();
         assert_eq!(refused.bucket, Bucket::Day);
         // The refused charge left the rate bucket as it was.
         assert_eq!(quotas.peek(Scope::Group, "g", defaults, now).unwrap()[0].remaining, 99);
-        quotas.refund(&charge.unwrap().0, now).unwrap();
+        quotas.refund(&consumed.charge.unwrap(), now).unwrap();
         assert!(quotas.try_consume(Scope::Group, "g", defaults, 1, false, now).unwrap().is_ok());
     }
 
