@@ -73,6 +73,18 @@ enum Command {
         #[arg(long, default_value = "policies/dist")]
         dist: PathBuf,
     },
+    /// Quota decisions (charge the robot's and its group's buckets, as the rate-limit policy
+    /// does) in both durability modes with 1, 8 and 64 concurrent robots, and the rate-limit
+    /// policy's whole call.
+    Quota {
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        concurrency: Vec<usize>,
+        /// Seconds of load per point.
+        #[arg(long, default_value = "3")]
+        seconds: f64,
+        #[arg(long, default_value = "policies/dist")]
+        dist: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             batching(&concurrency, seconds, &image, no_policies)?
         }
         Command::Policy { calls, dist } => policy(calls, &dist)?,
+        Command::Quota { concurrency, seconds, dist } => quota(&concurrency, seconds, &dist)?,
     };
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("{}", path.display()))?;
@@ -427,4 +440,128 @@ fn policy(calls: usize, dist: &Path) -> anyhow::Result<serde_json::Value> {
         rows.push(json!({"policy": name, "case": case, "p50_us": at(0.5), "p99_us": at(0.99), "p999_us": at(0.999), "mean_us": mean, "calls": calls}));
     }
     Ok(json!({"benchmark": "policy", "machine": machine(), "date": now_utc(), "rows": rows}))
+}
+
+/// Quota decisions as requests make them: each robot (a task on a 2-worker runtime, as the
+/// server's) charges its own and its group's buckets in the real sled store, then, in `sync`
+/// mode, waits until the charge is on disk (group commit). Latency is per decision, wait
+/// included; robots share 4 groups.
+fn quota(concurrency: &[usize], seconds: f64, dist: &Path) -> anyhow::Result<serde_json::Value> {
+    use appliance::quota::{Limits, Quotas, Rate, Scope, Session};
+
+    let unlimited = Limits {
+        rate: Some(Rate { requests: 1_000_000_000, period_ms: 1_000, burst: 1_000_000_000 }),
+        day: Some(u64::MAX / 2),
+        month: None,
+    };
+    println!("## Quota decisions, robot + group charged ({}; {})\n", machine(), now_utc());
+    println!("| durability | robots | decisions/s | p50 µs | p99 µs | p99.9 µs | flushes/s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for durability in ["interval:100", "sync"] {
+        for &robots in concurrency {
+            let dir = tempfile::tempdir()?;
+            let db = sled::Config::new().path(dir.path().join("store")).mode(sled::Mode::LowSpace).open()?;
+            let config = appliance::config::QuotaConfig {
+                durability: durability.into(),
+                ..appliance::config::QuotaConfig::default()
+            };
+            let quotas = Arc::new(Quotas::open(&db, &config)?);
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let flushes_before = quotas.flushes();
+            let started = Instant::now();
+            let until = started + Duration::from_secs_f64(seconds);
+            let mut times: Vec<f64> = runtime.block_on(async {
+                let tasks: Vec<_> = (0..robots)
+                    .map(|i| {
+                        let quotas = quotas.clone();
+                        tokio::spawn(async move {
+                            let (robot, group) = (format!("robot-{i}"), format!("group-{}", i % 4));
+                            let mut times = Vec::new();
+                            while Instant::now() < until {
+                                let t = Instant::now();
+                                let now = appliance::admin::now_ms();
+                                let mut seq = 0;
+                                for (scope, key) in [(Scope::Robot, &robot), (Scope::Group, &group)] {
+                                    let consumed = quotas.try_consume(scope, key, unlimited, 1, true, now)?;
+                                    seq = seq.max(consumed.map_err(|s| anyhow::anyhow!("refused: {s:?}"))?.seq);
+                                }
+                                quotas.persisted(seq).await?;
+                                times.push(t.elapsed().as_secs_f64() * 1e6);
+                            }
+                            anyhow::Ok(times)
+                        })
+                    })
+                    .collect();
+                let mut all = Vec::new();
+                for t in tasks {
+                    all.extend(t.await??);
+                }
+                anyhow::Ok(all)
+            })?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let flushes = (quotas.flushes() - flushes_before) as f64 / elapsed;
+            times.sort_by(f64::total_cmp);
+            let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+            let rate = times.len() as f64 / elapsed;
+            println!(
+                "| {durability} | {robots} | {rate:.0} | {:.1} | {:.1} | {:.1} | {flushes:.0} |",
+                at(0.5),
+                at(0.99),
+                at(0.999)
+            );
+            rows.push(json!({"durability": durability, "robots": robots, "decisions_per_s": rate, "p50_us": at(0.5), "p99_us": at(0.99), "p999_us": at(0.999), "flushes_per_s": flushes}));
+        }
+    }
+
+    // The rate-limit policy's whole call: instantiation, its config parsed, two charges.
+    use appliance::policy::World;
+    use appliance::policy::bindings::RequestContext;
+    use appliance::policy::runtime::{Input, Runtime};
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new().path(dir.path().join("store")).open()?;
+    let config = appliance::config::QuotaConfig { durability: "interval:100".into(), ..Default::default() };
+    let quotas = Arc::new(Quotas::open(&db, &config)?);
+    let runtime = Runtime::new(&appliance::config::PolicyConfig::default(), dir.path()).map_err(anyhow::Error::msg)?;
+    let keeper = tokio::runtime::Builder::new_current_thread().build()?;
+    let path = dist.join("rate-limit.wasm");
+    let bytes = std::fs::read(&path).with_context(|| format!("{} (run policies/build.sh)", path.display()))?;
+    let compiled = runtime.compile(&bytes, World::Admission).map_err(anyhow::Error::msg)?;
+    let ctx = RequestContext {
+        request_id: "8d3c6f1e-2b4a-4c7e-9f10-5a6b7c8d9e0f".into(),
+        robot_id: "arm-1".into(),
+        robot_type: "demo".into(),
+        model: "tiny-vla".into(),
+        instruction: "pick up the red block and place it in the left bin".into(),
+        state: vec![0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0],
+        time_ms: 1_795_000_000_000,
+    };
+    let (name, cfg): (Arc<str>, Arc<str>) = (
+        "rate-limit".into(),
+        r#"{"exempt_instructions": ["stop", "halt"], "robot": {"rate": "1000000/s"}, "group": {"rate": "1000000/s", "day": 1000000000}}"#.into(),
+    );
+    let mut times = Vec::new();
+    for i in 0..21_000 {
+        let session = Session::new(quotas.clone(), "arm-1", "line-a", appliance::admin::now_ms());
+        let t = Instant::now();
+        let (decision, session) = runtime.call_with(&compiled, &name, &cfg, Input::Admit(&ctx), Some(session));
+        let elapsed = t.elapsed().as_secs_f64() * 1e6;
+        decision.map_err(|f| anyhow::anyhow!("rate-limit: {f}"))?;
+        // Keep the charges (dropping them unkept would give them back, timed outside).
+        if let Some(charged) = session.and_then(Session::finish) {
+            keeper.block_on(charged.keep())?;
+        }
+        if i >= 1_000 {
+            times.push(elapsed);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    println!(
+        "\nrate-limit policy call (instantiation, 2 charges, interval mode): p50 {:.1} µs, p99 {:.1} µs",
+        at(0.5),
+        at(0.99)
+    );
+    Ok(json!({"benchmark": "quota", "machine": machine(), "date": now_utc(), "rows": rows,
+              "rate_limit_policy_call": {"p50_us": at(0.5), "p99_us": at(0.99), "calls": times.len()}}))
 }

@@ -111,9 +111,9 @@ pub fn view(quotas: &Arc<Quotas>, robot: &RobotRecord) -> Result<RobotQuota, Api
     let now = now_ms();
     let mut buckets = Vec::new();
     for (scope, key) in [(Scope::Robot, &robot.robot_id), (Scope::Group, &robot.group)] {
-        let admin = quotas.override_of(scope, key)?.unwrap_or_default();
+        let admin = quotas.override_of(scope, key).unwrap_or_default();
         let configured = quotas.configured(scope, key);
-        let stored = quotas.stored(scope, key)?;
+        let stored = quotas.stored(scope, key);
         for b in Bucket::ALL {
             let from_state = stored.get(&b).map(|s| match *s {
                 BucketState::Rate { rate, .. } => Limit::Rate(rate),
@@ -141,7 +141,7 @@ pub fn view(quotas: &Arc<Quotas>, robot: &RobotRecord) -> Result<RobotQuota, Api
         robot_id: robot.robot_id.clone(),
         robot_type: robot.robot_type.clone(),
         group: robot.group.clone(),
-        overrides: quotas.override_of(Scope::Robot, &robot.robot_id)?.unwrap_or_default().wire(),
+        overrides: quotas.override_of(Scope::Robot, &robot.robot_id).unwrap_or_default().wire(),
         configured: quotas.configured(Scope::Robot, &robot.robot_id).wire(),
         buckets,
     })

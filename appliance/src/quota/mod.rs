@@ -8,17 +8,19 @@
 //! - `quota_limits`: the operator's overrides set through the admin API, key
 //!   `<scope>\0<robot or group>`, value a versioned big-endian encoding ([`encode_limits`]).
 //!
-//! **Atomicity.** A charge reads, checks and writes all buckets of one scope under one of
-//! [`STRIPES`] mutexes chosen by the scope's key, and writes them as one sled batch: two
-//! requests of the same robot never both spend its last token, and a charge is all or nothing
-//! across the robot's rate, day and month buckets. Different robots rarely share a stripe.
+//! **Decisions in memory.** Every bucket is loaded at start and kept in one of [`STRIPES`]
+//! stripes chosen by its scope and key. A charge reads, checks and changes all buckets of one
+//! scope under that stripe's mutex: two requests of the same robot never both spend its last
+//! token, and a charge is all or nothing across the robot's rate, day and month buckets. No
+//! disk I/O happens on the request path (a policy's call stays within its time budget).
 //!
-//! **Durability** ([`Durability`]). Every write gets a sequence number. A flusher thread calls
-//! `Db::flush` (one fsync of sled's log) and then publishes the highest sequence number that
-//! flush covers. In `sync` mode a request waits for its charge's number before its response
-//! is sent, and the flusher runs whenever there is something to flush, so every charge made
-//! while a flush is under way rides on the next one (group commit). In `interval:<ms>` mode
-//! nobody waits; the flusher runs every `<ms>`.
+//! **Durability** ([`Durability`]). Every change is marked dirty and numbered. One flusher
+//! thread takes every stripe's dirty buckets, writes them as one sled batch, flushes the
+//! database (one fsync) and publishes the highest number that flush covers. In `sync` mode a
+//! request waits for its charge's number before its response is sent, and the flusher runs
+//! whenever there is something to flush, so the charges made while one flush is under way
+//! share the next (group commit). In `interval:<ms>` mode nobody waits; the flusher runs every
+//! `<ms>`. A clean stop flushes in both modes.
 //!
 //! **Start.** Every record of both trees is decoded at open; one that does not decode stops
 //! the start with the key and the recovery commands (`appliance quota export|import|reset`).
@@ -29,7 +31,7 @@ pub mod bucket;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -231,38 +233,66 @@ struct Durable {
     error: Option<Arc<str>>,
 }
 
+/// One stripe of the in-memory state: the buckets whose keys hash here, and those changed
+/// since the flusher last took them (`None`: removed).
+#[derive(Debug, Default)]
+struct Stripe {
+    states: HashMap<Vec<u8>, State>,
+    dirty: HashMap<Vec<u8>, Option<State>>,
+}
+
 /// What the flusher thread shares with the store, held weakly by the thread so that dropping
 /// the store closes the database.
 #[derive(Debug)]
 struct Shared {
     db: sled::Db,
-    /// Sequence number of the last write applied.
+    state: sled::Tree,
+    stripes: Vec<Mutex<Stripe>>,
+    /// Sequence number of the last change made in memory.
     written: AtomicU64,
     durable: watch::Sender<Durable>,
     flushes: AtomicU64,
+}
+
+impl Shared {
+    /// Writes every dirty bucket in one sled batch and flushes the database (one fsync);
+    /// returns the sequence number now durable. `retry` holds a failed batch's changes, which
+    /// go first so that newer ones win.
+    fn flush(&self, retry: &mut Vec<(Vec<u8>, Option<State>)>) -> Result<u64, sled::Error> {
+        // Every change numbered up to `target` was made in its stripe, under the stripe's lock,
+        // before it was numbered: taking each stripe's dirty set after this load sees it.
+        let target = self.written.load(Ordering::Acquire);
+        for stripe in &self.stripes {
+            let dirty = std::mem::take(&mut stripe.lock().unwrap_or_else(PoisonError::into_inner).dirty);
+            retry.extend(dirty);
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in retry.iter() {
+            match v {
+                Some(state) => batch.insert(k.as_slice(), state.encode()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        self.state.apply_batch(batch)?;
+        self.db.flush()?;
+        retry.clear();
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(target)
+    }
 }
 
 /// The quota store.
 #[derive(Debug)]
 pub struct Quotas {
     shared: Arc<Shared>,
-    state: sled::Tree,
     limits: sled::Tree,
+    /// The admin API's overrides, as in `quota_limits` (read on every charge, so kept here).
+    overrides: RwLock<HashMap<(Scope, String), Limits>>,
+    /// Serialises override writes (memory and disk in the same order).
+    override_write: Mutex<()>,
     configured: HashMap<(Scope, String), Limits>,
-    stripes: Vec<Mutex<()>>,
     durability: Durability,
     flusher: std::thread::Thread,
-}
-
-/// A charge that went through.
-#[derive(Debug)]
-pub struct Consumed {
-    /// Each limited bucket after the charge.
-    pub statuses: Vec<Status>,
-    /// What was written (`None` when nothing was: no limit, or not applied).
-    pub charge: Option<Charge>,
-    /// The write's sequence number, for [`Quotas::persisted`] (0: nothing written).
-    pub seq: u64,
 }
 
 /// A charge made for one request, to give back if the request is refused or fails.
@@ -274,30 +304,46 @@ pub struct Charge {
     amount: u64,
 }
 
+/// A charge that went through.
+#[derive(Debug)]
+pub struct Consumed {
+    /// Each limited bucket after the charge.
+    pub statuses: Vec<Status>,
+    /// What was changed (`None` when nothing was: no limit, or not applied).
+    pub charge: Option<Charge>,
+    /// The change's sequence number, for [`Quotas::persisted`] (0: nothing changed).
+    pub seq: u64,
+}
+
 impl Quotas {
-    /// Opens the trees in `db`, checks every record, and starts the flusher.
+    /// Reads and checks every record of both trees into memory, and starts the flusher.
     pub fn open(db: &sled::Db, config: &crate::config::QuotaConfig) -> Result<Quotas, QuotaError> {
         let state = db.open_tree("quota_state")?;
         let limits = db.open_tree("quota_limits")?;
+        let stripes: Vec<Mutex<Stripe>> = (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect();
         for kv in state.iter() {
             let (k, v) = kv?;
             let key = String::from_utf8_lossy(&k).replace('\0', "/");
             let corrupt = |problem: String| QuotaError::Corrupt { tree: "quota_state", key: key.clone(), problem };
-            let (_, _, bucket) = split_state_key(&k).ok_or_else(|| corrupt("malformed key".into()))?;
+            let (scope, name, bucket) = split_state_key(&k).ok_or_else(|| corrupt("malformed key".into()))?;
             let decoded = State::decode(&v).map_err(corrupt)?;
             if !bucket::fits(bucket, &decoded) {
                 return Err(corrupt(format!("a {} bucket holding {decoded:?}", bucket.as_str())));
             }
+            let mut stripe = stripes[stripe_of(scope, &name)].lock().unwrap_or_else(PoisonError::into_inner);
+            stripe.states.insert(k.to_vec(), decoded);
         }
+        let mut overrides = HashMap::new();
         for kv in limits.iter() {
             let (k, v) = kv?;
             let key = String::from_utf8_lossy(&k).replace('\0', "/");
-            split_limits_key(&k).ok_or_else(|| QuotaError::Corrupt {
+            let (scope, name) = split_limits_key(&k).ok_or_else(|| QuotaError::Corrupt {
                 tree: "quota_limits",
                 key: key.clone(),
                 problem: "malformed key".into(),
             })?;
-            decode_limits(&v).map_err(|problem| QuotaError::Corrupt { tree: "quota_limits", key, problem })?;
+            let l = decode_limits(&v).map_err(|problem| QuotaError::Corrupt { tree: "quota_limits", key, problem })?;
+            overrides.insert((scope, name), l);
         }
         let mut configured = HashMap::new();
         for (scope, table) in [(Scope::Robot, &config.robots), (Scope::Group, &config.groups)] {
@@ -310,15 +356,21 @@ impl Quotas {
         }
         let durability = config.durability.parse().unwrap_or(Durability::Sync);
         let (durable, _) = watch::channel(Durable::default());
-        let shared =
-            Arc::new(Shared { db: db.clone(), written: AtomicU64::new(0), durable, flushes: AtomicU64::new(0) });
+        let shared = Arc::new(Shared {
+            db: db.clone(),
+            state,
+            stripes,
+            written: AtomicU64::new(0),
+            durable,
+            flushes: AtomicU64::new(0),
+        });
         let flusher = spawn_flusher(Arc::downgrade(&shared), durability)?;
         Ok(Quotas {
             shared,
-            state,
             limits,
+            overrides: RwLock::new(overrides),
+            override_write: Mutex::new(()),
             configured,
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             durability,
             flusher,
         })
@@ -335,15 +387,13 @@ impl Quotas {
 
     /// The limits in force for `scope`/`key`: per bucket, the admin API's override, else the
     /// configuration's, else `defaults` (the policy's).
-    pub fn effective(&self, scope: Scope, key: &str, defaults: Limits) -> Result<Limits, QuotaError> {
-        let admin = self.override_of(scope, key)?.unwrap_or_default();
-        let configured = self.configured.get(&(scope, key.to_string())).copied().unwrap_or_default();
-        Ok(admin.over(configured).over(defaults))
+    pub fn effective(&self, scope: Scope, key: &str, defaults: Limits) -> Limits {
+        self.override_of(scope, key).unwrap_or_default().over(self.configured(scope, key)).over(defaults)
     }
 
     /// Charges `amount` to every limited bucket of `scope`/`key`, all or nothing. With
-    /// `apply = false` nothing is written (shadow mode, dry runs): the answer is what a charge
-    /// would have been. Blocking (a sled write; no flush).
+    /// `apply = false` nothing is changed (shadow mode, dry runs): the answer is what a charge
+    /// would have been. In memory, under the key's stripe lock; the flusher writes it to disk.
     pub fn try_consume(
         &self,
         scope: Scope,
@@ -353,60 +403,68 @@ impl Quotas {
         apply: bool,
         now_ms: u64,
     ) -> Result<Result<Consumed, Status>, QuotaError> {
-        let limits = self.effective(scope, key, defaults)?;
-        let _stripe = self.stripe(scope, key).lock().unwrap_or_else(PoisonError::into_inner);
-        let mut batch = sled::Batch::default();
+        let limits = self.effective(scope, key, defaults);
+        let mut stripe = self.lock(scope, key);
+        let mut changes = Vec::new();
         let mut statuses = Vec::new();
-        let mut buckets = Vec::new();
         for bucket in Bucket::ALL {
             let Some(limit) = limits.get(bucket) else { continue };
             let k = state_key(scope, key, bucket);
-            let stored = self.read_state(&k)?;
+            let stored = stripe.states.get(&k).copied();
             match bucket::charge(bucket, limit, stored, now_ms, amount) {
                 Ok(charged) => {
-                    batch.insert(k, charged.state.encode());
+                    changes.push((k, bucket, charged.state));
                     statuses.push(charged.status);
-                    buckets.push(bucket);
                 }
                 Err(refused) => return Ok(Err(refused)),
             }
         }
-        if !apply || buckets.is_empty() || amount == 0 {
+        if !apply || changes.is_empty() || amount == 0 {
             return Ok(Ok(Consumed { statuses, charge: None, seq: 0 }));
         }
-        self.state.apply_batch(batch)?;
-        let seq = self.wrote();
+        let buckets = changes.iter().map(|(_, b, _)| *b).collect();
+        for (k, _, state) in changes {
+            stripe.dirty.insert(k.clone(), Some(state));
+            stripe.states.insert(k, state);
+        }
+        let seq = self.wrote(false);
+        drop(stripe);
         Ok(Ok(Consumed { statuses, charge: Some(Charge { scope, key: key.into(), buckets, amount }), seq }))
     }
 
     /// The buckets of `scope`/`key` under the limits in force, without charging.
     pub fn peek(&self, scope: Scope, key: &str, defaults: Limits, now_ms: u64) -> Result<Vec<Status>, QuotaError> {
-        let limits = self.effective(scope, key, defaults)?;
+        let limits = self.effective(scope, key, defaults);
+        let stripe = self.lock(scope, key);
         let mut out = Vec::new();
         for bucket in Bucket::ALL {
             if let Some(limit) = limits.get(bucket) {
-                out.push(bucket::peek(bucket, limit, self.read_state(&state_key(scope, key, bucket))?, now_ms));
+                let stored = stripe.states.get(&state_key(scope, key, bucket)).copied();
+                out.push(bucket::peek(bucket, limit, stored, now_ms));
             }
         }
         Ok(out)
     }
 
-    /// Gives back `charge`. Blocking; not waited for (a refund only lowers what is on disk).
+    /// Gives back `charge`. Not waited for (a refund only lowers what is on disk).
     pub fn refund(&self, charge: &Charge, now_ms: u64) -> Result<(), QuotaError> {
-        let _stripe = self.stripe(charge.scope, &charge.key).lock().unwrap_or_else(PoisonError::into_inner);
-        let mut batch = sled::Batch::default();
+        let mut stripe = self.lock(charge.scope, &charge.key);
+        let mut changed = false;
         for &bucket in &charge.buckets {
             let k = state_key(charge.scope, &charge.key, bucket);
-            if let Some(back) = self.read_state(&k)?.and_then(|s| bucket::refund(s, now_ms, charge.amount)) {
-                batch.insert(k, back.encode());
+            if let Some(back) = stripe.states.get(&k).and_then(|s| bucket::refund(*s, now_ms, charge.amount)) {
+                stripe.dirty.insert(k.clone(), Some(back));
+                stripe.states.insert(k, back);
+                changed = true;
             }
         }
-        self.state.apply_batch(batch)?;
-        self.wrote();
+        if changed {
+            self.wrote(false);
+        }
         Ok(())
     }
 
-    /// Waits until write `seq` is on disk (sync mode); at once in interval mode.
+    /// Waits until change `seq` is on disk (sync mode); at once in interval mode.
     pub async fn persisted(&self, seq: u64) -> Result<(), QuotaError> {
         if self.durability != Durability::Sync || seq == 0 {
             return Ok(());
@@ -422,11 +480,9 @@ impl Quotas {
         }
     }
 
-    /// Blocking variant of [`Quotas::persisted`], for the benchmark and the CLI.
+    /// Blocking: waits until change `seq` is on disk, whatever the mode (admin changes, the
+    /// benchmark).
     pub fn persisted_blocking(&self, seq: u64) -> Result<(), QuotaError> {
-        if self.durability != Durability::Sync || seq == 0 {
-            return Ok(());
-        }
         let mut rx = self.shared.durable.subscribe();
         loop {
             {
@@ -438,21 +494,15 @@ impl Quotas {
                     return Err(QuotaError::NotDurable(e.to_string()));
                 }
             }
-            // No runtime here: poll the channel (the flusher takes about a millisecond).
-            std::thread::sleep(Duration::from_micros(100));
+            self.flusher.unpark();
+            // No runtime here: poll the channel (a flush takes milliseconds).
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
     /// The admin API's override for `scope`/`key`.
-    pub fn override_of(&self, scope: Scope, key: &str) -> Result<Option<Limits>, QuotaError> {
-        match self.limits.get(limits_key(scope, key))? {
-            None => Ok(None),
-            Some(v) => decode_limits(&v).map(Some).map_err(|problem| QuotaError::Corrupt {
-                tree: "quota_limits",
-                key: format!("{}/{key}", scope.as_str()),
-                problem,
-            }),
-        }
+    pub fn override_of(&self, scope: Scope, key: &str) -> Option<Limits> {
+        self.overrides.read().unwrap_or_else(PoisonError::into_inner).get(&(scope, key.to_string())).copied()
     }
 
     /// The configuration's limits for `scope`/`key`.
@@ -460,64 +510,71 @@ impl Quotas {
         self.configured.get(&(scope, key.to_string())).copied().unwrap_or_default()
     }
 
-    /// Sets (or with `None` or empty limits, clears) the admin override; flushed before return.
+    /// Sets (or with `None` or empty limits, clears) the admin override; on disk before return.
     pub fn set_override(&self, scope: Scope, key: &str, limits: Option<Limits>) -> Result<(), QuotaError> {
-        match limits.filter(|l| !l.is_empty()) {
-            Some(l) => self.limits.insert(limits_key(scope, key), encode_limits(&l))?,
+        let _w = self.override_write.lock().unwrap_or_else(PoisonError::into_inner);
+        let limits = limits.filter(|l| !l.is_empty());
+        match &limits {
+            Some(l) => self.limits.insert(limits_key(scope, key), encode_limits(l))?,
             None => self.limits.remove(limits_key(scope, key))?,
         };
         self.shared.db.flush()?;
+        let mut overrides = self.overrides.write().unwrap_or_else(PoisonError::into_inner);
+        match limits {
+            Some(l) => overrides.insert((scope, key.to_string()), l),
+            None => overrides.remove(&(scope, key.to_string())),
+        };
         Ok(())
     }
 
-    /// Forgets the usage of `scope`/`key` (every bucket full); flushed before return.
+    /// Forgets the usage of `scope`/`key` (every bucket full); on disk before return.
     pub fn reset(&self, scope: Scope, key: &str) -> Result<(), QuotaError> {
-        let _stripe = self.stripe(scope, key).lock().unwrap_or_else(PoisonError::into_inner);
-        let mut batch = sled::Batch::default();
-        for bucket in Bucket::ALL {
-            batch.remove(state_key(scope, key, bucket));
-        }
-        self.state.apply_batch(batch)?;
-        self.shared.db.flush()?;
-        Ok(())
-    }
-
-    /// The stored state of each bucket of `scope`/`key` that has been charged.
-    pub fn stored(&self, scope: Scope, key: &str) -> Result<BTreeMap<Bucket, State>, QuotaError> {
-        let mut out = BTreeMap::new();
-        for bucket in Bucket::ALL {
-            if let Some(s) = self.read_state(&state_key(scope, key, bucket))? {
-                out.insert(bucket, s);
+        let seq = {
+            let mut stripe = self.lock(scope, key);
+            for bucket in Bucket::ALL {
+                let k = state_key(scope, key, bucket);
+                stripe.states.remove(&k);
+                stripe.dirty.insert(k, None);
             }
-        }
-        Ok(out)
+            self.wrote(true)
+        };
+        self.persisted_blocking(seq)
     }
 
-    fn read_state(&self, key: &[u8]) -> Result<Option<State>, QuotaError> {
-        match self.state.get(key)? {
-            None => Ok(None),
-            Some(v) => State::decode(&v).map(Some).map_err(|problem| QuotaError::Corrupt {
-                tree: "quota_state",
-                key: String::from_utf8_lossy(key).replace('\0', "/"),
-                problem,
-            }),
-        }
+    /// The state of each bucket of `scope`/`key` that has been charged.
+    pub fn stored(&self, scope: Scope, key: &str) -> BTreeMap<Bucket, State> {
+        let stripe = self.lock(scope, key);
+        Bucket::ALL.into_iter().filter_map(|b| stripe.states.get(&state_key(scope, key, b)).map(|s| (b, *s))).collect()
     }
 
-    fn stripe(&self, scope: Scope, key: &str) -> &Mutex<()> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (scope, key).hash(&mut h);
-        &self.stripes[(h.finish() % STRIPES as u64) as usize]
+    fn lock(&self, scope: Scope, key: &str) -> std::sync::MutexGuard<'_, Stripe> {
+        self.shared.stripes[stripe_of(scope, key)].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Numbers a write that has been applied, and in sync mode wakes the flusher.
-    fn wrote(&self) -> u64 {
+    /// Numbers a change just made (call with its stripe locked); in sync mode, or when
+    /// `urgent`, wakes the flusher.
+    fn wrote(&self, urgent: bool) -> u64 {
         let seq = self.shared.written.fetch_add(1, Ordering::AcqRel) + 1;
-        if self.durability == Durability::Sync {
+        if urgent || self.durability == Durability::Sync {
             self.flusher.unpark();
         }
         seq
     }
+}
+
+impl Drop for Quotas {
+    /// A clean stop loses nothing, whatever the mode.
+    fn drop(&mut self) {
+        if let Err(e) = self.shared.flush(&mut Vec::new()) {
+            tracing::error!("quota store: final flush failed: {e}");
+        }
+    }
+}
+
+fn stripe_of(scope: Scope, key: &str) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (scope, key).hash(&mut h);
+    (h.finish() % STRIPES as u64) as usize
 }
 
 /// The flusher. It holds the store only while flushing, so dropping the store stops it.
@@ -529,15 +586,12 @@ fn spawn_flusher(shared: Weak<Shared>, durability: Durability) -> Result<std::th
     let handle = std::thread::Builder::new()
         .name("quota-flush".into())
         .spawn(move || {
+            let mut retry = Vec::new();
             loop {
                 let Some(s) = shared.upgrade() else { return };
-                // Every write numbered up to `target` was applied before it was numbered, so
-                // the flush below covers it.
-                let target = s.written.load(Ordering::Acquire);
-                if target > s.durable.borrow().seq {
-                    match s.db.flush() {
-                        Ok(_) => {
-                            s.flushes.fetch_add(1, Ordering::Relaxed);
+                if s.written.load(Ordering::Acquire) > s.durable.borrow().seq {
+                    match s.flush(&mut retry) {
+                        Ok(target) => {
                             s.durable.send_replace(Durable { seq: target, error: None });
                         }
                         Err(e) => {
@@ -549,15 +603,13 @@ fn spawn_flusher(shared: Weak<Shared>, durability: Durability) -> Result<std::th
                         }
                     }
                     if durability == Durability::Sync {
-                        // More may have arrived while flushing: go again without sleeping.
+                        // Changes made while flushing wait for the next flush: go at once.
                         continue;
                     }
                 }
                 drop(s);
-                match durability {
-                    Durability::Sync => std::thread::park_timeout(idle),
-                    Durability::Interval(_) => std::thread::sleep(idle),
-                }
+                // Woken early by sync-mode changes and by admin changes (`wrote`).
+                std::thread::park_timeout(idle);
             }
         })
         .map_err(|e| QuotaError::NotDurable(format!("cannot start the flusher: {e}")))?;
@@ -932,6 +984,6 @@ mod tests {
         );
         assert_eq!(offline::import(&db, &exported), Ok(1));
         let quotas = Quotas::open(&db, &config).unwrap();
-        assert_eq!(quotas.stored(Scope::Robot, "r2").unwrap()[&Bucket::Day], good);
+        assert_eq!(quotas.stored(Scope::Robot, "r2")[&Bucket::Day], good);
     }
 }
