@@ -11,4 +11,4 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 # The policy guests' own unit tests (their workspace is outside the host's build graph).
-(cd policies && cargo test -p guest-util -p joint-limits -p workspace-bounds -p instruction-filter)
+(cd policies && cargo test -p guest-util -p joint-limits -p workspace-bounds -p instruction-filter -p rate-limit)

@@ -17,7 +17,12 @@ use vla_api::Priority;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store {path}: {source}")]
+    #[error(
+        "store {path}: {source}. Is another appliance running on this data directory? If the store is \
+         damaged, the appliance will not start on it or replace it: stop, move {path} aside (the robot \
+         registry, policies, audit log and quota state are in it) and restore it from a backup; see \
+         README.md, Rate limits and quotas, Recovery"
+    )]
     Open { path: String, source: sled::Error },
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
