@@ -371,21 +371,13 @@ async fn closed_loop(
 /// runs.
 fn policy(calls: usize, dist: &Path) -> anyhow::Result<serde_json::Value> {
     use appliance::policy::World;
-    use appliance::policy::bindings::{Action, ActionKind, RequestContext};
+    use appliance::policy::bindings::{Action, ActionKind};
     use appliance::policy::runtime::{Input, Runtime};
 
     let config = appliance::config::PolicyConfig::default();
     let cache = tempfile::tempdir()?;
     let runtime = Runtime::new(&config, cache.path()).map_err(anyhow::Error::msg)?;
-    let ctx = RequestContext {
-        request_id: "8d3c6f1e-2b4a-4c7e-9f10-5a6b7c8d9e0f".into(),
-        robot_id: "arm-1".into(),
-        robot_type: "demo".into(),
-        model: "tiny-vla".into(),
-        instruction: "pick up the red block and place it in the left bin".into(),
-        state: vec![0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0],
-        time_ms: 1_795_000_000_000,
-    };
+    let ctx = sample_context();
     let velocity = |values: Vec<f32>| Action { kind: ActionKind::JointVelocity, dof: 7, horizon: 1, values };
     let ee = Action {
         kind: ActionKind::EndEffectorDelta,
@@ -516,7 +508,6 @@ fn quota(concurrency: &[usize], seconds: f64, dist: &Path) -> anyhow::Result<ser
 
     // The rate-limit policy's whole call: instantiation, its config parsed, two charges.
     use appliance::policy::World;
-    use appliance::policy::bindings::RequestContext;
     use appliance::policy::runtime::{Input, Runtime};
     let dir = tempfile::tempdir()?;
     let db = sled::Config::new().path(dir.path().join("store")).open()?;
@@ -527,15 +518,7 @@ fn quota(concurrency: &[usize], seconds: f64, dist: &Path) -> anyhow::Result<ser
     let path = dist.join("rate-limit.wasm");
     let bytes = std::fs::read(&path).with_context(|| format!("{} (run policies/build.sh)", path.display()))?;
     let compiled = runtime.compile(&bytes, World::Admission).map_err(anyhow::Error::msg)?;
-    let ctx = RequestContext {
-        request_id: "8d3c6f1e-2b4a-4c7e-9f10-5a6b7c8d9e0f".into(),
-        robot_id: "arm-1".into(),
-        robot_type: "demo".into(),
-        model: "tiny-vla".into(),
-        instruction: "pick up the red block and place it in the left bin".into(),
-        state: vec![0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0],
-        time_ms: 1_795_000_000_000,
-    };
+    let ctx = sample_context();
     let (name, cfg): (Arc<str>, Arc<str>) = (
         "rate-limit".into(),
         r#"{"exempt_instructions": ["stop", "halt"], "robot": {"rate": "1000000/s"}, "group": {"rate": "1000000/s", "day": 1000000000}}"#.into(),
@@ -564,4 +547,17 @@ fn quota(concurrency: &[usize], seconds: f64, dist: &Path) -> anyhow::Result<ser
     );
     Ok(json!({"benchmark": "quota", "machine": machine(), "date": now_utc(), "rows": rows,
               "rate_limit_policy_call": {"p50_us": at(0.5), "p99_us": at(0.99), "calls": times.len()}}))
+}
+
+/// The request the policy benchmarks show their policies: a demo robot asking for a pick.
+fn sample_context() -> appliance::policy::bindings::RequestContext {
+    appliance::policy::bindings::RequestContext {
+        request_id: "8d3c6f1e-2b4a-4c7e-9f10-5a6b7c8d9e0f".into(),
+        robot_id: "arm-1".into(),
+        robot_type: "demo".into(),
+        model: "tiny-vla".into(),
+        instruction: "pick up the red block and place it in the left bin".into(),
+        state: vec![0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0],
+        time_ms: 1_795_000_000_000,
+    }
 }

@@ -17,6 +17,18 @@ pub fn truncate_reason(mut s: String) -> String {
     s
 }
 
+/// Deserialises a policy's config text, reporting the JSON path of the first problem
+/// (`robot.rate: invalid type: …`); trailing characters after the object are an error too.
+pub fn from_config<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let config: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        if path == "." { err.inner().to_string() } else { format!("{path}: {}", err.inner()) }
+    })?;
+    de.end().map_err(|err| err.to_string())?;
+    Ok(config)
+}
+
 /// The hostile test fixtures' trigger: the instruction contains `attack`, or the config (JSON)
 /// has `"always": true`. Otherwise they allow, which is how they pass an upload's dry run.
 pub fn hostile(instruction: &str, config_json: &str) -> bool {

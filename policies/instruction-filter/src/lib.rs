@@ -38,12 +38,7 @@ pub struct Config {
 
 /// Parses and checks the config text, reporting the JSON path of the first problem.
 pub fn parse_config(json: &str) -> Result<Config, String> {
-    let mut de = serde_json::Deserializer::from_str(json);
-    let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        if path == "." { err.inner().to_string() } else { format!("{path}: {}", err.inner()) }
-    })?;
-    de.end().map_err(|err| err.to_string())?;
+    let config: Config = guest_util::from_config(json)?;
     if let Some(i) = config.deny.iter().position(|p| p.chars().all(|c| c == '*')) {
         return Err(format!("deny[{i}] is empty or only `*` (it would match every instruction)"));
     }

@@ -50,12 +50,7 @@ const TOLERANCE: f64 = 1e-6;
 
 /// Parses and checks the config text, reporting the JSON path of the first problem.
 pub fn parse_config(json: &str) -> Result<Config, String> {
-    let mut de = serde_json::Deserializer::from_str(json);
-    let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        if path == "." { err.inner().to_string() } else { format!("{path}: {}", err.inner()) }
-    })?;
-    de.end().map_err(|err| err.to_string())?;
+    let config: Config = guest_util::from_config(json)?;
     for (axis, name) in AXES.iter().enumerate() {
         let (lo, hi) = (config.min[axis], config.max[axis]);
         if !lo.is_finite() || !hi.is_finite() {
