@@ -40,12 +40,16 @@ pub enum Access {
     Public,
     Caller,
     Admin,
+    /// `/metrics`: public unless `metrics.token_file` is set; then its token or the admin token.
+    Metrics,
 }
 
 /// The access class of `path`: the one place that decides it.
 pub fn access_for(path: &str) -> Access {
     match path {
         "/health" | "/v2/health/live" | "/v2/health/ready" => Access::Public,
+        "/metrics" | "/monitoring/metrics" => Access::Metrics,
+        "/health/detailed" | "/gpu/stats" | "/queue/stats" | "/models/stats" => Access::Admin,
         _ if path == "/admin" || path.starts_with("/admin/") => Access::Admin,
         _ if path == "/v2/repository" || path.starts_with("/v2/repository/") => Access::Admin,
         _ => Access::Caller,
@@ -80,7 +84,7 @@ pub struct PeerIdentity {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("admin token file {}: {problem}", path.display())]
+    #[error("token file {}: {problem}", path.display())]
     AdminToken { path: PathBuf, problem: String },
     #[error("{0}")]
     Random(String),
@@ -95,6 +99,8 @@ pub enum AuthError {
 pub struct Authenticator {
     store: Arc<Store>,
     admin_hash: [u8; 32],
+    /// SHA-256 of the metrics token, when `/metrics` needs one.
+    metrics_hash: Option<[u8; 32]>,
     client_names: BTreeMap<String, String>,
     client_auth: ClientAuth,
     /// How much of a refused request's body is read before answering (see [`guard`]).
@@ -111,10 +117,16 @@ pub struct IssuedKey {
 }
 
 impl Authenticator {
-    pub fn new(config: &Config, store: Arc<Store>, admin_hash: [u8; 32]) -> Authenticator {
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        admin_hash: [u8; 32],
+        metrics_hash: Option<[u8; 32]>,
+    ) -> Authenticator {
         Authenticator {
             store,
             admin_hash,
+            metrics_hash,
             client_names: config.tls.client_names.clone(),
             client_auth: config.tls.client_auth,
             drain_limit: config.server.body_limit_bytes,
@@ -124,6 +136,20 @@ impl Authenticator {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Whether the request may read `/metrics`: with no metrics token configured, anyone; else
+    /// the metrics token or the admin token as `Authorization: Bearer`.
+    fn may_scrape(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(metrics_hash) = &self.metrics_hash else { return Ok(()) };
+        let token = presented_token(headers)?
+            .ok_or_else(|| ApiError::Unauthorized("/metrics needs `Authorization: Bearer <metrics token>`".into()))?;
+        let hash = Sha256::digest(token.as_bytes());
+        if bool::from(hash.ct_eq(metrics_hash)) || bool::from(hash.ct_eq(&self.admin_hash)) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized("the metrics token is not valid".into()))
+        }
     }
 
     /// The caller of a request from its headers and its connection's client certificate.
@@ -308,6 +334,12 @@ pub async fn guard(State(auth): State<Arc<Authenticator>>, mut request: Request,
     let access = access_for(request.uri().path());
     if access == Access::Public {
         return next.run(request).await;
+    }
+    if access == Access::Metrics {
+        return match auth.may_scrape(request.headers()) {
+            Ok(()) => next.run(request).await,
+            Err(e) => e.into_response(),
+        };
     }
     let caller = auth.authenticate(request.headers(), request.extensions().get::<PeerIdentity>());
     let refusal = match (access, caller) {

@@ -22,6 +22,7 @@ use tch::Device;
 use tokio::sync::oneshot;
 use vla_api::{ModelStats, Priority};
 
+use crate::metrics::ModelMetrics;
 use crate::model::{LoadedModel, ModelError, TensorData};
 use crate::queue::{BatchQueue, Full, Next, Policy, Queued, Waiting};
 use crate::spec::ModelSpec;
@@ -109,6 +110,8 @@ struct Shared {
     /// Signalled on every push and on close; executors wait on it when there is nothing to run.
     wake: Condvar,
     counters: Counters,
+    /// The model's metric handles (atomics only; see [`crate::metrics::ModelMetrics`]).
+    metrics: ModelMetrics,
 }
 
 impl Shared {
@@ -136,7 +139,13 @@ impl Batcher {
     /// Starts `spec.batching.instances` executor threads, each loading `<dir>/model.pt` onto
     /// `device` and warming it up on its own thread; returns once all are ready, or the first
     /// error after stopping the others.
-    pub fn start(dir: &Path, spec: &ModelSpec, device: Device, cpu_threads: usize) -> Result<Batcher, ModelError> {
+    pub fn start(
+        dir: &Path,
+        spec: &ModelSpec,
+        device: Device,
+        cpu_threads: usize,
+        metrics: ModelMetrics,
+    ) -> Result<Batcher, ModelError> {
         let policy = Policy {
             max_batch_size: spec.effective_max_batch(),
             max_queue_delay: Duration::from_micros(spec.batching.max_queue_delay_us),
@@ -147,6 +156,7 @@ impl Batcher {
             state: Mutex::new(State { queue: BatchQueue::new(policy), closed: false }),
             wake: Condvar::new(),
             counters: Counters::default(),
+            metrics,
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
@@ -340,8 +350,17 @@ fn executor_loop(shared: &Shared, model: &LoadedModel) {
 fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, started: Instant) {
     let n = batch.len();
     let samples: Vec<&[TensorData]> = batch.iter().map(|q| q.item.inputs.as_slice()).collect();
+    let m = &shared.metrics;
+    m.batch_size.observe(n as f64);
+    // The batch waited as long as its oldest request.
+    if let Some(oldest) = batch.iter().map(|q| q.enqueued).min() {
+        m.batch_wait.observe(started.saturating_duration_since(oldest).as_secs_f64());
+    }
+    m.in_flight.inc();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.run(&samples)))
         .unwrap_or_else(|panic| Err(ModelError::Forward(panic_message(&panic))));
+    m.in_flight.dec();
+    m.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     shared.counters.batches.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok((outputs, inference)) => {
@@ -351,9 +370,11 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
             let now_ms =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             c.last_inference_unix_ms.store(now_ms, Ordering::Relaxed);
+            m.compute.observe(inference.as_secs_f64());
             for (q, outputs) in batch.into_iter().zip(outputs) {
                 let queued = started.saturating_duration_since(q.enqueued);
                 c.queue_ns.fetch_add(queued.as_nanos() as u64, Ordering::Relaxed);
+                m.queue_wait.observe(queued.as_secs_f64());
                 let _ = q.item.reply.send(Ok(Done { outputs, queued, inference, batch_size: n }));
             }
         }

@@ -25,6 +25,27 @@ pub struct Config {
     pub auth: AuthConfig,
     pub policy: PolicyConfig,
     pub quota: QuotaConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `/metrics` and telemetry ([`crate::metrics`], [`crate::gpu`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` to anyone; otherwise (default) it needs the metrics token (or the
+    /// admin token) as `Authorization: Bearer`.
+    pub public: bool,
+    /// File holding the metrics token, generated (mode 0600) on first start; relative paths
+    /// are under `data.dir`. Give it to the cell's Prometheus (`bearer_token_file`).
+    pub token_file: PathBuf,
+    /// How often the GPU monitor polls NVML.
+    pub gpu_poll_interval_ms: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { public: false, token_file: PathBuf::from("metrics.token"), gpu_poll_interval_ms: 5_000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -356,6 +377,12 @@ impl Config {
         }
     }
 
+    /// The metrics token file.
+    pub fn metrics_token_file(&self) -> PathBuf {
+        let path = &self.metrics.token_file;
+        if path.is_absolute() { path.clone() } else { self.data.dir.join(path) }
+    }
+
     /// The admin token file.
     pub fn admin_token_file(&self) -> PathBuf {
         let path = &self.auth.admin_token_file;
@@ -489,6 +516,12 @@ impl Config {
                     return Err(invalid(&format!("quota.{table}.\"{key}\".{field}"), problem));
                 }
             }
+        }
+        if !(100..=3_600_000).contains(&self.metrics.gpu_poll_interval_ms) {
+            return Err(invalid("metrics.gpu_poll_interval_ms", "must be 100-3600000"));
+        }
+        if !self.metrics.public && self.metrics.token_file.as_os_str().is_empty() {
+            return Err(invalid("metrics.token_file", "must not be empty unless metrics.public = true"));
         }
         if self.auth.admin_token_file.as_os_str().is_empty() {
             return Err(invalid("auth.admin_token_file", "must not be empty"));

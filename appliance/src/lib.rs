@@ -15,7 +15,8 @@
 //! | model | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split |
 //! | safety | [`policy`] | the policies allow, clamp (modify) or deny the proposed action; decisions audited |
 //!
-//! Around them: [`config`] (the one configuration tree), [`spec`] (`model.toml`),
+//! Around them: [`metrics`] (the `vla_*` catalogue), [`gpu`] (NVML telemetry), [`monitoring`]
+//! (`/metrics` and the stats endpoints), [`config`] (the one configuration tree), [`spec`] (`model.toml`),
 //! [`repository`] (loading and reloading the models), [`admin`] (robot registry and model
 //! repository endpoints), [`store`] (sled: the robot registry, policies, audit log and
 //! quota state at rest), [`demo`] (the generated `tiny-vla` model) and [`error`] (the HTTP boundary's error
@@ -30,7 +31,10 @@ pub mod batcher;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod gpu;
+pub mod metrics;
 pub mod model;
+pub mod monitoring;
 pub mod oip;
 pub mod policy;
 pub mod preprocess;
@@ -102,8 +106,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             .map_err(|e| RunError::Task(format!("store task failed: {e}")))??
     };
     let store = Arc::new(store);
+    let metrics = Arc::new(metrics::Metrics::new());
     // Before the models: a quota store that cannot be trusted stops the start at once.
     let quotas = Arc::new(quota::Quotas::open(store.db(), &config.quota)?);
+    quotas.observe_flushes(metrics.store_flush_duration.clone());
     tracing::info!(durability = %quotas.durability(), "quota store");
     let token_file = config.admin_token_file();
     let (admin_hash, generated) = auth::admin_token(&token_file)?;
@@ -122,11 +128,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
             key_file.display()
         );
     }
-    let auth = Arc::new(auth::Authenticator::new(&config, store.clone(), admin_hash));
+    let metrics_hash = if config.metrics.public {
+        None
+    } else {
+        let file = config.metrics_token_file();
+        let (hash, generated) = auth::admin_token(&file)?;
+        if generated {
+            tracing::info!(file = %file.display(), "generated the metrics token (mode 0600) for /metrics");
+        }
+        Some(hash)
+    };
+    let auth = Arc::new(auth::Authenticator::new(&config, store.clone(), admin_hash, metrics_hash));
+    let gpu = gpu::GpuMonitor::start(metrics.clone(), Duration::from_millis(config.metrics.gpu_poll_interval_ms));
 
     let models = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || repository::Models::load(&config))
+        let (config, metrics) = (config.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || repository::Models::load(&config, metrics))
             .await
             .map_err(|e| RunError::Task(format!("model loading task failed: {e}")))??
     };
@@ -139,10 +156,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let policies = {
         let config = config.clone();
         let models = models.clone();
+        let metrics = metrics.clone();
         tokio::task::spawn_blocking(move || {
             let default = models.default_model().and_then(|name| models.resolve(Some(name)).ok());
             let default = default.as_ref().map(|m| &*m.spec);
-            policy::Policies::open(&config.policy, &config.data.dir, &store, quotas, default)
+            policy::Policies::open(&config.policy, &config.data.dir, &store, quotas, metrics, default)
         })
         .await
         .map_err(|e| RunError::Task(format!("policy loading task failed: {e}")))?
@@ -160,6 +178,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         auth,
         policies,
         quotas,
+        metrics,
+        gpu,
+        started: std::time::Instant::now(),
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     match listener.local_addr() {
@@ -170,6 +191,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         shutdown.await;
         shutting_down.store(true, Ordering::Relaxed);
     };
+    let metrics = state.metrics.clone();
     server::serve(
         listener,
         tls,
@@ -177,6 +199,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         shutdown,
         Duration::from_millis(config.server.tls_handshake_timeout_ms),
         Duration::from_millis(config.server.shutdown_grace_ms),
+        metrics,
     )
     .await;
 

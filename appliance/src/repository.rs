@@ -13,6 +13,7 @@ use crate::batcher::Batcher;
 use crate::config::Config;
 use crate::demo;
 use crate::error::ApiError;
+use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::{device_name, resolve_device};
 use crate::spec::ModelSpec;
 
@@ -22,6 +23,10 @@ pub struct Model {
     pub spec: Arc<ModelSpec>,
     pub device: Device,
     pub batcher: Batcher,
+    /// This model's metric handles, shared with its batcher.
+    pub metrics: ModelMetrics,
+    /// When it finished loading (for the worker utilization gauge).
+    pub loaded_at: std::time::Instant,
 }
 
 impl Model {
@@ -53,6 +58,7 @@ pub struct Models {
     default: Option<String>,
     /// Serialises loads and unloads: two admins loading the same model must not race to swap.
     changing: Mutex<()>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Default)]
@@ -82,7 +88,7 @@ pub enum RepositoryError {
 impl Models {
     /// Scans and loads the repository (generating the demo model into an empty one when
     /// `models.demo` is on). Blocking: loads and warms up models.
-    pub fn load(config: &Config) -> Result<Models, RepositoryError> {
+    pub fn load(config: &Config, metrics: Arc<Metrics>) -> Result<Models, RepositoryError> {
         let root = config.model_repository();
         let io = |source| RepositoryError::Io { path: root.clone(), source };
         std::fs::create_dir_all(&root).map_err(io)?;
@@ -95,7 +101,7 @@ impl Models {
         let mut state = State::default();
         for dir in dirs {
             let name = dir_name(&dir);
-            match load_one(&dir, config.models.cpu_threads) {
+            match load_one(&dir, config.models.cpu_threads, &metrics) {
                 Ok(model) => {
                     log_loaded(&model);
                     state.serving.insert(name, Arc::new(model));
@@ -123,6 +129,7 @@ impl Models {
             state: RwLock::new(state),
             default,
             changing: Mutex::new(()),
+            metrics,
         })
     }
 
@@ -231,7 +238,7 @@ impl Models {
         if !dir.join("model.toml").is_file() {
             return Err(format!("no {}", dir.join("model.toml").display()));
         }
-        match load_one(&dir, self.cpu_threads) {
+        match load_one(&dir, self.cpu_threads, &self.metrics) {
             Ok(model) => {
                 log_loaded(&model);
                 let model = Arc::new(model);
@@ -310,9 +317,12 @@ fn model_dirs(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
-fn load_one(dir: &Path, cpu_threads: usize) -> Result<Model, String> {
+fn load_one(dir: &Path, cpu_threads: usize, metrics: &Metrics) -> Result<Model, String> {
+    let started = std::time::Instant::now();
     let spec = ModelSpec::load(dir).map_err(|e| e.to_string())?;
     let device = resolve_device(spec.device).map_err(|e| format!("{}: {e}", dir.join("model.toml").display()))?;
-    let batcher = Batcher::start(dir, &spec, device, cpu_threads).map_err(|e| e.to_string())?;
-    Ok(Model { spec: Arc::new(spec), device, batcher })
+    let model_metrics = metrics.for_model(&spec.name);
+    let batcher = Batcher::start(dir, &spec, device, cpu_threads, model_metrics.clone()).map_err(|e| e.to_string())?;
+    metrics.model_load_duration.with_label_values(&[&spec.name]).observe(started.elapsed().as_secs_f64());
+    Ok(Model { spec: Arc::new(spec), device, batcher, metrics: model_metrics, loaded_at: std::time::Instant::now() })
 }

@@ -50,6 +50,11 @@ pub struct AppState {
     pub policies: Arc<Policies>,
     /// Rate limits and quotas the admission policies charge (also `policies.quotas()`).
     pub quotas: Arc<crate::quota::Quotas>,
+    /// The metric catalogue `/metrics` renders.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The latest GPU reading.
+    pub gpu: Arc<crate::gpu::GpuMonitor>,
+    pub started: Instant,
 }
 
 impl AppState {
@@ -101,11 +106,13 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
     routes.extend(admin::routes());
     routes.extend(crate::policy::api::routes());
     routes.extend(crate::quota::api::routes());
+    routes.extend(crate::monitoring::routes());
     routes
 }
 
 pub fn router(state: AppState) -> Router {
     let auth = state.auth.clone();
+    let metrics = state.metrics.clone();
     let mut router = Router::new();
     for (path, method_router) in routes() {
         router = router.route(path, method_router);
@@ -116,6 +123,36 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         // Outermost, so it runs before routing's 404/405 as well: nothing answers unauthenticated.
         .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
+        // Around the guard, so refused requests are counted too.
+        .layer(axum::middleware::from_fn_with_state(metrics, record_http))
+}
+
+/// Runs a closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+/// Counts every request by method, route template (never the raw path) and status, and error
+/// answers by code.
+async fn record_http(
+    State(metrics): State<Arc<crate::metrics::Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let endpoint = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let code = response.extensions().get::<crate::error::ErrorCode>().map(|c| c.0);
+    metrics.http(method.as_str(), &endpoint, response.status().as_u16(), started.elapsed(), code);
+    response
 }
 
 async fn not_found(State(app): State<AppState>, uri: Uri, body: Body) -> ApiError {
@@ -151,14 +188,40 @@ async fn list_models(State(app): State<AppState>) -> axum::Json<ModelList> {
     })
 }
 
-/// `POST /v1/inference`: the robot endpoint.
+/// `POST /v1/inference`: the robot endpoint. Counts the answer by model, robot type and status.
 async fn inference(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Response {
     let received = Instant::now();
+    let mut model = None;
+    let result = robot_inference(&app, &caller, headers, body, received, &mut model).await;
+    let status = match &result {
+        Ok(_) => "success",
+        Err(e) => e.code(),
+    };
+    let robot_type = caller.robot().map_or("none", |r| r.robot_type.as_str());
+    match &model {
+        Some(m) => {
+            app.metrics.request(&m.spec.name, robot_type, status);
+            m.metrics.duration.observe(received.elapsed().as_secs_f64());
+        }
+        None => app.metrics.request("none", robot_type, status),
+    }
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn robot_inference(
+    app: &AppState,
+    caller: &Caller,
+    headers: HeaderMap,
+    body: Body,
+    received: Instant,
+    resolved: &mut Option<Arc<Model>>,
+) -> Result<Response, ApiError> {
+    let app = app.clone();
     // The body is read before anything can refuse the request: an HTTP/1.1 client still
     // sending a body it was refused would see a reset connection instead of the answer.
     let body = read_request_body(&app, &headers, body).await?;
@@ -185,6 +248,7 @@ async fn inference(
         )));
     }
     let model = app.models.resolve(request.model.as_deref())?;
+    *resolved = Some(model.clone());
     let checked = validate::check_request(&request, &model.spec, &app.config.limits, robot.priority)?;
     // `check_request` bounds the deadline by `limits.max_deadline_ms`, itself at most a day.
     let deadline = received + Duration::from_millis(checked.deadline_ms);
@@ -222,6 +286,7 @@ async fn inference(
         .map_err(|e| ApiError::Internal(format!("preprocessing task failed: {e}")))??
     };
     let preprocess = preprocess_start.elapsed();
+    model.metrics.image_decode.observe(preprocess.as_secs_f64());
 
     let (model, mut done) = compute(&app, model, vec![inputs], checked.priority, deadline, checked.deadline_ms).await?;
     let done = done.pop().ok_or_else(|| ApiError::Internal("no result".into()))?;
@@ -414,6 +479,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     handshake_timeout: Duration,
     grace: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -443,15 +509,25 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = tls.as_ref().map(|rx| TlsAcceptor::from(rx.borrow().clone()));
+        let metrics = metrics.clone();
         tokio::spawn(async move {
+            // Open connections, counted down however the task ends.
+            metrics.connections_active.inc();
+            let _open = OnDrop(|| metrics.connections_active.dec());
             match acceptor {
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
                         serve_connection(&builder, stream, router, identity, watcher, peer).await
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "TLS handshake failed: {e}")
+                    }
+                    Err(_) => {
+                        metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out")
+                    }
                 },
                 None => serve_connection(&builder, stream, router, None, watcher, peer).await,
             }

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use vla_api::{AuditRecord, PolicyEval, PolicyTrace};
 
 use crate::error::ApiError;
+use crate::metrics::Family;
 
 pub use bindings::{Action, ActionKind, Decision, RequestContext};
 pub use registry::{Installed, Policies, PolicySet};
@@ -362,7 +363,9 @@ pub fn run_chain(
         }
         let started = Instant::now();
         let outcome = policy.call(policies, ctx, current.as_ref(), &mut session);
-        let eval_us = started.elapsed().as_micros() as u64;
+        let elapsed = started.elapsed();
+        policy.duration.observe(elapsed.as_secs_f64());
+        let eval_us = elapsed.as_micros() as u64;
         let (decision, code, reason) = match &outcome {
             Ok(Decision::Allow) => ("allow", None, None),
             Ok(Decision::Deny(d)) => ("deny", Some(d.code.clone()), Some(d.reason.clone())),
@@ -380,6 +383,13 @@ pub fn run_chain(
             eval_us,
         });
         let enforce = record.mode == Mode::Enforce;
+        let m = policies.metrics();
+        match &outcome {
+            Ok(Decision::Deny(d)) if enforce => m.cached(Family::Rejections, &[&record.name, &d.code]).inc(),
+            Ok(Decision::Modify(_)) if enforce => m.cached(Family::Modifications, &[&record.name]).inc(),
+            Err(f) => m.cached(Family::PolicyFailures, &[&record.name, f.kind()]).inc(),
+            _ => {}
+        }
         if decision != "allow" {
             let replacement = match &outcome {
                 Ok(Decision::Modify(m)) => Some(m.action.values.clone()),
@@ -416,6 +426,11 @@ pub fn run_chain(
             Ok(Decision::Deny(_)) | Err(_) => {
                 let failed = outcome.is_err();
                 let rate_limit = session.as_ref().and_then(|s| s.refused).filter(|_| !failed);
+                let m = policies.metrics();
+                m.cached(Family::SafetyChecks, &[if failed { "error" } else { "deny" }]).inc();
+                if let Some(status) = &rate_limit {
+                    m.cached(Family::RateLimitHits, &[&ctx.robot_id, status.bucket.as_str()]).inc();
+                }
                 // Dropping the charges unkept gives them back.
                 drop(session.and_then(crate::quota::Session::finish));
                 let refusal = Refusal {
@@ -430,6 +445,9 @@ pub fn run_chain(
                 return (Err(refusal), audit);
             }
         }
+    }
+    if !evals.is_empty() {
+        policies.metrics().cached(Family::SafetyChecks, &[if modified { "modify" } else { "allow" }]).inc();
     }
     let charged = session.and_then(crate::quota::Session::finish);
     (Ok(Passed { evals, action: current, modified, charged }), audit)

@@ -22,6 +22,7 @@ use super::bindings::{Action, ActionKind, RequestContext};
 use super::runtime::{Compiled, Input, Runtime};
 use super::{Health, Mode, Passed, Refusal, World, check_decision, check_name, parse_public_key, run_chain};
 use crate::config::PolicyConfig;
+use crate::metrics::Metrics;
 use crate::quota::{Quotas, Session};
 use crate::spec::ModelSpec;
 use crate::store::{Store, StoreError, hex};
@@ -59,6 +60,8 @@ pub struct Installed {
     /// denies every request it sees.
     pub compiled: Result<Compiled, String>,
     pub health: Arc<Health>,
+    /// `vla_safety_check_duration_seconds{policy}`, resolved once.
+    pub duration: prometheus::Histogram,
 }
 
 /// The policies in force: each chain in run order. Immutable; replaced as a whole.
@@ -182,6 +185,7 @@ pub struct Policies {
     sample: Sample,
     /// The quota store admission policies charge.
     quotas: Arc<Quotas>,
+    metrics: Arc<Metrics>,
 }
 
 impl Policies {
@@ -193,6 +197,7 @@ impl Policies {
         data_dir: &Path,
         store: &Store,
         quotas: Arc<Quotas>,
+        metrics: Arc<Metrics>,
         model: Option<&ModelSpec>,
     ) -> Result<Policies, String> {
         let data_dir = std::path::absolute(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
@@ -215,6 +220,7 @@ impl Policies {
             slots: Arc::new(Semaphore::new(config.max_concurrent as usize)),
             sample: Sample::new(model),
             quotas,
+            metrics,
         };
         policies.restore()?;
         policies.preload()?;
@@ -227,6 +233,10 @@ impl Policies {
 
     pub fn quotas(&self) -> &Arc<Quotas> {
         &self.quotas
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn breaker_failures(&self) -> u64 {
@@ -421,6 +431,7 @@ impl Policies {
                 config: current.config.clone(),
                 compiled: current.compiled.clone(),
                 health: current.health.clone(),
+                duration: current.duration.clone(),
             }),
         };
         self.commit(Some(installed.clone()), replaced.as_deref())?;
@@ -513,6 +524,7 @@ impl Policies {
         let health =
             self.health.lock().unwrap_or_else(PoisonError::into_inner).entry(record.name.clone()).or_default().clone();
         Arc::new(Installed {
+            duration: self.metrics.safety_duration.with_label_values(&[&record.name]),
             name: record.name.as_str().into(),
             config: serde_json::to_string(&record.config).unwrap_or_default().into(),
             record,

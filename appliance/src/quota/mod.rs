@@ -252,6 +252,8 @@ struct Shared {
     written: AtomicU64,
     durable: watch::Sender<Durable>,
     flushes: AtomicU64,
+    /// `vla_store_flush_duration_seconds`, once the appliance's metrics are attached.
+    flush_duration: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 impl Shared {
@@ -273,10 +275,14 @@ impl Shared {
                 None => batch.remove(k.as_slice()),
             }
         }
+        let started = std::time::Instant::now();
         self.state.apply_batch(batch)?;
         self.db.flush()?;
         retry.clear();
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        if let Some(h) = self.flush_duration.get() {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         Ok(target)
     }
 }
@@ -363,6 +369,7 @@ impl Quotas {
             written: AtomicU64::new(0),
             durable,
             flushes: AtomicU64::new(0),
+            flush_duration: std::sync::OnceLock::new(),
         });
         let flusher = spawn_flusher(Arc::downgrade(&shared), durability)?;
         Ok(Quotas {
@@ -378,6 +385,11 @@ impl Quotas {
 
     pub fn durability(&self) -> Durability {
         self.durability
+    }
+
+    /// Observes every flush's duration into `histogram` from now on.
+    pub fn observe_flushes(&self, histogram: prometheus::Histogram) {
+        let _ = self.shared.flush_duration.set(histogram);
     }
 
     /// Flushes done so far (for the benchmark's report).
