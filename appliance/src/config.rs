@@ -40,11 +40,19 @@ pub struct MetricsConfig {
     pub token_file: PathBuf,
     /// How often the GPU monitor polls NVML.
     pub gpu_poll_interval_ms: u64,
+    /// Also serve `/metrics` over plain HTTP, without a token, on this loopback address (for
+    /// a Prometheus on the box itself). Off by default; a non-loopback address is refused.
+    pub listen_http: Option<SocketAddr>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { public: false, token_file: PathBuf::from("metrics.token"), gpu_poll_interval_ms: 5_000 }
+        MetricsConfig {
+            public: false,
+            token_file: PathBuf::from("metrics.token"),
+            gpu_poll_interval_ms: 5_000,
+            listen_http: None,
+        }
     }
 }
 
@@ -520,6 +528,16 @@ impl Config {
         if !(100..=3_600_000).contains(&self.metrics.gpu_poll_interval_ms) {
             return Err(invalid("metrics.gpu_poll_interval_ms", "must be 100-3600000"));
         }
+        if let Some(addr) = self.metrics.listen_http
+            && !addr.ip().is_loopback()
+        {
+            return Err(invalid(
+                "metrics.listen_http",
+                format!(
+                    "{addr} is not a loopback address; plain-HTTP metrics stay on the box (use /metrics over HTTPS)"
+                ),
+            ));
+        }
         if !self.metrics.public && self.metrics.token_file.as_os_str().is_empty() {
             return Err(invalid("metrics.token_file", "must not be empty unless metrics.public = true"));
         }
@@ -638,6 +656,13 @@ mod tests {
         assert!(err.to_string().contains("policy.preload[1].name"), "{err}");
         let err = load("[policy]\ntrusted_keys = [\"AAAA\"]\n", &[]).expect_err("rejected");
         assert!(err.to_string().contains("policy.trusted_keys[0]"), "{err}");
+    }
+
+    #[test]
+    fn the_plain_http_metrics_listener_must_be_loopback() {
+        let err = load("[metrics]\nlisten_http = \"0.0.0.0:9100\"\n", &[]).expect_err("rejected");
+        assert!(err.to_string().contains("metrics.listen_http"), "{err}");
+        assert!(load("[metrics]\nlisten_http = \"127.0.0.1:9100\"\n", &[]).is_ok());
     }
 
     #[test]

@@ -192,6 +192,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         shutting_down.store(true, Ordering::Relaxed);
     };
     let metrics = state.metrics.clone();
+    let plain_metrics = match config.metrics.listen_http {
+        Some(addr) => {
+            let plain = TcpListener::bind(addr)
+                .await
+                .map_err(|e| RunError::Task(format!("binding metrics.listen_http = {addr}: {e}")))?;
+            tracing::info!("serving /metrics on http://{addr} (loopback, no token)");
+            Some(tokio::spawn(monitoring::serve_plain(plain, state.clone())))
+        }
+        None => None,
+    };
     server::serve(
         listener,
         tls,
@@ -202,6 +212,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         metrics,
     )
     .await;
+    if let Some(task) = plain_metrics {
+        task.abort();
+    }
 
     // Connections are done; let executors finish whatever is still queued, then stop them.
     tokio::task::spawn_blocking(move || models.shutdown())

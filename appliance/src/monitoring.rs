@@ -30,6 +30,14 @@ pub fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
     ]
 }
 
+/// Serves `/metrics` alone over plain HTTP on `listener` (`metrics.listen_http`, loopback).
+pub async fn serve_plain(listener: tokio::net::TcpListener, app: AppState) {
+    let router = axum::Router::new().route("/metrics", axum::routing::get(metrics)).with_state(app);
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::error!("plain-HTTP metrics listener stopped: {e}");
+    }
+}
+
 async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
     let text = crate::admin::blocking(move || {
         refresh(&app)?;

@@ -9,6 +9,7 @@
 //! `BYTES` is accepted for the image input (an encoded JPEG/PNG, base64 in JSON) and for the
 //! instruction input (UTF-8 text), which are then preprocessed as the robot endpoint does.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Extension;
@@ -174,20 +175,37 @@ struct Parsed {
     outputs: Vec<(usize, bool)>,
 }
 
-/// `POST /v2/models/{model}[/versions/{version}]/infer`.
+/// `POST /v2/models/{model}[/versions/{version}]/infer`. Counts the answer as
+/// `server::inference` does.
 async fn infer(
     State(app): State<AppState>,
     params: Params,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Response {
     let received = Instant::now();
+    let mut model = None;
+    let result = infer_rows(app.clone(), &params, &caller, headers, body, received, &mut model).await;
+    server::count_request(&app, &caller, model.as_deref(), &result, received);
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn infer_rows(
+    app: AppState,
+    params: &Params,
+    caller: &Caller,
+    headers: HeaderMap,
+    body: Body,
+    received: Instant,
+    resolved: &mut Option<Arc<Model>>,
+) -> Result<Response, ApiError> {
     // Read first: see `server::inference`.
     let body = server::read_request_body(&app, &headers, body).await?;
     app.check_accepting()?;
     let robot = caller.robot()?.clone();
-    let model = model_of(&app, &params)?;
+    let model = model_of(&app, params)?;
+    *resolved = Some(model.clone());
     let header_len =
         match headers.get(HEADER_LENGTH) {
             None => None,

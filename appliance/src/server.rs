@@ -198,19 +198,31 @@ async fn inference(
     let received = Instant::now();
     let mut model = None;
     let result = robot_inference(&app, &caller, headers, body, received, &mut model).await;
-    let status = match &result {
+    count_request(&app, &caller, model.as_deref(), &result, received);
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `vla_inference_requests_total` and `vla_inference_duration_seconds` for one answered
+/// inference request; `model` is `none` when the request named no serving model.
+pub fn count_request(
+    app: &AppState,
+    caller: &Caller,
+    model: Option<&Model>,
+    result: &Result<Response, ApiError>,
+    received: Instant,
+) {
+    let status = match result {
         Ok(_) => "success",
         Err(e) => e.code(),
     };
     let robot_type = caller.robot().map_or("none", |r| r.robot_type.as_str());
-    match &model {
+    match model {
         Some(m) => {
             app.metrics.request(&m.spec.name, robot_type, status);
             m.metrics.duration.observe(received.elapsed().as_secs_f64());
         }
         None => app.metrics.request("none", robot_type, status),
     }
-    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn robot_inference(

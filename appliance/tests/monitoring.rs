@@ -98,8 +98,19 @@ async fn admin_json(app: &TestAppliance, path: &str) -> Value {
 
 #[tokio::test]
 async fn stats_endpoints_answer_json_to_the_admin_only_and_metrics_can_be_public() {
-    let app = TestAppliance::start(|config, _| config.metrics.public = true).await;
+    // A free loopback port for the plain-HTTP listener.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let app = TestAppliance::start(|config, _| {
+        config.metrics.public = true;
+        config.metrics.listen_http = Some(([127, 0, 0, 1], port).into());
+    })
+    .await;
     assert_eq!(app.client.get(app.url("/metrics")).send().await.unwrap().status(), StatusCode::OK);
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap();
+    assert_eq!(plain.status(), StatusCode::OK);
+    assert!(plain.text().await.unwrap().contains("vla_models_loaded 1"));
+    let other = reqwest::get(format!("http://127.0.0.1:{port}/admin/robots")).await.unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND, "only /metrics is served in plain HTTP");
     assert!(!app.data.path().join("metrics.token").exists());
     app.robot_key("arm-2").await;
     assert_eq!(app.infer(robot_request(2)).await.status(), StatusCode::OK);
