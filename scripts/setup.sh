@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing the appliance need. Idempotent: quick when done.
-#   - Debian packages (only those missing)
+#   - Debian packages (only those missing), prometheus among them (server and promtool)
 #   - .venv with torch==2.11.0 from PyPI (libtorch for tch) and tritonclient (tests); see
 #     requirements.txt
 #   - the wasm32-unknown-unknown and wasm32-wasip2 Rust targets (policy crates)
@@ -9,15 +9,17 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+# prometheus: the Prometheus server and promtool, for the monitoring tests (started by the
+# tests themselves on ephemeral ports, never as a service).
 missing=()
-for pkg in curl ca-certificates gcc g++ python3-venv; do
+for pkg in curl ca-certificates gcc g++ python3-venv prometheus; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
 python="${PYTHON:-python3}"

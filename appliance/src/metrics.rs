@@ -167,7 +167,7 @@ impl Metrics {
             requests: counter(
                 &r,
                 "vla_inference_requests_total",
-                "Inference requests answered, by model, robot type and status (success or the error code).",
+                "Inference requests answered, by model, robot type and status (success, rate_limited, rejected, invalid, error).",
                 &["model", "robot_type", "status"],
             ),
             duration: histogram(

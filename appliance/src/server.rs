@@ -202,6 +202,20 @@ async fn inference(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// The `status` label of `vla_inference_requests_total`, as the cell's alert rules read it:
+/// `success`; `rate_limited` (429); `rejected` (a policy denied: 422 `policy_rejected`);
+/// `invalid` (any other client mistake, 4xx); `error` (the appliance failed: 5xx, or a policy
+/// failed). The error's own code is in `vla_errors_total{code}`.
+pub fn request_status(e: &ApiError) -> &'static str {
+    match e.code() {
+        "rate_limited" => "rate_limited",
+        "policy_rejected" => "rejected",
+        "policy_error" => "error",
+        _ if e.status().is_client_error() => "invalid",
+        _ => "error",
+    }
+}
+
 /// `vla_inference_requests_total` and `vla_inference_duration_seconds` for one answered
 /// inference request; `model` is `none` when the request named no serving model.
 pub fn count_request(
@@ -213,7 +227,7 @@ pub fn count_request(
 ) {
     let status = match result {
         Ok(_) => "success",
-        Err(e) => e.code(),
+        Err(e) => request_status(e),
     };
     let robot_type = caller.robot().map_or("none", |r| r.robot_type.as_str());
     match model {
