@@ -188,4 +188,30 @@ async fn a_central_prometheus_federating_the_cell_sees_its_requests_with_the_cel
     .await;
     query_until_found(&centre, r#"vla_gpu_available{cell="cell-01"}"#).await;
     query_until_found(&centre, r#"job:vla_inference_requests:rate5m{cell="cell-01"}"#).await;
+
+    // Every query of the shipped Grafana dashboards is valid PromQL for this Prometheus.
+    let client = reqwest::Client::new();
+    let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../monitoring/grafana/dashboards");
+    let mut checked = 0;
+    for name in ["operations", "gpu", "safety"] {
+        let dashboard: Value =
+            serde_json::from_str(&std::fs::read_to_string(dashboards.join(format!("{name}.json"))).unwrap()).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap().replace("$cell", ".*");
+                let r: Value = client
+                    .get(format!("{}/api/v1/query", centre.url))
+                    .query(&[("query", expr.as_str())])
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                assert_eq!(r["status"], "success", "{name}: {expr}: {r}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 25, "{checked} dashboard queries");
 }
