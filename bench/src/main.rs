@@ -73,6 +73,13 @@ enum Command {
         #[arg(long, default_value = "policies/dist")]
         dist: PathBuf,
     },
+    /// The cost of instrumentation on the request path, and of rendering `/metrics` with 50
+    /// robots and 3 models.
+    Metrics {
+        /// Requests recorded per thread.
+        #[arg(long, default_value = "1000000")]
+        requests: usize,
+    },
     /// Quota decisions (charge the robot's and its group's buckets, as the rate-limit policy
     /// does) in both durability modes with 1, 8 and 64 concurrent robots, and the rate-limit
     /// policy's whole call.
@@ -96,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Policy { calls, dist } => policy(calls, &dist)?,
         Command::Quota { concurrency, seconds, dist } => quota(&concurrency, seconds, &dist)?,
+        Command::Metrics { requests } => metrics(requests)?,
     };
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("{}", path.display()))?;
@@ -560,4 +568,84 @@ fn sample_context() -> appliance::policy::bindings::RequestContext {
         state: vec![0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0],
         time_ms: 1_795_000_000_000,
     }
+}
+
+/// What one request records, as the appliance does it: the request counter and latency, the
+/// HTTP counter and latency, four policy calls and the chain outcome, and its share of a batch
+/// of 8 (queue wait, forward, batch size and wait). Then `/metrics` rendered from a registry
+/// holding 3 models, 50 robots (5 types) and their quota series.
+fn metrics(requests: usize) -> anyhow::Result<serde_json::Value> {
+    use appliance::metrics::{Family, Metrics};
+
+    let m = Arc::new(Metrics::new());
+    let models = ["tiny-vla", "pick-place-v2", "mobile-nav"];
+    let policies = ["rate-limit", "instruction-filter", "joint-limits", "workspace-bounds"];
+    let per_model: Vec<_> = models.iter().map(|name| m.for_model(name)).collect();
+    let policy_duration: Vec<_> = policies.iter().map(|p| m.safety_duration.with_label_values(&[p])).collect();
+    let record = |i: usize| {
+        let model = &per_model[i % 3];
+        let d = Duration::from_micros(3_000 + (i % 5_000) as u64);
+        m.request(models[i % 3], ["ur5e", "franka", "demo", "mobile", "scara"][i % 5], "success");
+        model.duration.observe(d.as_secs_f64());
+        m.http("POST", "/v1/inference", 200, d, None);
+        for h in &policy_duration {
+            h.observe(0.00004);
+        }
+        m.cached(Family::SafetyChecks, &["allow"]).inc();
+        model.queue_wait.observe(0.002);
+        model.image_decode.observe(0.0008);
+        if i.is_multiple_of(8) {
+            model.compute.observe(0.009);
+            model.batch_size.observe(8.0);
+            model.batch_wait.observe(0.002);
+        }
+    };
+    println!("## Metrics ({}; {})\n", machine(), now_utc());
+    println!("| threads | ns per request recorded | requests |");
+    println!("|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for threads in [1usize, 2] {
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || {
+                    for i in 0..requests {
+                        record(i + t);
+                    }
+                });
+            }
+        });
+        let ns = started.elapsed().as_nanos() as f64 / requests as f64;
+        println!("| {threads} | {ns:.0} | {requests} |");
+        rows.push(json!({"threads": threads, "ns_per_request": ns, "requests": requests}));
+    }
+    // 50 robots' series, as the scrape refreshes them, plus error codes and routes.
+    for r in 0..50 {
+        let id = format!("arm-{r:02}");
+        m.rate_limit_remaining.with_label_values(&[&id, "rate"]).set(40);
+        m.rate_limit_remaining.with_label_values(&[&id, "day"]).set(900);
+        m.quota_usage.with_label_values(&[&id, "day"]).set(10.0);
+        m.cached(Family::RateLimitHits, &[&id, "rate"]).inc();
+        for status in ["success", "rate_limited", "rejected", "invalid", "error"] {
+            m.request(models[r % 3], ["ur5e", "franka", "demo", "mobile", "scara"][r % 5], status);
+        }
+    }
+    for (model, name) in per_model.iter().zip(models) {
+        m.queue_depth.with_label_values(&[name]).set(3);
+        m.queue_capacity.with_label_values(&[name]).set(256);
+        m.model_info.with_label_values(&[name, "1", "cpu"]).set(1);
+        model.in_flight.set(0);
+    }
+    let mut times = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..300 {
+        let t = Instant::now();
+        bytes = m.render().map_err(anyhow::Error::msg)?.len();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    println!("\n/metrics render (3 models, 50 robots, {bytes} bytes): p50 {:.2} ms, p99 {:.2} ms", at(0.5), at(0.99));
+    Ok(json!({"benchmark": "metrics", "machine": machine(), "date": now_utc(), "rows": rows,
+              "render": {"p50_ms": at(0.5), "p99_ms": at(0.99), "bytes": bytes}}))
 }
