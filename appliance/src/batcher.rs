@@ -162,6 +162,7 @@ impl Batcher {
         let mut threads = Vec::new();
         for i in 0..spec.batching.instances {
             let shared = shared.clone();
+            let memory = shared.metrics.memory.clone();
             let ready = ready_tx.clone();
             let dir = dir.to_path_buf();
             let thread_spec = spec.clone();
@@ -181,6 +182,7 @@ impl Batcher {
                 .unwrap_or_else(|panic| Err(ModelError::Forward(panic_message(&panic))));
                 match loaded {
                     Ok(model) => {
+                        memory.add(model.weight_bytes(&dir) as i64);
                         let _ = ready.send(Ok(()));
                         drop(ready);
                         executor_loop(&shared, &model);

@@ -78,6 +78,7 @@ pub struct Metrics {
     // Models and workers.
     pub models_loaded: IntGauge,
     pub model_load_duration: HistogramVec,
+    pub model_memory: IntGaugeVec,
     pub worker_utilization: GaugeVec,
     pub image_errors: IntCounter,
     pub image_decode: HistogramVec,
@@ -332,6 +333,12 @@ impl Metrics {
                 &["model"],
                 &LOAD_BUCKETS,
             ),
+            model_memory: int_gauge(
+                &r,
+                "vla_model_memory_bytes",
+                "Bytes of a model's weights (its parameters; for a frozen TorchScript module, model.pt), times its executor instances.",
+                &["model"],
+            ),
             worker_utilization: gauge(
                 &r,
                 "vla_inference_worker_utilization_percent",
@@ -407,6 +414,7 @@ impl Metrics {
             in_flight: self.batches_in_flight.with_label_values(&[model]),
             image_decode: self.image_decode.with_label_values(&[model]),
             busy_ns: std::sync::Arc::new(AtomicU64::new(0)),
+            memory: self.model_memory.with_label_values(&[model]),
         }
     }
 
@@ -550,6 +558,8 @@ pub struct ModelMetrics {
     pub image_decode: Histogram,
     /// Executor time spent in forwards, for the worker utilization gauge.
     pub busy_ns: std::sync::Arc<AtomicU64>,
+    /// `vla_model_memory_bytes`: each executor adds its copy's bytes once loaded.
+    pub memory: IntGauge,
 }
 
 /// Brings counter `c` up to `total`, a monotonic count kept elsewhere (a model's statistics,

@@ -93,6 +93,15 @@ impl LoadedModel {
         self.device
     }
 
+    /// Bytes of the module's parameters (what one loaded copy holds on its device). A frozen
+    /// TorchScript module keeps its weights as constants, which libtorch does not enumerate:
+    /// then the size of `model.pt`, which is essentially those weights.
+    pub fn weight_bytes(&self, dir: &Path) -> u64 {
+        let params = self.module.named_parameters().unwrap_or_default();
+        let bytes: u64 = params.iter().map(|(_, t)| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum();
+        if bytes > 0 { bytes } else { std::fs::metadata(dir.join("model.pt")).map_or(0, |m| m.len()) }
+    }
+
     /// Runs zero-filled batches at each size, checking the action output's shape, so that the
     /// first robot request meets a warm model (allocator pools, cuDNN/oneDNN kernel choice).
     pub fn warm_up(&self, batch_sizes: &[usize], rounds: usize) -> Result<(), ModelError> {

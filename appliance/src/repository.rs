@@ -322,6 +322,8 @@ fn load_one(dir: &Path, cpu_threads: usize, metrics: &Metrics) -> Result<Model, 
     let spec = ModelSpec::load(dir).map_err(|e| e.to_string())?;
     let device = resolve_device(spec.device).map_err(|e| format!("{}: {e}", dir.join("model.toml").display()))?;
     let model_metrics = metrics.for_model(&spec.name);
+    // Counts the copies of the version being loaded (a reload replaces the old one).
+    model_metrics.memory.set(0);
     let batcher = Batcher::start(dir, &spec, device, cpu_threads, model_metrics.clone()).map_err(|e| e.to_string())?;
     metrics.model_load_duration.with_label_values(&[&spec.name]).observe(started.elapsed().as_secs_f64());
     Ok(Model { spec: Arc::new(spec), device, batcher, metrics: model_metrics, loaded_at: std::time::Instant::now() })

@@ -75,6 +75,9 @@ async fn metrics_show_live_requests_queues_batches_policies_and_quotas_behind_a_
     assert_eq!(value(&text, r#"vla_safety_checks_total{result="deny"}"#), Some(1.0));
     assert_eq!(value(&text, r#"vla_safety_check_duration_seconds_count{policy="rate-limit"}"#), Some(4.0));
     assert_eq!(value(&text, "vla_models_loaded"), Some(1.0));
+    // The demo model holds about 9 M float parameters.
+    assert!(value(&text, r#"vla_model_memory_bytes{model="tiny-vla"}"#).unwrap() > 10e6, "{text}");
+    assert_eq!(value(&text, r#"vla_inference_workers_active{model="tiny-vla"}"#), Some(1.0));
     assert!(text.contains(r#"vla_model_info{device="cpu",model="tiny-vla",version="1"} 1"#), "{text}");
     assert!(text.contains("vla_application_info{libtorch=\"2.11.0\",version=\""));
     assert_eq!(value(&text, r#"vla_application_health{component="models"}"#), Some(1.0));

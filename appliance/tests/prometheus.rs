@@ -127,7 +127,18 @@ async fn query_until_found(prometheus: &Prometheus, query: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn a_central_prometheus_federating_the_cell_sees_its_requests_with_the_cell_label() {
-    let app = TestAppliance::start(|_, _| {}).await;
+    let app = TestAppliance::start(|config, _| {
+        config.policy.preload = vec![
+            common::preload(
+                "rate-limit",
+                "admission",
+                0,
+                serde_json::json!({"robot": {"rate": "10/min", "day": 1000}}),
+            ),
+            common::preload("joint-limits", "safety", 10, serde_json::json!({"default": {"velocity": 0.05}})),
+        ];
+    })
+    .await;
     let token = std::fs::read_to_string(app.data.path().join("metrics.token")).unwrap();
     let ca = std::fs::read(app.data.path().join("tls/cert.pem")).unwrap();
     app.robot_key("arm-1").await;
@@ -186,7 +197,17 @@ async fn a_central_prometheus_federating_the_cell_sees_its_requests_with_the_cel
         r#"histogram_quantile(0.95, rate(vla_inference_duration_seconds_bucket{cell="cell-01"}[5m]))"#,
     )
     .await;
-    query_until_found(&centre, r#"vla_gpu_available{cell="cell-01"}"#).await;
+    // Queue, batching, safety and quota series arrive too.
+    for series in [
+        r#"vla_gpu_available{cell="cell-01"}"#,
+        r#"vla_inference_queue_capacity{cell="cell-01",model="tiny-vla"}"#,
+        r#"vla_inference_batch_size_count{cell="cell-01",model="tiny-vla"}"#,
+        r#"vla_safety_modifications_total{cell="cell-01",policy="joint-limits"}"#,
+        r#"vla_rate_limit_tokens_remaining{cell="cell-01",robot_id="arm-1",limit_type="rate"}"#,
+        r#"vla_quota_usage_percent{cell="cell-01",robot_id="arm-1",period="day"}"#,
+    ] {
+        query_until_found(&centre, series).await;
+    }
     query_until_found(&centre, r#"job:vla_inference_requests:rate5m{cell="cell-01"}"#).await;
 
     // Every query of the shipped Grafana dashboards is valid PromQL for this Prometheus.
