@@ -40,7 +40,7 @@ pub enum Access {
     Public,
     Caller,
     Admin,
-    /// `/metrics`: public unless `metrics.token_file` is set; then its token or the admin token.
+    /// `/metrics`: the metrics token or the admin token; anyone with `metrics.public = true`.
     Metrics,
 }
 

@@ -517,6 +517,9 @@ pub async fn serve(
         .keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20));
     tokio::pin!(shutdown);
+    // Every connection's task: those still open when the grace period ends are aborted, so
+    // nothing of the appliance (its store above all) outlives `serve`.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -536,7 +539,9 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let acceptor = tls.as_ref().map(|rx| TlsAcceptor::from(rx.borrow().clone()));
         let metrics = metrics.clone();
-        tokio::spawn(async move {
+        // Reap finished connection tasks so the set stays the size of the open connections.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             // Open connections, counted down however the task ends.
             metrics.connections_active.inc();
             let _open = OnDrop(|| metrics.connections_active.dec());
@@ -564,4 +569,5 @@ pub async fn serve(
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("shutdown grace period of {grace:?} passed; closing remaining connections");
     }
+    connections.shutdown().await;
 }

@@ -143,6 +143,10 @@ impl TestAppliance {
                 app.admin_token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
                 return (app, status, body);
             }
+            if app.task.as_ref().is_some_and(|t| t.is_finished()) {
+                let stopped = app.task.take().unwrap().await;
+                panic!("the appliance stopped before serving: {stopped:?}");
+            }
             assert!(start.elapsed() < Duration::from_secs(120), "appliance did not answer /health");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
