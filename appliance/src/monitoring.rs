@@ -167,6 +167,8 @@ async fn queue_stats(State(app): State<AppState>) -> Json<Value> {
                 "queue_capacity": s.queue_capacity,
                 "queue_utilization_percent": utilization,
                 "max_batch_size": m.spec.max_batch_size,
+                "workers": m.spec.batching.instances,
+                "device": crate::model::device_name(m.device),
                 "batching": m.spec.batching.enabled,
                 "computed": s.computed,
                 "batches": s.batches,

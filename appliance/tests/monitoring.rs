@@ -135,6 +135,7 @@ async fn stats_endpoints_answer_json_to_the_admin_only_and_metrics_can_be_public
     }
     let queue = admin_json(&app, "/queue/stats").await;
     let tiny = &queue["models"][0];
+    assert_eq!(tiny["workers"], 1);
     assert_eq!(
         (tiny["model"].as_str(), tiny["queue_capacity"].as_u64(), tiny["computed"].as_u64()),
         (Some("tiny-vla"), Some(256), Some(1))
