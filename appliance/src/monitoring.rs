@@ -65,12 +65,7 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
         m.model_info.with_label_values(&[name, &model.spec.version, &crate::model::device_name(model.device)]).set(1);
         m.queue_depth.with_label_values(&[name]).set(stats.queue_depth as i64);
         m.queue_capacity.with_label_values(&[name]).set(stats.queue_capacity as i64);
-        let utilization = if stats.queue_capacity == 0 {
-            0.0
-        } else {
-            stats.queue_depth as f64 * 100.0 / stats.queue_capacity as f64
-        };
-        m.queue_utilization.with_label_values(&[name]).set(utilization);
+        m.queue_utilization.with_label_values(&[name]).set(utilization_percent(&stats));
         for (reason, total) in [
             ("deadline", stats.dropped_deadline),
             ("disconnect", stats.dropped_disconnect),
@@ -78,9 +73,6 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
         ] {
             catch_up(&m.dropped.with_label_values(&[name, reason]), total);
         }
-    }
-    for model in &serving {
-        let name = model.spec.name.as_str();
         let instances = model.spec.batching.instances.max(1);
         m.workers_active.with_label_values(&[name]).set(instances as i64);
         let wall = model.loaded_at.elapsed().as_nanos() as f64 * instances as f64;
@@ -88,10 +80,11 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
         m.worker_utilization.with_label_values(&[name]).set(if wall > 0.0 { busy * 100.0 / wall } else { 0.0 });
     }
     catch_up(&m.store_flushes, app.quotas.flushes());
-    if let Ok(bytes) = app.auth.store().db().size_on_disk() {
-        m.store_size.set(bytes as i64);
+    let store_size = app.auth.store().db().size_on_disk();
+    if let Ok(bytes) = &store_size {
+        m.store_size.set(*bytes as i64);
     }
-    for (component, healthy) in components(app) {
+    for (component, healthy) in components(app, store_size.is_ok()) {
         m.health.with_label_values(&[component]).set(i64::from(healthy));
     }
     // Quotas of registered robots: bounded by the registry.
@@ -111,11 +104,16 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Each component and whether it is healthy.
-fn components(app: &AppState) -> [(&'static str, bool); 4] {
+/// A queue's depth as a percentage of its capacity.
+fn utilization_percent(s: &vla_api::ModelStats) -> f64 {
+    if s.queue_capacity == 0 { 0.0 } else { s.queue_depth as f64 * 100.0 / s.queue_capacity as f64 }
+}
+
+/// Each component and whether it is healthy; `store_ok`: the store answered.
+fn components(app: &AppState, store_ok: bool) -> [(&'static str, bool); 4] {
     let policies_ok = app.policies.list().iter().all(|p| p.state == "ready" || !p.enabled);
     [
-        ("store", app.auth.store().db().size_on_disk().is_ok()),
+        ("store", store_ok),
         ("models", app.models.is_serving()),
         ("policy_engine", policies_ok),
         ("gpu", app.gpu.stats().available),
@@ -126,7 +124,7 @@ fn components(app: &AppState) -> [(&'static str, bool); 4] {
 async fn health_detailed(State(app): State<AppState>) -> Response {
     let gpu = app.gpu.stats();
     let policies = app.policies.list();
-    let components = components(&app);
+    let components = components(&app, app.auth.store().db().size_on_disk().is_ok());
     let serving = app.models.is_serving();
     let body = json!({
         "status": if app.is_shutting_down() { "shutting_down" } else if !serving { "unavailable" }
@@ -134,7 +132,7 @@ async fn health_detailed(State(app): State<AppState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": app.started.elapsed().as_secs_f64(),
         "components": {
-            "store": {"status": "ok", "quota_durability": app.quotas.durability().to_string()},
+            "store": {"status": if components[0].1 { "ok" } else { "failing" }, "quota_durability": app.quotas.durability().to_string()},
             "models": {"status": if serving { "ok" } else { "unavailable" }, "models": app.models.health()},
             "policy_engine": {
                 "status": if components[2].1 { "ok" } else { "degraded" },
@@ -159,13 +157,11 @@ async fn queue_stats(State(app): State<AppState>) -> Json<Value> {
         .iter()
         .map(|m| {
             let s = m.batcher.stats();
-            let utilization =
-                if s.queue_capacity == 0 { 0.0 } else { s.queue_depth as f64 * 100.0 / s.queue_capacity as f64 };
             json!({
                 "model": m.spec.name,
                 "queue_depth": s.queue_depth,
                 "queue_capacity": s.queue_capacity,
-                "queue_utilization_percent": utilization,
+                "queue_utilization_percent": utilization_percent(&s),
                 "max_batch_size": m.spec.max_batch_size,
                 "workers": m.spec.batching.instances,
                 "device": crate::model::device_name(m.device),

@@ -8,8 +8,8 @@ mod admission_world {
     wasmtime::component::bindgen!({
         world: "admission",
         path: "../wit",
-        // A quota call that cannot reach the store traps the policy (it fails closed) instead
-        // of inventing an answer.
+        // A quota call with invalid limits (a zero rate) traps the policy: it fails closed
+        // instead of being given an answer it did not ask for.
         imports: { "vla:policy/quota": trappable },
     });
 }

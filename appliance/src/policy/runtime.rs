@@ -130,7 +130,7 @@ impl host::Host for HostState {
 impl quota::Host for HostState {
     fn peek(&mut self, scope: quota::Scope, defaults: quota::Limits) -> wasmtime::Result<Vec<quota::Status>> {
         let session = self.quota.as_ref().ok_or_else(no_quota)?;
-        let statuses = session.peek(scope_of(scope), limits_of(&defaults)?)?;
+        let statuses = session.peek(scope_of(scope), limits_of(&defaults)?);
         Ok(statuses.iter().map(status_to_wit).collect())
     }
 
@@ -141,7 +141,7 @@ impl quota::Host for HostState {
         amount: u32,
     ) -> wasmtime::Result<Result<Vec<quota::Status>, quota::Status>> {
         let session = self.quota.as_mut().ok_or_else(no_quota)?;
-        Ok(match session.try_consume(scope_of(scope), limits_of(&defaults)?, u64::from(amount))? {
+        Ok(match session.try_consume(scope_of(scope), limits_of(&defaults)?, u64::from(amount)) {
             Ok(statuses) => Ok(statuses.iter().map(status_to_wit).collect()),
             Err(refused) => Err(status_to_wit(&refused)),
         })

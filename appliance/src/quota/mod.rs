@@ -414,7 +414,7 @@ impl Quotas {
         amount: u64,
         apply: bool,
         now_ms: u64,
-    ) -> Result<Result<Consumed, Status>, QuotaError> {
+    ) -> Result<Consumed, Status> {
         let limits = self.effective(scope, key, defaults);
         let mut stripe = self.lock(scope, key);
         let mut changes = Vec::new();
@@ -428,11 +428,11 @@ impl Quotas {
                     changes.push((k, bucket, charged.state));
                     statuses.push(charged.status);
                 }
-                Err(refused) => return Ok(Err(refused)),
+                Err(refused) => return Err(refused),
             }
         }
         if !apply || changes.is_empty() || amount == 0 {
-            return Ok(Ok(Consumed { statuses, charge: None, seq: 0 }));
+            return Ok(Consumed { statuses, charge: None, seq: 0 });
         }
         let buckets = changes.iter().map(|(_, b, _)| *b).collect();
         for (k, _, state) in changes {
@@ -441,11 +441,11 @@ impl Quotas {
         }
         let seq = self.wrote(false);
         drop(stripe);
-        Ok(Ok(Consumed { statuses, charge: Some(Charge { scope, key: key.into(), buckets, amount }), seq }))
+        Ok(Consumed { statuses, charge: Some(Charge { scope, key: key.into(), buckets, amount }), seq })
     }
 
     /// The buckets of `scope`/`key` under the limits in force, without charging.
-    pub fn peek(&self, scope: Scope, key: &str, defaults: Limits, now_ms: u64) -> Result<Vec<Status>, QuotaError> {
+    pub fn peek(&self, scope: Scope, key: &str, defaults: Limits, now_ms: u64) -> Vec<Status> {
         let limits = self.effective(scope, key, defaults);
         let stripe = self.lock(scope, key);
         let mut out = Vec::new();
@@ -455,11 +455,11 @@ impl Quotas {
                 out.push(bucket::peek(bucket, limit, stored, now_ms));
             }
         }
-        Ok(out)
+        out
     }
 
     /// Gives back `charge`. Not waited for (a refund only lowers what is on disk).
-    pub fn refund(&self, charge: &Charge, now_ms: u64) -> Result<(), QuotaError> {
+    pub fn refund(&self, charge: &Charge, now_ms: u64) {
         let mut stripe = self.lock(charge.scope, &charge.key);
         let mut changed = false;
         for &bucket in &charge.buckets {
@@ -473,7 +473,6 @@ impl Quotas {
         if changed {
             self.wrote(false);
         }
-        Ok(())
     }
 
     /// Waits until change `seq` is on disk (sync mode); at once in interval mode.
@@ -783,9 +782,7 @@ impl Drop for Charged {
         }
         let now = crate::admin::now_ms();
         for charge in &self.charges {
-            if let Err(e) = self.quotas.refund(charge, now) {
-                tracing::warn!("quota store: could not give back a refused request's charge: {e}");
-            }
+            self.quotas.refund(charge, now);
         }
     }
 }
@@ -830,14 +827,9 @@ impl Session {
     }
 
     /// `try-consume` for the current policy.
-    pub fn try_consume(
-        &mut self,
-        scope: Scope,
-        defaults: Limits,
-        amount: u64,
-    ) -> Result<Result<Vec<Status>, Status>, QuotaError> {
+    pub fn try_consume(&mut self, scope: Scope, defaults: Limits, amount: u64) -> Result<Vec<Status>, Status> {
         let key = self.key(scope).to_string();
-        match self.quotas.try_consume(scope, &key, defaults, amount, self.apply, self.now_ms)? {
+        match self.quotas.try_consume(scope, &key, defaults, amount, self.apply, self.now_ms) {
             Ok(Consumed { statuses, charge, seq }) => {
                 if let Some(charge) = charge {
                     self.charges.push(charge);
@@ -850,16 +842,16 @@ impl Session {
                         }
                     }
                 }
-                Ok(Ok(statuses))
+                Ok(statuses)
             }
             Err(refused) => {
                 self.refused = Some(refused);
-                Ok(Err(refused))
+                Err(refused)
             }
         }
     }
 
-    pub fn peek(&self, scope: Scope, defaults: Limits) -> Result<Vec<Status>, QuotaError> {
+    pub fn peek(&self, scope: Scope, defaults: Limits) -> Vec<Status> {
         self.quotas.peek(scope, self.key(scope), defaults, self.now_ms)
     }
 
@@ -934,7 +926,7 @@ mod tests {
         std::thread::scope(|s| {
             for _ in 0..64 {
                 s.spawn(|| {
-                    if let Ok(consumed) = quotas.try_consume(Scope::Robot, "r1", defaults, 1, true, now).unwrap() {
+                    if let Ok(consumed) = quotas.try_consume(Scope::Robot, "r1", defaults, 1, true, now) {
                         quotas.persisted_blocking(consumed.seq).unwrap();
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }
@@ -942,7 +934,7 @@ mod tests {
             }
         });
         assert_eq!(admitted.load(Ordering::Relaxed), 20);
-        assert_eq!(quotas.peek(Scope::Robot, "r1", defaults, now).unwrap()[0].remaining, 0);
+        assert_eq!(quotas.peek(Scope::Robot, "r1", defaults, now)[0].remaining, 0);
         assert!(quotas.flushes() >= 1);
     }
 
@@ -952,14 +944,14 @@ mod tests {
         let defaults =
             Limits { rate: Some(Rate { requests: 100, period_ms: 1_000, burst: 100 }), day: Some(1), month: None };
         let now = 1_700_000_000_000;
-        let consumed = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap().unwrap();
+        let consumed = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap();
         assert_eq!(consumed.statuses.len(), 2);
-        let refused = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap().unwrap_err();
+        let refused = quotas.try_consume(Scope::Group, "g", defaults, 1, true, now).unwrap_err();
         assert_eq!(refused.bucket, Bucket::Day);
         // The refused charge left the rate bucket as it was.
-        assert_eq!(quotas.peek(Scope::Group, "g", defaults, now).unwrap()[0].remaining, 99);
-        quotas.refund(&consumed.charge.unwrap(), now).unwrap();
-        assert!(quotas.try_consume(Scope::Group, "g", defaults, 1, false, now).unwrap().is_ok());
+        assert_eq!(quotas.peek(Scope::Group, "g", defaults, now)[0].remaining, 99);
+        quotas.refund(&consumed.charge.unwrap(), now);
+        assert!(quotas.try_consume(Scope::Group, "g", defaults, 1, false, now).is_ok());
     }
 
     #[test]
@@ -968,10 +960,10 @@ mod tests {
         let defaults = Limits { day: Some(100), ..Limits::default() };
         quotas.set_override(Scope::Robot, "r", Some(Limits { day: Some(1), ..Limits::default() })).unwrap();
         let now = 1_700_000_000_000;
-        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).unwrap().is_ok());
-        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).unwrap().is_err());
+        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).is_ok());
+        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).is_err());
         quotas.reset(Scope::Robot, "r").unwrap();
-        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).unwrap().is_ok());
+        assert!(quotas.try_consume(Scope::Robot, "r", defaults, 1, true, now).is_ok());
     }
 
     #[test]
