@@ -12,7 +12,6 @@ use std::time::Duration;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::error::NvmlError;
-use serde::Serialize;
 
 use crate::metrics::Metrics;
 
@@ -33,37 +32,7 @@ pub struct RawReading {
     pub throttle: Vec<&'static str>,
 }
 
-/// One device as `/gpu/stats` shows it: GB and percent, rounded for people.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DeviceStats {
-    pub index: u32,
-    pub name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub utilization_percent: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory_used_gb: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory_total_gb: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory_utilization_percent: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub temperature_celsius: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub power_watts: Option<f64>,
-    pub throttle_reasons: Vec<&'static str>,
-}
-
-/// `GET /gpu/stats`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GpuStats {
-    pub available: bool,
-    /// Why not, when not available.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub devices: Vec<DeviceStats>,
-    /// When the reading was taken (Unix ms); 0 before the first.
-    pub updated_unix_ms: u64,
-}
+pub use vla_api::{GpuDevice as DeviceStats, GpuStats};
 
 const GB: f64 = 1e9;
 
@@ -86,7 +55,7 @@ pub fn device_stats(r: &RawReading) -> DeviceStats {
         memory_utilization_percent: memory_utilization,
         temperature_celsius: r.temperature_celsius.map(f64::from),
         power_watts: r.power_milliwatts.map(|mw| round2(f64::from(mw) / 1000.0)),
-        throttle_reasons: r.throttle.clone(),
+        throttle_reasons: r.throttle.iter().map(|s| s.to_string()).collect(),
     }
 }
 

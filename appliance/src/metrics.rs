@@ -75,6 +75,9 @@ pub struct Metrics {
     pub rate_limit_hits: IntCounterVec,
     pub rate_limit_remaining: IntGaugeVec,
     pub quota_usage: GaugeVec,
+    // Per registered robot (the console's robot view).
+    pub robot_requests: IntCounterVec,
+    pub robot_last_request: GaugeVec,
     // Models and workers.
     pub models_loaded: IntGauge,
     pub model_load_duration: HistogramVec,
@@ -313,6 +316,18 @@ impl Metrics {
                 "Requests refused by a rate limit or quota, by robot and bucket (rate, day, month).",
                 &["robot_id", "limit_type"],
             ),
+            robot_requests: counter(
+                &r,
+                "vla_robot_requests_total",
+                "Answered inference requests of each registered robot, by status (as vla_inference_requests_total).",
+                &["robot_id", "status"],
+            ),
+            robot_last_request: gauge(
+                &r,
+                "vla_robot_last_request_timestamp_seconds",
+                "When each registered robot's latest inference request was answered (Unix seconds).",
+                &["robot_id"],
+            ),
             rate_limit_remaining: int_gauge(
                 &r,
                 "vla_rate_limit_tokens_remaining",
@@ -423,6 +438,22 @@ impl Metrics {
         self.cached(Family::Requests, &[model, robot_type, status]).inc();
     }
 
+    /// Counts one answered inference request of a registered robot and marks it seen now.
+    pub fn robot_request(&self, robot_id: &str, status: &str) {
+        self.cached(Family::RobotRequests, &[robot_id, status]).inc();
+        let key = CacheKey { registry: self.id, family: Family::RobotRequests, labels: robot_id.to_string() };
+        let seen = GAUGES.with(|c| {
+            if let Some(g) = c.borrow().get(&key) {
+                return g.clone();
+            }
+            let g = self.robot_last_request.with_label_values(&[robot_id]);
+            c.borrow_mut().insert(key, g.clone());
+            g
+        });
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        seen.set(now.as_secs_f64());
+    }
+
     /// Counts one HTTP request and its latency; an error answer also counts under its code.
     pub fn http(&self, method: &str, endpoint: &str, status: u16, elapsed: Duration, error_code: Option<&str>) {
         let status = status.to_string();
@@ -458,6 +489,7 @@ impl Metrics {
                 Family::Modifications => &self.safety_modifications,
                 Family::PolicyFailures => &self.policy_failures,
                 Family::RateLimitHits => &self.rate_limit_hits,
+                Family::RobotRequests => &self.robot_requests,
             };
             let h = vec.with_label_values(labels);
             c.borrow_mut().insert(key, h.clone());
@@ -499,6 +531,7 @@ pub enum Family {
     Modifications,
     PolicyFailures,
     RateLimitHits,
+    RobotRequests,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -513,6 +546,7 @@ thread_local! {
     /// types × status codes, routes × methods × status codes.
     static COUNTERS: RefCell<HashMap<CacheKey, IntCounter>> = RefCell::new(HashMap::new());
     static HISTOGRAMS: RefCell<HashMap<CacheKey, Histogram>> = RefCell::new(HashMap::new());
+    static GAUGES: RefCell<HashMap<CacheKey, prometheus::Gauge>> = RefCell::new(HashMap::new());
 }
 
 /// Error codes that mean the request itself was invalid.

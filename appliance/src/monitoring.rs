@@ -9,7 +9,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
+use vla_api::{ModelsStats, QueueModel, QueueStats};
 
 use crate::error::ApiError;
 use crate::metrics::catch_up;
@@ -150,37 +151,37 @@ async fn gpu_stats(State(app): State<AppState>) -> Json<crate::gpu::GpuStats> {
 }
 
 /// `GET /queue/stats`: per model, queue depth, capacity, utilization and counters.
-async fn queue_stats(State(app): State<AppState>) -> Json<Value> {
-    let models: Vec<Value> = app
+async fn queue_stats(State(app): State<AppState>) -> Json<QueueStats> {
+    let models = app
         .models
         .serving()
         .iter()
         .map(|m| {
             let s = m.batcher.stats();
-            json!({
-                "model": m.spec.name,
-                "queue_depth": s.queue_depth,
-                "queue_capacity": s.queue_capacity,
-                "queue_utilization_percent": utilization_percent(&s),
-                "max_batch_size": m.spec.max_batch_size,
-                "workers": m.spec.batching.instances,
-                "device": crate::model::device_name(m.device),
-                "batching": m.spec.batching.enabled,
-                "computed": s.computed,
-                "batches": s.batches,
-                "mean_batch_size": if s.batches == 0 { 0.0 } else { s.computed as f64 / s.batches as f64 },
-                "rejected_queue_full": s.rejected_queue_full,
-                "dropped_deadline": s.dropped_deadline,
-                "dropped_disconnect": s.dropped_disconnect,
-                "failed": s.failed,
-            })
+            QueueModel {
+                model: m.spec.name.clone(),
+                queue_depth: s.queue_depth,
+                queue_capacity: s.queue_capacity,
+                queue_utilization_percent: utilization_percent(&s),
+                max_batch_size: m.spec.max_batch_size,
+                workers: m.spec.batching.instances,
+                device: crate::model::device_name(m.device),
+                batching: m.spec.batching.enabled,
+                computed: s.computed,
+                batches: s.batches,
+                mean_batch_size: if s.batches == 0 { 0.0 } else { s.computed as f64 / s.batches as f64 },
+                rejected_queue_full: s.rejected_queue_full,
+                dropped_deadline: s.dropped_deadline,
+                dropped_disconnect: s.dropped_disconnect,
+                failed: s.failed,
+            }
         })
         .collect();
-    Json(json!({"models": models}))
+    Json(QueueStats { models })
 }
 
 /// `GET /models/stats`: the loaded models with device and version.
-async fn models_stats(State(app): State<AppState>) -> Json<Value> {
-    let models: Vec<_> = app.models.serving().iter().map(|m| m.info()).collect();
-    Json(json!({"models": models, "health": app.models.health()}))
+async fn models_stats(State(app): State<AppState>) -> Json<ModelsStats> {
+    let models = app.models.serving().iter().map(|m| m.info()).collect();
+    Json(ModelsStats { models, health: app.models.health() })
 }

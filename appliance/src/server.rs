@@ -230,6 +230,9 @@ pub fn count_request(
         Err(e) => request_status(e),
     };
     let robot_type = caller.robot().map_or("none", |r| r.robot_type.as_str());
+    if let Ok(robot) = caller.robot() {
+        app.metrics.robot_request(&robot.robot_id, status);
+    }
     match model {
         Some(m) => {
             app.metrics.request(&m.spec.name, robot_type, status);

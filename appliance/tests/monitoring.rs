@@ -56,6 +56,12 @@ async fn metrics_show_live_requests_queues_batches_policies_and_quotas_behind_a_
     assert_eq!(value(&text, ok), Some(3.0), "{text}");
     let limited = r#"vla_inference_requests_total{model="tiny-vla",robot_type="ur5e",status="rate_limited"}"#;
     assert_eq!(value(&text, limited), Some(1.0));
+    // Per registered robot, for the console's robot view.
+    assert_eq!(value(&text, r#"vla_robot_requests_total{robot_id="arm-1",status="success"}"#), Some(3.0));
+    assert_eq!(value(&text, r#"vla_robot_requests_total{robot_id="arm-1",status="rate_limited"}"#), Some(1.0));
+    let seen = value(&text, r#"vla_robot_last_request_timestamp_seconds{robot_id="arm-1"}"#).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - 60.0..=now).contains(&seen), "{seen} vs {now}");
     assert_eq!(value(&text, r#"vla_inference_duration_seconds_count{model="tiny-vla"}"#), Some(4.0));
     assert_eq!(value(&text, r#"vla_inference_gpu_compute_seconds_count{model="tiny-vla"}"#), Some(3.0));
     assert_eq!(value(&text, r#"vla_inference_queue_wait_seconds_count{model="tiny-vla"}"#), Some(3.0));

@@ -412,3 +412,70 @@ pub struct RobotQuota {
 pub struct QuotaList {
     pub robots: Vec<RobotQuota>,
 }
+
+/// `GET /gpu/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuStats {
+    pub available: bool,
+    /// Why not, when not available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub devices: Vec<GpuDevice>,
+    /// When the reading was taken (Unix ms); 0 before the first.
+    pub updated_unix_ms: u64,
+}
+
+/// One device as `/gpu/stats` shows it: GB and percent, rounded for people. A field the device
+/// does not report is absent, never 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuDevice {
+    pub index: u32,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_gb: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_total_gb: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_utilization_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_celsius: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_watts: Option<f64>,
+    #[serde(default)]
+    pub throttle_reasons: Vec<String>,
+}
+
+/// `GET /queue/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueStats {
+    pub models: Vec<QueueModel>,
+}
+
+/// One serving model's queue and batching, counters since it was loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueModel {
+    pub model: String,
+    pub queue_depth: usize,
+    pub queue_capacity: usize,
+    pub queue_utilization_percent: f64,
+    pub max_batch_size: usize,
+    pub workers: usize,
+    pub device: String,
+    pub batching: bool,
+    pub computed: u64,
+    pub batches: u64,
+    pub mean_batch_size: f64,
+    pub rejected_queue_full: u64,
+    pub dropped_deadline: u64,
+    pub dropped_disconnect: u64,
+    pub failed: u64,
+}
+
+/// `GET /models/stats`: the serving models, and every model's health.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelsStats {
+    pub models: Vec<ModelInfo>,
+    pub health: Vec<ModelHealth>,
+}
