@@ -1,0 +1,694 @@
+//! The console's state and how keys change it. No I/O and no drawing here: the poller feeds
+//! [`App::ingest`] and [`App::poll_failed`], keys go through [`App::on_key`], and an action the
+//! operator confirmed comes back as a [`Command`] for the poller to run.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use vla_api::{AuditRecord, PolicyInfo, PolicyPatch};
+
+use crate::client::{Command, Snapshot, Upload};
+use crate::prom::{self, Scrape};
+
+/// Points of history kept per series (two minutes at the default 1 s poll).
+pub const HISTORY: usize = 120;
+/// Scrapes that rates and latency percentiles are computed over (about 5 s).
+const WINDOW: usize = 6;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tab {
+    Overview,
+    Gpu,
+    Queue,
+    Robots,
+    Policies,
+    Models,
+    Audit,
+}
+
+impl Tab {
+    pub const ALL: [Tab; 7] =
+        [Tab::Overview, Tab::Gpu, Tab::Queue, Tab::Robots, Tab::Policies, Tab::Models, Tab::Audit];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Tab::Overview => "Overview",
+            Tab::Gpu => "GPU",
+            Tab::Queue => "Queue",
+            Tab::Robots => "Robots",
+            Tab::Policies => "Policies",
+            Tab::Models => "Models",
+            Tab::Audit => "Audit",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Tab::ALL.iter().position(|t| *t == self).unwrap_or(0)
+    }
+
+    fn filterable(self) -> bool {
+        matches!(self, Tab::Robots | Tab::Policies | Tab::Audit)
+    }
+
+    /// The keys of this view: (key, short name for the footer, what it does for the help).
+    pub fn keys(self) -> &'static [(&'static str, &'static str, &'static str)] {
+        match self {
+            Tab::Robots => &[
+                ("j/k ↑/↓", "", "select robot"),
+                ("/", "filter", "filter by robot, type or group"),
+                ("s", "sort", "sort by robot, req/s, last seen, rejected, limited"),
+                ("Esc", "", "clear the filter"),
+            ],
+            Tab::Policies => &[
+                ("j/k ↑/↓", "", "select policy"),
+                ("u", "upload", "upload a .wasm with its config (shadow mode first)"),
+                ("m", "mode", "switch enforce ⇄ shadow"),
+                ("e", "enable", "enable ⇄ disable"),
+                ("d", "delete", "delete"),
+                ("/", "filter", "filter by name"),
+                ("Esc", "", "clear the filter"),
+            ],
+            Tab::Audit => &[
+                ("j/k ↑/↓", "", "select record"),
+                ("/", "filter", "filter: text, robot:<id>, policy:<name>"),
+                ("Esc", "", "clear the filter"),
+            ],
+            Tab::Queue | Tab::Models => &[("j/k ↑/↓", "", "select model")],
+            Tab::Overview | Tab::Gpu => &[],
+        }
+    }
+}
+
+/// Keys of every view.
+pub const GLOBAL_KEYS: &[(&str, &str, &str)] = &[
+    ("1-7", "", "switch view"),
+    ("Tab/S-Tab", "", "next/previous view"),
+    ("?", "help", "this help"),
+    ("q", "quit", "quit"),
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Conn {
+    Connecting,
+    Connected,
+    /// The last poll failed, with why.
+    Lost(String),
+}
+
+/// A bounded history of one series.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Series(pub VecDeque<f64>);
+
+impl Series {
+    pub fn push(&mut self, v: f64) {
+        if self.0.len() == HISTORY {
+            self.0.pop_front();
+        }
+        self.0.push_back(if v.is_finite() { v } else { 0.0 });
+    }
+
+    pub fn last(&self) -> Option<f64> {
+        self.0.back().copied()
+    }
+
+    /// The history scaled to integers for a sparkline (`scale` per unit).
+    pub fn bars(&self, scale: f64) -> Vec<u64> {
+        self.0.iter().map(|v| (v * scale).round().max(0.0) as u64).collect()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuHistory {
+    pub utilization: Series,
+    pub memory: Series,
+    pub temperature: Series,
+    pub power: Series,
+}
+
+/// Derived figures over the last few scrapes, and their histories.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Live {
+    pub requests_per_s: Series,
+    /// `status="error"` answers over all, percent.
+    pub error_percent: Series,
+    /// Latency percentiles, ms.
+    pub p50_ms: Series,
+    pub p95_ms: Series,
+    pub p99_ms: Series,
+    pub queue_depth: Series,
+    pub mean_batch: Series,
+    /// Requests a policy denied, per second.
+    pub denials_per_s: Series,
+    pub gpu: BTreeMap<u32, GpuHistory>,
+    /// Per robot: requests per second.
+    pub robot_rate: BTreeMap<String, f64>,
+    /// Per model: queue wait p95, ms, over the window.
+    pub queue_wait_p95_ms: BTreeMap<String, f64>,
+}
+
+/// One row of the robot view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RobotRow {
+    pub robot_id: String,
+    pub robot_type: String,
+    pub group: String,
+    pub rate: f64,
+    pub last_seen_unix_s: Option<f64>,
+    pub rejected: u64,
+    pub limited: u64,
+    /// The tightest bucket: (bucket, remaining, limit, reset Unix ms).
+    pub quota: Option<(String, u64, u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RobotSort {
+    #[default]
+    Id,
+    Rate,
+    LastSeen,
+    Rejected,
+    Limited,
+}
+
+impl RobotSort {
+    fn next(self) -> RobotSort {
+        match self {
+            RobotSort::Id => RobotSort::Rate,
+            RobotSort::Rate => RobotSort::LastSeen,
+            RobotSort::LastSeen => RobotSort::Rejected,
+            RobotSort::Rejected => RobotSort::Limited,
+            RobotSort::Limited => RobotSort::Id,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RobotSort::Id => "robot",
+            RobotSort::Rate => "req/s",
+            RobotSort::LastSeen => "last seen",
+            RobotSort::Rejected => "rejected",
+            RobotSort::Limited => "limited",
+        }
+    }
+}
+
+/// The upload form's fields, in order.
+pub const UPLOAD_FIELDS: [&str; 6] = ["path", "name", "world", "mode", "order", "config"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Modal {
+    Help,
+    Confirm { prompt: String, command: Command },
+    UploadForm { form: Upload, field: usize, error: Option<String> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub text: String,
+    pub error: bool,
+    /// When it was said (Unix ms): the footer shows it for a while.
+    pub at_ms: u64,
+}
+
+impl Status {
+    /// Whether the footer still shows it at `now_ms`: errors 30 s, the rest 8 s.
+    pub fn showing(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.at_ms) < if self.error { 30_000 } else { 8_000 }
+    }
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub url: String,
+    pub tab: Tab,
+    pub conn: Conn,
+    /// When the shown data was read (Unix ms).
+    pub updated_ms: Option<u64>,
+    /// The clock the views are drawn at (Unix ms), set by the event loop.
+    pub now_ms: u64,
+    pub snapshot: Option<Snapshot>,
+    pub live: Live,
+    window: VecDeque<(u64, Scrape)>,
+    pub selected: [usize; 7],
+    pub filter: String,
+    pub filter_editing: bool,
+    pub robot_sort: RobotSort,
+    pub modal: Option<Modal>,
+    pub status: Option<Status>,
+    pub quit: bool,
+}
+
+impl App {
+    pub fn new(url: &str) -> App {
+        App {
+            url: url.to_string(),
+            tab: Tab::Overview,
+            conn: Conn::Connecting,
+            updated_ms: None,
+            now_ms: 0,
+            snapshot: None,
+            live: Live::default(),
+            window: VecDeque::new(),
+            selected: [0; 7],
+            filter: String::new(),
+            filter_editing: false,
+            robot_sort: RobotSort::Id,
+            modal: None,
+            status: None,
+            quit: false,
+        }
+    }
+
+    /// A successful poll: keeps the history, adds the new points.
+    pub fn ingest(&mut self, snapshot: Snapshot) {
+        if let Conn::Lost(_) = self.conn {
+            self.status = Some(Status { text: "reconnected".into(), error: false, at_ms: self.now_ms });
+        }
+        self.conn = Conn::Connected;
+        self.updated_ms = Some(snapshot.at_ms);
+        if self.window.len() == WINDOW {
+            self.window.pop_front();
+        }
+        self.window.push_back((snapshot.at_ms, snapshot.metrics.clone()));
+        self.derive(&snapshot);
+        self.snapshot = Some(snapshot);
+        self.clamp_selection();
+    }
+
+    /// A failed poll: what is shown stays, marked stale, with why.
+    pub fn poll_failed(&mut self, error: String) {
+        self.conn = Conn::Lost(error);
+    }
+
+    /// The outcome of an action the poller ran.
+    pub fn action_done(&mut self, result: Result<String, String>) {
+        self.status = Some(match result {
+            Ok(text) => Status { text, error: false, at_ms: self.now_ms },
+            Err(text) => Status { text: format!("refused: {text}"), error: true, at_ms: self.now_ms },
+        });
+    }
+
+    fn derive(&mut self, snapshot: &Snapshot) {
+        let (Some((t0, first)), Some((t1, last))) = (self.window.front(), self.window.back()) else { return };
+        let seconds = (t1.saturating_sub(*t0)) as f64 / 1000.0;
+        let live = &mut self.live;
+        let rate = |name: &str, keep: &dyn Fn(&prom::Sample) -> bool| -> f64 {
+            if seconds <= 0.0 {
+                return 0.0;
+            }
+            prom::counter_delta(first.sum(name, keep), last.sum(name, keep)) / seconds
+        };
+        let requests = "vla_inference_requests_total";
+        let all = rate(requests, &|_| true);
+        let errors = rate(requests, &|s| s.label("status") == Some("error"));
+        live.requests_per_s.push(all);
+        live.error_percent.push(if all > 0.0 { errors * 100.0 / all } else { 0.0 });
+        live.denials_per_s.push(rate(requests, &|s| s.label("status") == Some("rejected")));
+        let latency = prom::bucket_delta(
+            &first.buckets("vla_inference_duration_seconds", |_| true),
+            &last.buckets("vla_inference_duration_seconds", |_| true),
+        );
+        for (q, series) in [(0.5, &mut live.p50_ms), (0.95, &mut live.p95_ms), (0.99, &mut live.p99_ms)] {
+            series.push(prom::quantile(q, &latency).map_or(0.0, |s| s * 1000.0));
+        }
+        let depth: usize = snapshot.queue.iter().flat_map(|q| &q.models).map(|m| m.queue_depth).sum();
+        live.queue_depth.push(depth as f64);
+        let batches = rate("vla_inference_batch_size_count", &|_| true);
+        let batched = rate("vla_inference_batch_size_sum", &|_| true);
+        live.mean_batch.push(if batches > 0.0 { batched / batches } else { 0.0 });
+        if let Some(gpu) = &snapshot.gpu {
+            for d in &gpu.devices {
+                let h = live.gpu.entry(d.index).or_default();
+                h.utilization.push(d.utilization_percent.unwrap_or(0.0));
+                h.memory.push(d.memory_utilization_percent.unwrap_or(0.0));
+                h.temperature.push(d.temperature_celsius.unwrap_or(0.0));
+                h.power.push(d.power_watts.unwrap_or(0.0));
+            }
+        }
+        live.robot_rate.clear();
+        for s in last.series("vla_robot_requests_total", |_| true) {
+            let Some(robot) = s.label("robot_id") else { continue };
+            *live.robot_rate.entry(robot.to_string()).or_default() += rate("vla_robot_requests_total", &|x| {
+                x.label("robot_id") == Some(robot) && x.label("status") == s.label("status")
+            });
+        }
+        live.queue_wait_p95_ms.clear();
+        for q in snapshot.queue.iter().flat_map(|q| &q.models) {
+            let keep = |s: &prom::Sample| s.label("model") == Some(q.model.as_str());
+            let wait = prom::bucket_delta(
+                &first.buckets("vla_inference_queue_wait_seconds", keep),
+                &last.buckets("vla_inference_queue_wait_seconds", keep),
+            );
+            live.queue_wait_p95_ms.insert(q.model.clone(), prom::quantile(0.95, &wait).map_or(0.0, |s| s * 1000.0));
+        }
+    }
+
+    /// The robots, filtered and sorted as the view shows them.
+    pub fn robot_rows(&self) -> Vec<RobotRow> {
+        let Some(snapshot) = &self.snapshot else { return Vec::new() };
+        let m = &snapshot.metrics;
+        let count = |robot: &str, status: &str| {
+            m.sum("vla_robot_requests_total", |s| {
+                s.label("robot_id") == Some(robot) && s.label("status") == Some(status)
+            }) as u64
+        };
+        let mut rows: Vec<RobotRow> = snapshot
+            .quotas
+            .iter()
+            .flat_map(|q| &q.robots)
+            .filter(|r| self.matches(&[&r.robot_id, &r.robot_type, &r.group]))
+            .map(|r| {
+                let seen = m
+                    .series("vla_robot_last_request_timestamp_seconds", |s| {
+                        s.label("robot_id") == Some(r.robot_id.as_str())
+                    })
+                    .next();
+                let tightest = r.buckets.iter().filter(|b| b.limit > 0).min_by(|a, b| {
+                    (a.remaining as f64 / a.limit as f64).total_cmp(&(b.remaining as f64 / b.limit as f64))
+                });
+                RobotRow {
+                    robot_id: r.robot_id.clone(),
+                    robot_type: r.robot_type.clone(),
+                    group: r.group.clone(),
+                    rate: self.live.robot_rate.get(&r.robot_id).copied().unwrap_or(0.0),
+                    last_seen_unix_s: seen.map(|s| s.value),
+                    rejected: count(&r.robot_id, "rejected"),
+                    limited: count(&r.robot_id, "rate_limited"),
+                    quota: tightest
+                        .map(|b| (format!("{}:{}", b.scope, b.bucket), b.remaining, b.limit, b.reset_unix_ms)),
+                }
+            })
+            .collect();
+        match self.robot_sort {
+            RobotSort::Id => rows.sort_by(|a, b| a.robot_id.cmp(&b.robot_id)),
+            RobotSort::Rate => rows.sort_by(|a, b| b.rate.total_cmp(&a.rate)),
+            RobotSort::LastSeen => {
+                rows.sort_by(|a, b| b.last_seen_unix_s.unwrap_or(0.0).total_cmp(&a.last_seen_unix_s.unwrap_or(0.0)))
+            }
+            RobotSort::Rejected => rows.sort_by_key(|r| std::cmp::Reverse(r.rejected)),
+            RobotSort::Limited => rows.sort_by_key(|r| std::cmp::Reverse(r.limited)),
+        }
+        rows
+    }
+
+    /// The policies in evaluation order (admission first), filtered.
+    pub fn policy_rows(&self) -> Vec<&PolicyInfo> {
+        let Some(list) = self.snapshot.as_ref().and_then(|s| s.policies.as_ref()) else { return Vec::new() };
+        let mut rows: Vec<&PolicyInfo> = list.policies.iter().filter(|p| self.matches(&[&p.name])).collect();
+        rows.sort_by(|a, b| {
+            (a.world != "admission", a.order, &a.name).cmp(&(b.world != "admission", b.order, &b.name))
+        });
+        rows
+    }
+
+    /// p99 of a policy's evaluation time since the appliance started, ms.
+    pub fn policy_p99_ms(&self, policy: &str) -> Option<f64> {
+        let m = &self.snapshot.as_ref()?.metrics;
+        let buckets = m.buckets("vla_safety_check_duration_seconds", |s| s.label("policy") == Some(policy));
+        prom::quantile(0.99, &buckets).map(|s| s * 1000.0)
+    }
+
+    /// Audit records, newest first, filtered (`robot:<id>`, `policy:<name>`, or text in
+    /// either, the code or the reason).
+    pub fn audit_rows(&self) -> Vec<&AuditRecord> {
+        let Some(list) = self.snapshot.as_ref().and_then(|s| s.audit.as_ref()) else { return Vec::new() };
+        list.records
+            .iter()
+            .filter(|r| {
+                self.filter.split_whitespace().all(|term| {
+                    if let Some(robot) = term.strip_prefix("robot:") {
+                        r.robot_id.contains(robot)
+                    } else if let Some(policy) = term.strip_prefix("policy:") {
+                        r.policy.contains(policy)
+                    } else {
+                        [&r.robot_id, &r.policy, r.code.as_deref().unwrap_or(""), r.reason.as_deref().unwrap_or("")]
+                            .iter()
+                            .any(|f| f.contains(term))
+                    }
+                })
+            })
+            .collect()
+    }
+
+    fn matches(&self, fields: &[&str]) -> bool {
+        self.filter.is_empty() || fields.iter().any(|f| f.contains(self.filter.as_str()))
+    }
+
+    fn row_count(&self) -> usize {
+        match self.tab {
+            Tab::Robots => self.robot_rows().len(),
+            Tab::Policies => self.policy_rows().len(),
+            Tab::Audit => self.audit_rows().len(),
+            Tab::Queue => self.snapshot.as_ref().and_then(|s| s.queue.as_ref()).map_or(0, |q| q.models.len()),
+            Tab::Models => self.snapshot.as_ref().and_then(|s| s.models.as_ref()).map_or(0, |m| m.health.len()),
+            Tab::Overview | Tab::Gpu => 0,
+        }
+    }
+
+    fn clamp_selection(&mut self) {
+        let saved = self.tab;
+        for tab in Tab::ALL {
+            self.tab = tab;
+            let n = self.row_count();
+            let s = &mut self.selected[tab.index()];
+            *s = (*s).min(n.saturating_sub(1));
+        }
+        self.tab = saved;
+    }
+
+    pub fn selected_policy(&self) -> Option<&PolicyInfo> {
+        self.policy_rows().get(self.selected[Tab::Policies.index()]).copied()
+    }
+
+    /// Handles one key; a confirmed action comes back for the poller to run.
+    pub fn on_key(&mut self, key: KeyEvent) -> Option<Command> {
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
+            self.quit = true;
+            return None;
+        }
+        if let Some(modal) = self.modal.take() {
+            return self.on_modal_key(modal, key);
+        }
+        if self.filter_editing {
+            match key.code {
+                KeyCode::Enter => self.filter_editing = false,
+                KeyCode::Esc => {
+                    self.filter_editing = false;
+                    self.filter.clear();
+                }
+                KeyCode::Backspace => {
+                    self.filter.pop();
+                }
+                KeyCode::Char(c) => self.filter.push(c),
+                _ => {}
+            }
+            self.clamp_selection();
+            return None;
+        }
+        let selected = &mut self.selected[self.tab.index()];
+        match key.code {
+            KeyCode::Char('q') => self.quit = true,
+            KeyCode::Char('?') => self.modal = Some(Modal::Help),
+            KeyCode::Char(c @ '1'..='7') => self.switch(Tab::ALL[c as usize - '1' as usize]),
+            KeyCode::Tab => self.switch(Tab::ALL[(self.tab.index() + 1) % Tab::ALL.len()]),
+            KeyCode::BackTab => self.switch(Tab::ALL[(self.tab.index() + Tab::ALL.len() - 1) % Tab::ALL.len()]),
+            KeyCode::Down | KeyCode::Char('j') => *selected += 1,
+            KeyCode::Up | KeyCode::Char('k') => *selected = selected.saturating_sub(1),
+            KeyCode::Char('/') if self.tab.filterable() => self.filter_editing = true,
+            KeyCode::Esc => self.filter.clear(),
+            KeyCode::Char('s') if self.tab == Tab::Robots => self.robot_sort = self.robot_sort.next(),
+            KeyCode::Char('u') if self.tab == Tab::Policies => {
+                let form =
+                    Upload { world: "safety".into(), mode: "shadow".into(), order: "100".into(), ..Upload::default() };
+                self.modal = Some(Modal::UploadForm { form, field: 0, error: None });
+            }
+            KeyCode::Char(c @ ('m' | 'e' | 'd')) if self.tab == Tab::Policies => self.ask_policy_action(c),
+            _ => {}
+        }
+        self.clamp_selection();
+        None
+    }
+
+    fn switch(&mut self, tab: Tab) {
+        if tab != self.tab {
+            self.tab = tab;
+            self.filter.clear();
+        }
+    }
+
+    fn ask_policy_action(&mut self, key: char) {
+        let Some(p) = self.selected_policy() else {
+            self.status = Some(Status { text: "no policy selected".into(), error: true, at_ms: self.now_ms });
+            return;
+        };
+        let name = p.name.clone();
+        let (prompt, command) = match key {
+            'm' => {
+                let mode = if p.mode == "enforce" { "shadow" } else { "enforce" };
+                let what = if mode == "enforce" {
+                    "its denials and changes will apply to robots"
+                } else {
+                    "its decisions will only be recorded"
+                };
+                let patch = PolicyPatch { mode: Some(mode.into()), ..PolicyPatch::default() };
+                (format!("Switch {name} to {mode}? {what}."), Command::Patch { name, patch })
+            }
+            'e' => {
+                let enable = !p.enabled;
+                let patch = PolicyPatch { enabled: Some(enable), ..PolicyPatch::default() };
+                (format!("{} {name}?", if enable { "Enable" } else { "Disable" }), Command::Patch { name, patch })
+            }
+            _ => (format!("Delete {name} (v{})? This cannot be undone.", p.version), Command::Delete { name }),
+        };
+        self.modal = Some(Modal::Confirm { prompt, command });
+    }
+
+    fn on_modal_key(&mut self, modal: Modal, key: KeyEvent) -> Option<Command> {
+        match modal {
+            Modal::Help => None,
+            Modal::Confirm { prompt, command } => match key.code {
+                KeyCode::Char('y' | 'Y') => {
+                    self.status = Some(Status {
+                        text: "sent, waiting for the appliance…".into(),
+                        error: false,
+                        at_ms: self.now_ms,
+                    });
+                    Some(command)
+                }
+                KeyCode::Char('n' | 'N') | KeyCode::Esc => {
+                    self.status = Some(Status { text: "cancelled".into(), error: false, at_ms: self.now_ms });
+                    None
+                }
+                _ => {
+                    self.modal = Some(Modal::Confirm { prompt, command });
+                    None
+                }
+            },
+            Modal::UploadForm { mut form, mut field, .. } => {
+                let mut error = None;
+                match key.code {
+                    KeyCode::Esc => return None,
+                    KeyCode::Tab | KeyCode::Down => field = (field + 1) % UPLOAD_FIELDS.len(),
+                    KeyCode::BackTab | KeyCode::Up => field = (field + UPLOAD_FIELDS.len() - 1) % UPLOAD_FIELDS.len(),
+                    KeyCode::Enter => match check_upload(&mut form) {
+                        Ok(()) => {
+                            let prompt = format!(
+                                "Upload {} as {} ({}, {} mode)?",
+                                form.path.trim(),
+                                form.name.trim(),
+                                form.world.trim(),
+                                form.mode.trim()
+                            );
+                            self.modal = Some(Modal::Confirm { prompt, command: Command::Upload(form) });
+                            return None;
+                        }
+                        Err(e) => error = Some(e),
+                    },
+                    KeyCode::Backspace => {
+                        upload_field(&mut form, field).pop();
+                    }
+                    KeyCode::Char(c) => upload_field(&mut form, field).push(c),
+                    _ => {}
+                }
+                self.modal = Some(Modal::UploadForm { form, field, error });
+                None
+            }
+        }
+    }
+}
+
+pub fn upload_field(form: &mut Upload, field: usize) -> &mut String {
+    match field {
+        0 => &mut form.path,
+        1 => &mut form.name,
+        2 => &mut form.world,
+        3 => &mut form.mode,
+        4 => &mut form.order,
+        _ => &mut form.config,
+    }
+}
+
+/// What the form can tell before asking the appliance; the name defaults to the file's stem.
+fn check_upload(form: &mut Upload) -> Result<(), String> {
+    if form.path.trim().is_empty() {
+        return Err("path: the .wasm file to upload".into());
+    }
+    if form.name.trim().is_empty() {
+        let stem = std::path::Path::new(form.path.trim()).file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        form.name = stem.to_string();
+    }
+    if !matches!(form.world.trim(), "safety" | "admission") {
+        return Err("world: safety or admission".into());
+    }
+    if !matches!(form.mode.trim(), "shadow" | "enforce") {
+        return Err("mode: shadow or enforce".into());
+    }
+    if !form.order.trim().is_empty() && form.order.trim().parse::<i64>().is_err() {
+        return Err("order: a whole number".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn key(c: char) -> KeyEvent {
+        KeyEvent::from(KeyCode::Char(c))
+    }
+
+    #[test]
+    fn the_upload_form_checks_fields_then_asks_to_confirm() {
+        let mut app = App::new("https://x");
+        app.on_key(key('5'));
+        assert_eq!(app.tab, Tab::Policies);
+        app.on_key(key('u'));
+        app.on_key(KeyEvent::from(KeyCode::Enter));
+        let Some(Modal::UploadForm { error: Some(e), .. }) = &app.modal else { panic!("{:?}", app.modal) };
+        assert!(e.starts_with("path"));
+        for c in "/tmp/speed-cap.wasm".chars() {
+            app.on_key(key(c));
+        }
+        app.on_key(KeyEvent::from(KeyCode::Enter));
+        let Some(Modal::Confirm { prompt, command: Command::Upload(u) }) = &app.modal else {
+            panic!("{:?}", app.modal)
+        };
+        assert_eq!(u.name, "speed-cap");
+        assert!(prompt.contains("shadow mode"), "{prompt}");
+        let command = app.on_key(key('y'));
+        assert!(matches!(command, Some(Command::Upload(_))));
+        assert!(app.modal.is_none());
+    }
+
+    #[test]
+    fn a_refused_action_shows_the_appliance_message() {
+        let mut app = App::new("https://x");
+        app.action_done(Err("400 policy_invalid: world: unknown".into()));
+        assert_eq!(
+            app.status,
+            Some(Status { text: "refused: 400 policy_invalid: world: unknown".into(), error: true, at_ms: 0 })
+        );
+    }
+
+    #[test]
+    fn history_survives_a_lost_connection() {
+        let mut app = App::new("https://x");
+        let mut snap = Snapshot { at_ms: 1000, ..Snapshot::default() };
+        snap.metrics = Scrape::parse("vla_inference_requests_total{status=\"success\"} 10\n");
+        app.ingest(snap.clone());
+        snap.at_ms = 2000;
+        snap.metrics = Scrape::parse("vla_inference_requests_total{status=\"success\"} 30\n");
+        app.ingest(snap.clone());
+        assert_eq!(app.live.requests_per_s.last(), Some(20.0));
+        app.poll_failed("connection refused".into());
+        assert!(matches!(app.conn, Conn::Lost(_)));
+        // The appliance restarted: its counters start over, rates never go negative.
+        snap.at_ms = 3000;
+        snap.metrics = Scrape::parse("vla_inference_requests_total{status=\"success\"} 2\n");
+        app.ingest(snap);
+        assert_eq!(app.conn, Conn::Connected);
+        assert_eq!(app.live.requests_per_s.0.len(), 3);
+        assert!(app.live.requests_per_s.0.iter().all(|v| *v >= 0.0));
+    }
+}
