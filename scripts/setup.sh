@@ -12,7 +12,7 @@ cd "$root"
 # prometheus: the Prometheus server and promtool, for the monitoring tests (started by the
 # tests themselves on ephemeral ports, never as a service).
 missing=()
-for pkg in curl ca-certificates gcc g++ python3-venv prometheus; do
+for pkg in curl ca-certificates gcc g++ python3-venv prometheus tmux; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,0 +1,252 @@
+//! The operator console end to end: the real `vla-console` binary in a real tmux, against a
+//! live appliance over HTTPS, read back with `tmux capture-pane`.
+//!
+//! An operator watches live traffic (queue and GPU views), uploads a policy in shadow mode
+//! through the console's form, sees its decisions in the audit view, promotes it to enforce,
+//! sees the robot refused, and the console reconnects after the appliance restarts.
+//!
+//! The console binary is built by `cargo test --workspace` (the `vla-console` package has
+//! integration tests, so its binary is built beside ours); with `cargo test -p appliance`
+//! alone, build it first: `cargo build -p vla-console`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::TestAppliance;
+use reqwest::StatusCode;
+
+/// The console binary beside this test's own build.
+fn console_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/console-<hash> → target/<profile>/vla-console
+    let path = exe.parent().and_then(|d| d.parent()).unwrap().join("vla-console");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p vla-console` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A private tmux server (its own socket), killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(command: &str, width: u16, height: u16) -> Tmux {
+        let tmux = Tmux { socket: format!("vla-console-test-{}", std::process::id()) };
+        // The pane stays after the console exits, so its exit status (or a crash) can be read.
+        let status = Command::new("tmux")
+            .args([
+                "-L",
+                &tmux.socket,
+                "-f",
+                "/dev/null",
+                "start-server",
+                ";",
+                "set-option",
+                "-g",
+                "remain-on-exit",
+                "on",
+                ";",
+            ])
+            .args(["new-session", "-d", "-s", "console", "-x", &width.to_string(), "-y", &height.to_string(), command])
+            .env("TERM", "xterm-256color")
+            .status()
+            .expect("tmux is installed (scripts/setup.sh installs it)");
+        assert!(status.success(), "tmux new-session failed");
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux").args(["-L", &self.socket]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `#{pane_dead} #{pane_dead_status}`: `1 0` once the console exited cleanly.
+    fn pane_state(&self) -> String {
+        self.run(&["display-message", "-p", "-t", "console", "#{pane_dead} #{pane_dead_status}"]).trim().to_string()
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "console"])
+    }
+
+    /// Types text literally.
+    fn type_text(&self, text: &str) {
+        self.run(&["send-keys", "-t", "console", "-l", text]);
+    }
+
+    /// Sends named keys (`Enter`, `Tab`, `BSpace`, …).
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "console"];
+        args.extend_from_slice(keys);
+        self.run(&args);
+    }
+
+    /// Waits until the screen satisfies `check`, failing with the last screen after 30 s.
+    async fn wait_for(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen();
+            if check(&screen) {
+                return screen;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {what}; the console shows:\n{screen}"
+            );
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).status();
+    }
+}
+
+/// The number in column `column` (0-based, whitespace-separated) of the first row that
+/// starts (after the border) with `first`.
+fn cell(screen: &str, first: &str, column: usize) -> Option<u64> {
+    screen.lines().find_map(|line| {
+        let fields: Vec<&str> = line.trim_matches(|c: char| c == '│' || c.is_whitespace()).split_whitespace().collect();
+        if fields.first() != Some(&first) {
+            return None;
+        }
+        fields.get(column)?.parse().ok()
+    })
+}
+
+fn console_command(app: &TestAppliance) -> String {
+    let data = app.data.path();
+    format!(
+        "{} --url https://localhost:{} --token-file {} --ca-file {} --interval-ms 250",
+        console_binary().display(),
+        app.addr.port(),
+        data.join("admin.token").display(),
+        data.join("tls/cert.pem").display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_watches_uploads_promotes_and_audits_from_the_console() {
+    let app = TestAppliance::start(|_, _| {}).await;
+    for seed in 1..=3 {
+        assert_eq!(app.infer(common::robot_request(seed)).await.status(), StatusCode::OK);
+    }
+    let tmux = Tmux::start(&console_command(&app), 100, 30);
+    tmux.wait_for("the overview, connected", |s| s.contains("● connected") && s.contains("Requests/s")).await;
+
+    // Queue view: live numbers, growing with traffic.
+    tmux.keys(&["3"]);
+    let screen = tmux.wait_for("the queue view", |s| cell(s, "tiny-vla", 4).is_some_and(|b| b >= 1)).await;
+    let batches = cell(&screen, "tiny-vla", 4).unwrap();
+    for seed in 1..=3 {
+        assert_eq!(app.infer(common::robot_request(seed)).await.status(), StatusCode::OK);
+    }
+    tmux.wait_for("more batches in the queue view", |s| cell(s, "tiny-vla", 4).is_some_and(|b| b > batches)).await;
+
+    // GPU view: the device's live readings, or plainly no telemetry on a machine without one.
+    tmux.keys(&["2"]);
+    let gpu: vla_api::GpuStats =
+        app.admin(reqwest::Method::GET, "/gpu/stats").send().await.unwrap().json().await.unwrap();
+    if gpu.available {
+        let name = gpu.devices[0].name.clone();
+        tmux.wait_for("the GPU's readings", |s| s.contains(&name) && s.contains("util") && s.contains(" %")).await;
+    } else {
+        tmux.wait_for("the no-telemetry state", |s| s.contains("No GPU telemetry")).await;
+    }
+
+    // Upload a policy through the console's form: shadow mode is the form's default.
+    tmux.keys(&["5"]);
+    tmux.wait_for("the policy view", |s| s.contains("Policies (0)")).await;
+    tmux.keys(&["u"]);
+    tmux.wait_for("the upload form", |s| s.contains("Upload policy")).await;
+    tmux.type_text(&common::policy_path("instruction-filter").display().to_string());
+    tmux.keys(&["Tab"]);
+    tmux.type_text("no-forbidden");
+    tmux.keys(&["Tab"]);
+    tmux.keys(&["BSpace"; 6]);
+    tmux.type_text("admission");
+    tmux.keys(&["Tab", "Tab", "Tab"]);
+    tmux.type_text(r#"{"deny": ["*forbidden*"]}"#);
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the confirmation", |s| s.contains("Confirm") && s.contains("shadow mode")).await;
+    tmux.keys(&["y"]);
+    tmux.wait_for("the new policy, in shadow mode", |s| {
+        s.lines().any(|l| l.contains("no-forbidden") && l.contains("admission") && l.contains("shadow"))
+    })
+    .await;
+
+    // A refused change shows the appliance's own message and breaks nothing.
+    tmux.keys(&["u"]);
+    tmux.type_text("/nonexistent/policy.wasm");
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the confirmation", |s| s.contains("Confirm")).await;
+    tmux.keys(&["y"]);
+    tmux.wait_for("the refusal", |s| s.contains("refused: cannot read /nonexistent/policy.wasm")).await;
+
+    // In shadow mode the robot is served; the audit view shows the decision, not applied.
+    let mut forbidden = common::robot_request(1);
+    forbidden.instruction = "hand over the forbidden part".into();
+    assert_eq!(app.infer(forbidden.clone()).await.status(), StatusCode::OK);
+    tmux.keys(&["7"]);
+    tmux.wait_for("the shadow denial in the audit view", |s| {
+        s.lines().any(|l| l.contains("arm-1") && l.contains("no-forbidden") && l.contains("deny*"))
+    })
+    .await;
+
+    // Promote to enforce from the console; the robot is now refused and the audit says so.
+    tmux.keys(&["5"]);
+    tmux.wait_for("the policy view", |s| s.contains("Policies (1)")).await;
+    tmux.keys(&["m"]);
+    tmux.wait_for("the confirmation", |s| s.contains("Switch no-forbidden to enforce?")).await;
+    tmux.keys(&["y"]);
+    tmux.wait_for("the policy, enforcing", |s| s.lines().any(|l| l.contains("no-forbidden") && l.contains("enforce")))
+        .await;
+    assert_eq!(app.infer(forbidden).await.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    tmux.keys(&["7"]);
+    tmux.wait_for("the enforced denial in the audit view", |s| {
+        s.lines().any(|l| l.contains("arm-1") && l.contains("no-forbidden") && l.contains(" deny "))
+    })
+    .await;
+
+    // Robots view: the refused robot, with its rejection counted.
+    tmux.keys(&["4"]);
+    tmux.wait_for("arm-1's rejection in the robot view", |s| cell(s, "arm-1", 4) == Some(1)).await;
+
+    // Help overlay, then the appliance restarts on the same address: the console says it lost
+    // the appliance, keeps what it showed, and reconnects.
+    tmux.keys(&["?"]);
+    tmux.wait_for("the help overlay", |s| s.contains("Help") && s.contains("sort by robot")).await;
+    tmux.keys(&["Escape"]);
+    app.signal_shutdown();
+    tmux.wait_for("the lost connection, with the robots still shown", |s| {
+        s.contains("disconnected, retrying") && s.contains("arm-1")
+    })
+    .await;
+    let addr = app.addr;
+    let app = app.restart_with(|c| c.server.listen = addr).await;
+    tmux.wait_for("a reconnection", |s| s.contains("● connected") && s.contains("arm-1")).await;
+
+    tmux.keys(&["q"]);
+    let start = Instant::now();
+    while tmux.pane_state() != "1 0" {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the console did not exit cleanly: {}\n{}",
+            tmux.pane_state(),
+            tmux.screen()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await.unwrap();
+}
