@@ -5,13 +5,19 @@
 //! Without the driver the appliance runs as usual: the monitor logs once that GPU telemetry is
 //! unavailable and reports `available: false` (`vla_gpu_available 0`). A field a device does
 //! not support (`NotSupported`) is left out, never reported as 0.
+//!
+//! Between polls the thread waits on NVML's event set for critical XID errors (Linux, devices
+//! that support the event), counting each in `vla_gpu_xid_errors_total{xid}` as it happens.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::event::EventSet;
 
 use crate::metrics::Metrics;
 
@@ -168,6 +174,7 @@ impl GpuMonitor {
         let monitor = Arc::new(GpuMonitor { latest: RwLock::new(unavailable("no reading yet".into())) });
         let weak = Arc::downgrade(&monitor);
         let spawned = std::thread::Builder::new().name("gpu-monitor".into()).spawn(move || {
+            let events = xid_events(&nvml);
             let mut logged = false;
             while let Some(monitor) = weak.upgrade() {
                 let stats = match poll(&nvml, &metrics) {
@@ -186,7 +193,7 @@ impl GpuMonitor {
                 };
                 *monitor.latest.write().unwrap_or_else(std::sync::PoisonError::into_inner) = stats;
                 drop(monitor);
-                std::thread::sleep(interval);
+                wait_for_xid_errors(events.as_ref(), interval, &metrics);
             }
         });
         if let Err(e) = spawned {
@@ -198,6 +205,69 @@ impl GpuMonitor {
     pub fn stats(&self) -> GpuStats {
         self.latest.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
+}
+
+/// An event set for critical XID errors on every device that supports them; `None` when no
+/// device does (or NVML refuses), and the monitor then just sleeps between polls.
+fn xid_events(nvml: &Nvml) -> Option<EventSet<'_>> {
+    let mut set = nvml.create_event_set().ok()?;
+    let mut registered = 0;
+    for index in 0..nvml.device_count().ok()? {
+        let Ok(device) = nvml.device_by_index(index) else { continue };
+        if !device.supported_event_types().is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR)) {
+            continue;
+        }
+        match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(s) => {
+                set = s;
+                registered += 1;
+            }
+            // The set is gone with the error; XID errors go uncounted, telemetry goes on.
+            Err(e) => {
+                tracing::warn!("GPU telemetry: cannot watch XID errors of GPU{index}: {:?}", e.error);
+                return None;
+            }
+        }
+    }
+    (registered > 0).then_some(set)
+}
+
+/// Waits `interval`, counting the XID errors NVML reports meanwhile.
+fn wait_for_xid_errors(events: Option<&EventSet<'_>>, interval: Duration, metrics: &Metrics) {
+    let Some(set) = events else {
+        std::thread::sleep(interval);
+        return;
+    };
+    let deadline = std::time::Instant::now() + interval;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match set.wait(u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1)) {
+            Ok(event) => {
+                let index = event.device.index().unwrap_or(u32::MAX);
+                let name = event.device.name().unwrap_or_else(|_| format!("gpu{index}"));
+                record_xid(metrics, index, &name, event.event_data.as_ref());
+            }
+            Err(NvmlError::Timeout) => return,
+            Err(e) => {
+                tracing::debug!("GPU telemetry: waiting for XID events failed: {e}");
+                std::thread::sleep(left);
+                return;
+            }
+        }
+    }
+}
+
+/// Counts one critical XID error of device `index`.
+pub fn record_xid(metrics: &Metrics, index: u32, name: &str, xid: Option<&XidError>) {
+    let code = match xid {
+        Some(XidError::Value(code)) => code.to_string(),
+        Some(XidError::Unknown) | None => "unknown".to_string(),
+    };
+    tracing::error!(device = index, device_name = name, xid = %code, "GPU reported a critical XID error");
+    metrics.gpu_xid_errors.with_label_values(&[&index.to_string(), name, &code]).inc();
 }
 
 fn poll(nvml: &Nvml, metrics: &Metrics) -> Result<GpuStats, NvmlError> {
@@ -262,6 +332,18 @@ mod tests {
         assert!(!text.contains("vla_gpu_temperature_celsius{"), "{text}");
         assert!(!text.contains("vla_gpu_power_watts{"));
         assert!(device_stats(&r).temperature_celsius.is_none());
+    }
+
+    #[test]
+    fn xid_errors_count_by_device_and_code() {
+        let m = Metrics::new();
+        record_xid(&m, 0, "NVIDIA H100 80GB HBM3", Some(&XidError::Value(79)));
+        record_xid(&m, 0, "NVIDIA H100 80GB HBM3", Some(&XidError::Value(79)));
+        record_xid(&m, 1, "NVIDIA H100 80GB HBM3", Some(&XidError::Unknown));
+        let text = m.render().unwrap();
+        let h100 = r#"device_name="NVIDIA H100 80GB HBM3""#;
+        assert!(text.contains(&format!(r#"vla_gpu_xid_errors_total{{device="0",{h100},xid="79"}} 2"#)), "{text}");
+        assert!(text.contains(&format!(r#"vla_gpu_xid_errors_total{{device="1",{h100},xid="unknown"}} 1"#)), "{text}");
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub gpu_energy: prometheus::CounterVec,
     pub gpu_clock: GaugeVec,
     pub gpu_throttle: IntGaugeVec,
+    pub gpu_xid_errors: IntCounterVec,
     // Safety and policies.
     pub safety_checks: IntCounterVec,
     pub safety_rejections: IntCounterVec,
@@ -271,6 +272,12 @@ impl Metrics {
                 "vla_gpu_throttle_active",
                 "1 while the GPU is throttled for this reason.",
                 &["device", "device_name", "reason"],
+            ),
+            gpu_xid_errors: counter(
+                &r,
+                "vla_gpu_xid_errors_total",
+                "Critical XID errors the driver reported, by device and XID code (unknown: no code).",
+                &["device", "device_name", "xid"],
             ),
             safety_checks: counter(
                 &r,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use ratatui::crossterm::event::{self, Event as TermEvent, KeyEventKind};
-use vla_console::app::App;
+use vla_console::app::{App, Status};
 use vla_console::client::{Connection, Trust, now_ms, parse_pin};
 use vla_console::poller::{self, Event};
 use vla_console::ui;
@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let connection = Connection::new(&args.url, token, &trust, Duration::from_millis(args.timeout_ms))?;
-    let (events_tx, events) = mpsc::channel();
+    let (events_tx, events) = mpsc::sync_channel(poller::EVENTS);
     let commands = poller::spawn(connection.clone(), Duration::from_millis(args.interval_ms), events_tx)?;
 
     // Restores the terminal on return, error or panic (ratatui's init installs the hook).
@@ -96,9 +96,10 @@ fn main() -> anyhow::Result<()> {
                 && let TermEvent::Key(key) = event::read()?
                 && key.kind == KeyEventKind::Press
                 && let Some(command) = app.on_key(key)
+                && commands.try_send(command).is_err()
             {
-                // The poller lives as long as we do: a send cannot fail before exit.
-                let _ = commands.send(command);
+                let text = "too many actions waiting for the appliance; try again".into();
+                app.status = Some(Status { text, error: true, at_ms: app.now_ms });
             }
             if app.quit {
                 return Ok(());

@@ -14,14 +14,20 @@ pub enum Event {
     ActionDone(Result<String, String>),
 }
 
+/// Events waiting for the UI at most: it drains them every 100 ms, so a full channel means the
+/// UI is stuck, and the poller then waits rather than piling up snapshots.
+pub const EVENTS: usize = 16;
+/// Operator actions waiting to be sent at most (people type slower than this drains).
+pub const COMMANDS: usize = 8;
+
 /// Starts polling every `interval`; actions sent on the returned channel run at once, beside
 /// the polls. Stops when the UI drops its receiver.
 pub fn spawn(
     connection: Connection,
     interval: Duration,
-    events: mpsc::Sender<Event>,
-) -> std::io::Result<tokio::sync::mpsc::UnboundedSender<Command>> {
-    let (commands, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Command>();
+    events: mpsc::SyncSender<Event>,
+) -> std::io::Result<tokio::sync::mpsc::Sender<Command>> {
+    let (commands, mut incoming) = tokio::sync::mpsc::channel::<Command>(COMMANDS);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("poller".into()).spawn(move || {
         runtime.block_on(async move {
@@ -34,6 +40,7 @@ pub fn spawn(
                             Ok(s) => Event::Snapshot(Box::new(s)),
                             Err(e) => Event::PollFailed(format!("{e:#}")),
                         };
+                        // Blocks only while the UI is stuck (the channel is full).
                         if events.send(event).is_err() {
                             return;
                         }
