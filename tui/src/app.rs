@@ -135,7 +135,10 @@ pub struct Live {
     pub p50_ms: Series,
     pub p95_ms: Series,
     pub p99_ms: Series,
+    /// Queued requests, all models.
     pub queue_depth: Series,
+    /// Queued requests per model.
+    pub model_queue_depth: BTreeMap<String, Series>,
     pub mean_batch: Series,
     /// Requests a policy denied, per second.
     pub denials_per_s: Series,
@@ -313,6 +316,9 @@ impl App {
         }
         let depth: usize = snapshot.queue.iter().flat_map(|q| &q.models).map(|m| m.queue_depth).sum();
         live.queue_depth.push(depth as f64);
+        for m in snapshot.queue.iter().flat_map(|q| &q.models) {
+            live.model_queue_depth.entry(m.model.clone()).or_default().push(m.queue_depth as f64);
+        }
         let batches = rate("vla_inference_batch_size_count", &|_| true);
         let batched = rate("vla_inference_batch_size_sum", &|_| true);
         live.mean_batch.push(if batches > 0.0 { batched / batches } else { 0.0 });

@@ -318,8 +318,8 @@ fn queue(frame: &mut Frame, app: &App, area: Rect) {
             .block(Block::bordered().title(format!(" {} batch sizes ", m.model))),
         bars,
     );
-    let block = Block::bordered().title(format!(" depth of {} ", m.queue_capacity));
-    let data = app.live.queue_depth.bars(1.0);
+    let block = Block::bordered().title(format!(" depth (of {}) ", m.queue_capacity));
+    let data = app.live.model_queue_depth.get(&m.model).map(|s| s.bars(1.0)).unwrap_or_default();
     let inner = block.inner(depth);
     let tail = data.len().saturating_sub(inner.width as usize);
     frame.render_widget(
