@@ -220,6 +220,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     tokio::task::spawn_blocking(move || models.shutdown())
         .await
         .map_err(|e| RunError::Task(format!("model shutdown task failed: {e}")))?;
+    // Nothing of the appliance outlives `run`: the store too is closed when it returns.
+    let dir = config.data.dir.clone();
+    let closed = tokio::task::spawn_blocking(move || store::Store::wait_closed(&dir, Duration::from_secs(10))).await;
+    if !matches!(closed, Ok(true)) {
+        tracing::warn!("the store was still open 10 s after the server stopped");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -11,6 +11,7 @@
 
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vla_api::Priority;
@@ -82,6 +83,26 @@ impl Store {
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         let robots = db.open_tree("robots")?;
         Ok(Store { db, robots, write: Mutex::new(()) })
+    }
+
+    /// Waits, at most `limit`, until nothing of this process holds the store in `dir` open.
+    ///
+    /// sled releases its lock on `<dir>/store/db` when its last handle drops. When the server
+    /// stops, that can be a moment later: a quota flush or a blocking task still finishing
+    /// holds a handle. Whoever opens the same directory next in this process (a restart in
+    /// tests, an embedding program) would be refused. The lock is a `flock`, as std's
+    /// `File::try_lock` takes it, so probing it tells when sled let go. `false` if still held.
+    pub fn wait_closed(dir: &Path, limit: Duration) -> bool {
+        let path = dir.join("store").join("db");
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            match std::fs::File::open(&path).map(|f| f.try_lock()) {
+                // Unlocked when the probe drops.
+                Ok(Ok(())) | Err(_) => return true,
+                Ok(Err(_)) if std::time::Instant::now() >= deadline => return false,
+                Ok(Err(_)) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
     }
 
     /// The database, for the stages that keep their own trees (policies, audit).
@@ -226,6 +247,23 @@ mod hex32 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn wait_closed_returns_once_the_last_handle_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!Store::wait_closed(dir.path(), Duration::from_millis(50)), "sled holds its lock");
+        // A handle still held elsewhere (a flush finishing on another thread) keeps it.
+        let late = store.db().clone();
+        drop(store);
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(late);
+        });
+        assert!(Store::wait_closed(dir.path(), Duration::from_secs(10)));
+        holder.join().unwrap();
+        Store::open(dir.path()).unwrap();
+    }
 
     fn robot(id: &str, key_id: &str) -> RobotRecord {
         RobotRecord {
