@@ -1,9 +1,10 @@
 //! The operator console end to end: the real `vla-console` binary in a real tmux, against a
 //! live appliance over HTTPS, read back with `tmux capture-pane`.
 //!
-//! An operator watches live traffic (queue and GPU views), uploads a policy in shadow mode
-//! through the console's form, sees its decisions in the audit view, promotes it to enforce,
-//! sees the robot refused, and the console reconnects after the appliance restarts.
+//! An operator watches live traffic (queue and GPU views), spots a rate-limited robot, uploads
+//! a policy in shadow mode through the console's form, sees its decisions in the audit view,
+//! promotes it to enforce, sees the robot refused, and the console reconnects after the
+//! appliance restarts.
 //!
 //! The console binary is built by `cargo test --workspace` (the `vla-console` package has
 //! integration tests, so its binary is built beside ours); with `cargo test -p appliance`
@@ -138,7 +139,16 @@ fn console_command(app: &TestAppliance) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_watches_uploads_promotes_and_audits_from_the_console() {
-    let app = TestAppliance::start(|_, _| {}).await;
+    let app = TestAppliance::start(|config, _| {
+        let limits = serde_json::json!({"robot": {"rate": "100/s"}});
+        config.policy.preload = vec![common::preload("rate-limit", "admission", 0, limits)];
+    })
+    .await;
+    // arm-3 may send one request an hour: its second is rate limited.
+    app.robot_key("arm-3").await;
+    let r =
+        app.admin(reqwest::Method::PUT, "/admin/quotas/arm-3").json(&serde_json::json!({"rate": "1/h", "burst": 1}));
+    assert_eq!(r.send().await.unwrap().status(), StatusCode::OK);
     for seed in 1..=3 {
         assert_eq!(app.infer(common::robot_request(seed)).await.status(), StatusCode::OK);
     }
@@ -149,9 +159,10 @@ async fn an_operator_watches_uploads_promotes_and_audits_from_the_console() {
     tmux.keys(&["3"]);
     let screen = tmux.wait_for("the queue view", |s| cell(s, "tiny-vla", 4).is_some_and(|b| b >= 1)).await;
     let batches = cell(&screen, "tiny-vla", 4).unwrap();
-    for seed in 1..=3 {
+    for seed in 1..=2 {
         assert_eq!(app.infer(common::robot_request(seed)).await.status(), StatusCode::OK);
     }
+    assert_eq!(app.infer(common::robot_request(3)).await.status(), StatusCode::TOO_MANY_REQUESTS);
     tmux.wait_for("more batches in the queue view", |s| cell(s, "tiny-vla", 4).is_some_and(|b| b > batches)).await;
 
     // GPU view: the device's live readings, or plainly no telemetry on a machine without one.
@@ -167,7 +178,7 @@ async fn an_operator_watches_uploads_promotes_and_audits_from_the_console() {
 
     // Upload a policy through the console's form: shadow mode is the form's default.
     tmux.keys(&["5"]);
-    tmux.wait_for("the policy view", |s| s.contains("Policies (0)")).await;
+    tmux.wait_for("the policy view", |s| s.contains("Policies (1)") && s.contains("rate-limit")).await;
     tmux.keys(&["u"]);
     tmux.wait_for("the upload form", |s| s.contains("Upload policy")).await;
     tmux.type_text(&common::policy_path("instruction-filter").display().to_string());
@@ -206,8 +217,9 @@ async fn an_operator_watches_uploads_promotes_and_audits_from_the_console() {
 
     // Promote to enforce from the console; the robot is now refused and the audit says so.
     tmux.keys(&["5"]);
-    tmux.wait_for("the policy view", |s| s.contains("Policies (1)")).await;
-    tmux.keys(&["m"]);
+    tmux.wait_for("the policy view", |s| s.contains("Policies (2)")).await;
+    // Admission policies are listed first: the upload (order 100) is the second row.
+    tmux.keys(&["j", "m"]);
     tmux.wait_for("the confirmation", |s| s.contains("Switch no-forbidden to enforce?")).await;
     tmux.keys(&["y"]);
     tmux.wait_for("the policy, enforcing", |s| s.lines().any(|l| l.contains("no-forbidden") && l.contains("enforce")))
@@ -222,6 +234,9 @@ async fn an_operator_watches_uploads_promotes_and_audits_from_the_console() {
     // Robots view: the refused robot, with its rejection counted.
     tmux.keys(&["4"]);
     tmux.wait_for("arm-1's rejection in the robot view", |s| cell(s, "arm-1", 4) == Some(1)).await;
+    // …and the rate-limited robot, with its spent quota.
+    let screen = tmux.wait_for("arm-3 rate limited in the robot view", |s| cell(s, "arm-3", 5) == Some(1)).await;
+    assert!(screen.lines().any(|l| l.contains("arm-3") && l.contains("rate 0/1")), "{screen}");
 
     // Help overlay, then the appliance restarts on the same address: the console says it lost
     // the appliance, keeps what it showed, and reconnects.
