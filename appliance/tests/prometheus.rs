@@ -100,27 +100,26 @@ async fn start_prometheus(config: &Path) -> Prometheus {
     }
 }
 
+/// Prometheus' answer to an instant `query` (`/api/v1/query`), checked to be a success.
+async fn query(prometheus: &Prometheus, query: &str) -> Value {
+    let url = format!("{}/api/v1/query", prometheus.url);
+    let r: Value =
+        reqwest::Client::new().get(url).query(&[("query", query)]).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["status"], "success", "{query}: {r}");
+    r
+}
+
 /// Runs `query` on `prometheus` until it returns a non-empty vector (or 60 s pass).
-async fn query_until_found(prometheus: &Prometheus, query: &str) -> Vec<Value> {
+async fn query_until_found(prometheus: &Prometheus, q: &str) -> Vec<Value> {
     let started = Instant::now();
-    let client = reqwest::Client::new();
     loop {
-        let r: Value = client
-            .get(format!("{}/api/v1/query", prometheus.url))
-            .query(&[("query", query)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(r["status"], "success", "{query}: {r}");
+        let r = query(prometheus, q).await;
         if let Some(result) = r["data"]["result"].as_array()
             && !result.is_empty()
         {
             return result.clone();
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "{query}: nothing after 60 s");
+        assert!(started.elapsed() < Duration::from_secs(60), "{q}: nothing after 60 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -211,7 +210,6 @@ async fn a_central_prometheus_federating_the_cell_sees_its_requests_with_the_cel
     query_until_found(&centre, r#"job:vla_inference_requests:rate5m{cell="cell-01"}"#).await;
 
     // Every query of the shipped Grafana dashboards is valid PromQL for this Prometheus.
-    let client = reqwest::Client::new();
     let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../monitoring/grafana/dashboards");
     let mut checked = 0;
     for name in ["operations", "gpu", "safety"] {
@@ -220,16 +218,7 @@ async fn a_central_prometheus_federating_the_cell_sees_its_requests_with_the_cel
         for panel in dashboard["panels"].as_array().unwrap() {
             for target in panel["targets"].as_array().unwrap() {
                 let expr = target["expr"].as_str().unwrap().replace("$cell", ".*");
-                let r: Value = client
-                    .get(format!("{}/api/v1/query", centre.url))
-                    .query(&[("query", expr.as_str())])
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                assert_eq!(r["status"], "success", "{name}: {expr}: {r}");
+                query(&centre, &expr).await;
                 checked += 1;
             }
         }

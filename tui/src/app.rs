@@ -451,15 +451,12 @@ impl App {
         }
     }
 
+    /// Keeps the current view's selection within its rows (the filter applies to this view
+    /// only; switching views clears it and clamps the new one).
     fn clamp_selection(&mut self) {
-        let saved = self.tab;
-        for tab in Tab::ALL {
-            self.tab = tab;
-            let n = self.row_count();
-            let s = &mut self.selected[tab.index()];
-            *s = (*s).min(n.saturating_sub(1));
-        }
-        self.tab = saved;
+        let n = self.row_count();
+        let s = &mut self.selected[self.tab.index()];
+        *s = (*s).min(n.saturating_sub(1));
     }
 
     pub fn selected_policy(&self) -> Option<&PolicyInfo> {

@@ -121,29 +121,29 @@ impl Connection {
         self.client.get(format!("{}{path}", self.base)).bearer_auth(&self.token)
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+    /// `GET path`'s body; a refusal is the appliance's own message. `/health/detailed`
+    /// answers 503 with its body when no model serves: still news, so it is read too.
+    async fn fetch(&self, path: &str) -> anyhow::Result<bytes::Bytes> {
         let response = self.get(path).send().await.map_err(|e| anyhow::anyhow!("GET {path}: {}", describe(&e)))?;
         let status = response.status();
         let body = response.bytes().await.map_err(|e| anyhow::anyhow!("GET {path}: {}", describe(&e)))?;
-        // `/health/detailed` answers 503 with its body when no model serves: still news.
         let readable = status.is_success() || (path == "/health/detailed" && status.as_u16() == 503);
         if !readable {
             bail!("GET {path}: {}", refusal(status, &body));
         }
+        Ok(body)
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let body = self.fetch(path).await?;
         serde_json::from_slice(&body).with_context(|| format!("GET {path}: unexpected answer"))
     }
 
     /// Reads every endpoint the views need, side by side.
     pub async fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let metrics = async {
-            let response =
-                self.get("/metrics").send().await.map_err(|e| anyhow::anyhow!("GET /metrics: {}", describe(&e)))?;
-            let status = response.status();
-            let text = response.text().await.map_err(|e| anyhow::anyhow!("GET /metrics: {}", describe(&e)))?;
-            if !status.is_success() {
-                bail!("GET /metrics: {}", refusal(status, text.as_bytes()));
-            }
-            anyhow::Ok(Scrape::parse(&text))
+            let body = self.fetch("/metrics").await?;
+            anyhow::Ok(Scrape::parse(&String::from_utf8_lossy(&body)))
         };
         let (health, gpu, queue, models, policies, quotas, audit, metrics) = tokio::join!(
             self.json::<serde_json::Value>("/health/detailed"),

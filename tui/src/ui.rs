@@ -363,7 +363,7 @@ fn robots(frame: &mut Frame, app: &App, area: Rect) {
     let header =
         Row::new(["robot", "type", "req/s", "seen", "rejected", "limited", "quota left", "reset"]).style(HEADER);
     let widths = [Constraint::Min(16)].into_iter().chain([9, 6, 7, 8, 7, 12, 6].map(Constraint::Length));
-    let filter = if app.filter.is_empty() { String::new() } else { format!(" filter \"{}\" ", app.filter) };
+    let filter = filter_note(app);
     let title = format!(" Robots ({}) sorted by {}{} ", rows.len(), app.robot_sort.label(), filter);
     let table = Table::new(table_rows, widths)
         .header(header)
@@ -408,7 +408,7 @@ fn policies(frame: &mut Frame, app: &App, area: Rect) {
     let header = Row::new(["order", "name", "world", "mode", "ver", "state", "evals", "denied", "p99"]).style(HEADER);
     let widths =
         [Constraint::Length(5), Constraint::Min(18)].into_iter().chain([9, 7, 4, 8, 6, 6, 8].map(Constraint::Length));
-    let filter = if app.filter.is_empty() { String::new() } else { format!(" filter \"{}\" ", app.filter) };
+    let filter = filter_note(app);
     let table = Table::new(table_rows, widths)
         .header(header)
         .row_highlight_style(SELECTED)
@@ -524,7 +524,7 @@ fn audit(frame: &mut Frame, app: &App, area: Rect) {
         Constraint::Length(14),
         Constraint::Min(10),
     ];
-    let filter = if app.filter.is_empty() { String::new() } else { format!(" filter \"{}\" ", app.filter) };
+    let filter = filter_note(app);
     let table = Table::new(rows, widths).header(header).row_highlight_style(SELECTED).block(
         Block::bordered()
             .title(format!(" Audit: denials and modifications ({}){filter} ", records.len()))
@@ -575,6 +575,11 @@ fn confirm(frame: &mut Frame, prompt: &str) {
         Paragraph::new(lines).wrap(Wrap { trim: true }).block(Block::bordered().title(" Confirm ")),
         area,
     );
+}
+
+/// ` filter "…" ` for a view's title while a filter applies.
+fn filter_note(app: &App) -> String {
+    if app.filter.is_empty() { String::new() } else { format!(" filter \"{}\" ", app.filter) }
 }
 
 fn centered(area: Rect, width: u16, height: u16) -> Rect {
