@@ -192,6 +192,12 @@ impl LoadedModel {
                 Err(e) => return Err(ModelError::Forward(first_line(&e.to_string()))),
             }
         };
+        self.split(&tensors, n)
+    }
+
+    /// Splits a batch's outputs (in output order) per sample: for each sample, each output's
+    /// values as little-endian bytes of its declared datatype. Copies them to the host first.
+    pub fn split(&self, tensors: &[Tensor], n: usize) -> Result<Vec<SampleOutputs>, ModelError> {
         let mut per_sample: Vec<SampleOutputs> = (0..n).map(|_| Vec::with_capacity(tensors.len())).collect();
         for (t, (kind, dims)) in tensors.iter().zip(&self.outputs) {
             let mut expected = vec![n as i64];

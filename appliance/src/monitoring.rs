@@ -17,7 +17,7 @@ use crate::metrics::catch_up;
 use crate::server::AppState;
 
 /// The libtorch the appliance is built against (tch 0.24 pins it; see the root Cargo.toml).
-const LIBTORCH_VERSION: &str = "2.11.0";
+pub const LIBTORCH_VERSION: &str = "2.11.0";
 
 pub fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
     use axum::routing::get;

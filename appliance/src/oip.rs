@@ -234,11 +234,13 @@ async fn infer_rows(
         let limits = app.config.limits.clone();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            parse(&body, header_len, &spec, &limits)
+            let started = Instant::now();
+            parse(&body, header_len, &spec, &limits).map(|parsed| (parsed, started.elapsed()))
         })
         .await
         .map_err(|e| ApiError::Internal(format!("request parsing task failed: {e}")))??
     };
+    let (parsed, preprocess) = parsed;
 
     let priority = validate::effective_priority(parsed.priority, robot.priority)?;
     let deadline_ms = match parsed.timeout_us {
@@ -292,7 +294,14 @@ async fn infer_rows(
         d.outputs[action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
         traces.push(trace);
     }
-    let mut response = respond(&model.spec, parsed.id, &parsed.outputs, &done, &traces);
+    let timing = vla_api::Timing {
+        total_ms: server::ms(received.elapsed()),
+        queue_ms: server::ms(done.iter().map(|d| d.queued).max().unwrap_or_default()),
+        preprocess_ms: server::ms(preprocess),
+        inference_ms: server::ms(done.first().map(|d| d.inference).unwrap_or_default()),
+        batch_size: done.first().map_or(0, |d| d.batch_size),
+    };
+    let mut response = respond(&model.spec, parsed.id, &parsed.outputs, &done, &traces, &timing);
     if let Some(status) = quota {
         server::rate_limit_headers(response.headers_mut(), &status);
     }
@@ -653,13 +662,16 @@ fn json_values(dtype: DataType, bytes: &[u8]) -> Vec<Value> {
 ///
 /// `policy` is the request's decision chain (every row's, in row order; the decision is
 /// `modify` if any row's action was changed); with more than one row, `policy_rows` has each
-/// row's own.
+/// row's own. `parameters` says where the time went, as `timing` does on `/v1/inference`
+/// (`preprocess_ms` is the parsing of the body; the rows share one batch, or the last row's
+/// wait is `queue_ms`).
 fn respond(
     spec: &ModelSpec,
     id: Option<String>,
     outputs: &[(usize, bool)],
     done: &[Done],
     traces: &[vla_api::PolicyTrace],
+    timing: &vla_api::Timing,
 ) -> Response {
     let n = done.len();
     let any_binary = outputs.iter().any(|&(_, binary)| binary);
@@ -693,6 +705,7 @@ fn respond(
     if traces.len() > 1 {
         body["policy_rows"] = json!(traces);
     }
+    body["parameters"] = json!(timing);
     let header = serde_json::to_vec(&body).unwrap_or_default();
     if !any_binary {
         return ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], header).into_response();

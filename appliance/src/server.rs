@@ -440,7 +440,7 @@ fn job_error(e: JobError, model: &str, deadline_ms: u64) -> ApiError {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 

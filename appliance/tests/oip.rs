@@ -149,6 +149,10 @@ async fn json_and_binary_tensors_give_the_robot_endpoints_action() {
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 28);
     assert!(head["outputs"][0].get("data").is_none());
     assert_close(&appliance::model::f32s(&bytes[header_len..]), &expected);
+    // Where the time went, as `/v1/inference`'s `timing`.
+    let timing: vla_api::Timing = serde_json::from_value(head["parameters"].clone()).unwrap();
+    assert_eq!(timing.batch_size, 1);
+    assert!(timing.inference_ms > 0.0 && timing.total_ms >= timing.inference_ms + timing.queue_ms, "{timing:?}");
 
     // BYTES: the encoded JPEG (binary) and the instruction text (JSON), preprocessed by the appliance.
     let r = robot_request(5);
