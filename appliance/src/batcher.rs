@@ -41,6 +41,15 @@ pub struct Done {
     pub batch_size: usize,
 }
 
+/// libtorch intra-op threads per executor when the configuration leaves it to the appliance:
+/// one core is left to the server's own work (TLS, JSON, image decoding, policies) and the
+/// rest shared between the executors, at least one each. An OpenMP team that wants every core
+/// stalls at each barrier whenever the server takes one of them: on 2 cores under load,
+/// forwards ran 2–3× slower than alone (`bench suite`, README *Measured performance*).
+pub fn auto_cpu_threads(cores: usize, instances: usize) -> usize {
+    (cores.saturating_sub(1) / instances.max(1)).max(1)
+}
+
 /// Why a request got no action.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
@@ -160,6 +169,13 @@ impl Batcher {
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
+        let cpu_threads = match cpu_threads {
+            0 => auto_cpu_threads(std::thread::available_parallelism().map_or(1, |n| n.get()), spec.batching.instances),
+            n => n,
+        };
+        if device == Device::Cpu {
+            tracing::info!(model = %spec.name, instances = spec.batching.instances, cpu_threads, "libtorch threads per executor");
+        }
         for i in 0..spec.batching.instances {
             let shared = shared.clone();
             let memory = shared.metrics.memory.clone();
@@ -168,7 +184,7 @@ impl Batcher {
             let thread_spec = spec.clone();
             let warmup = spec.warmup_batch_sizes();
             let spawned = std::thread::Builder::new().name(format!("exec-{}-{i}", spec.name)).spawn(move || {
-                if cpu_threads > 0 && device == Device::Cpu {
+                if device == Device::Cpu {
                     tch::set_num_threads(cpu_threads as i32);
                 }
                 // A libtorch panic (out of memory at the largest warm-up batch, say) must fail
@@ -444,5 +460,21 @@ impl Drop for Ticket {
         if self.state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.shared.counters.dropped_disconnect.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_cpu_threads;
+
+    #[test]
+    fn one_core_is_left_to_the_server() {
+        assert_eq!(auto_cpu_threads(2, 1), 1);
+        assert_eq!(auto_cpu_threads(16, 1), 15);
+        assert_eq!(auto_cpu_threads(16, 3), 5);
+        // Never fewer than one thread per executor.
+        assert_eq!(auto_cpu_threads(1, 1), 1);
+        assert_eq!(auto_cpu_threads(4, 8), 1);
+        assert_eq!(auto_cpu_threads(0, 0), 1);
     }
 }

@@ -120,7 +120,8 @@ pub struct ModelsConfig {
     pub demo: bool,
     /// Model used when a request names none; absent means the only model, or `tiny-vla`.
     pub default_model: Option<String>,
-    /// libtorch intra-op threads per executor on CPU; 0 lets libtorch decide (one per core).
+    /// libtorch intra-op threads per executor on CPU; 0: one core left to the server, the
+    /// others shared by the executors ([`crate::batcher::auto_cpu_threads`]).
     pub cpu_threads: usize,
 }
 

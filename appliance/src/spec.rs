@@ -529,7 +529,7 @@ mod tests {
     #[test]
     fn preferred_batch_size_above_max_is_rejected() {
         let (field, _) =
-            parse_with("preferred_batch_sizes = [4, 8]", "preferred_batch_sizes = [64]").expect_err("rejected");
+            parse_with("preferred_batch_sizes = [4, 8, 16]", "preferred_batch_sizes = [64]").expect_err("rejected");
         assert_eq!(field, "batching.preferred_batch_sizes");
     }
 
