@@ -1,0 +1,207 @@
+//! The report's charts, as SVG (plotters): latency against throughput, latency CDFs, and the
+//! distribution of batch sizes.
+
+use std::path::Path;
+
+use anyhow::anyhow;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::load::Endpoint;
+use crate::report::{Point, Report};
+use crate::server::Variant;
+
+const SIZE: (u32, u32) = (960, 540);
+const FONT: &str = "sans-serif";
+
+fn colour(i: usize) -> RGBColor {
+    const COLOURS: [RGBColor; 8] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(23, 190, 207),
+    ];
+    COLOURS[i % COLOURS.len()]
+}
+
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("drawing a chart: {e}")
+}
+
+/// Writes the three charts into `dir`; returns `(file name, title)` of each.
+pub fn write_all(report: &Report, dir: &Path) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
+    let charts = [
+        ("latency-throughput.svg", "Latency against throughput (closed loop)"),
+        ("latency-cdf.svg", "Latency distribution"),
+        ("batch-sizes.svg", "Batch sizes that served the requests"),
+    ];
+    latency_throughput(report, &SVGBackend::new(&dir.join(charts[0].0), SIZE).into_drawing_area(), charts[0].1)?;
+    latency_cdf(report, &SVGBackend::new(&dir.join(charts[1].0), SIZE).into_drawing_area(), charts[1].1)?;
+    batch_sizes(report, &SVGBackend::new(&dir.join(charts[2].0), SIZE).into_drawing_area(), charts[2].1)?;
+    Ok(charts.to_vec())
+}
+
+/// Closed-loop series worth a line: the standard appliance and the one without batching, on
+/// both endpoints.
+fn series(report: &Report) -> Vec<(String, Vec<&Point>)> {
+    let mut out = Vec::new();
+    let standard = Variant::standard().name;
+    for variant in report.variants.iter().filter(|v| v.name == standard || !v.batching) {
+        for endpoint in [Endpoint::V1, Endpoint::Oip] {
+            let points: Vec<&Point> = report.points(&variant.name, endpoint, "closed").filter(|p| p.ok > 0).collect();
+            if points.len() >= 2 {
+                out.push((format!("{}, {}", endpoint.label(), variant.name), points));
+            }
+        }
+    }
+    out
+}
+
+fn latency_throughput(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &str) -> anyhow::Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let series = series(report);
+    let all = series.iter().flat_map(|(_, ps)| ps.iter());
+    let x_max = all.clone().map(|p| p.throughput_rps).fold(1.0, f64::max) * 1.1;
+    let y_max = all.clone().map(|p| p.latency_ms.p99).fold(1.0, f64::max) * 1.5;
+    let y_min = all.map(|p| p.latency_ms.p50).fold(f64::INFINITY, f64::min).clamp(0.1, 1.0) * 0.8;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())
+        .map_err(err)?;
+    chart.configure_mesh().x_desc("successful requests per second").y_desc("latency, ms (log)").draw().map_err(err)?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let c = colour(i);
+        for (q, dashed) in [("p50", false), ("p99", true)] {
+            let xy: Vec<(f64, f64)> = points
+                .iter()
+                .map(|p| (p.throughput_rps, if q == "p50" { p.latency_ms.p50 } else { p.latency_ms.p99 }))
+                .collect();
+            let style = ShapeStyle { color: c.to_rgba(), filled: !dashed, stroke_width: if dashed { 1 } else { 2 } };
+            chart
+                .draw_series(LineSeries::new(xy.clone(), style).point_size(3))
+                .map_err(err)?
+                .label(format!("{name} {q}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+            // Each point's client count beside it (on the p99 line).
+            if dashed {
+                chart
+                    .draw_series(points.iter().zip(&xy).map(|(p, &(x, y))| {
+                        Text::new(format!("{}", p.clients), (x, y * 1.08), (FONT, 11).into_font().color(&c))
+                    }))
+                    .map_err(err)?;
+            }
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+fn latency_cdf(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &str) -> anyhow::Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let standard = Variant::standard().name;
+    let closed: Vec<&Point> = report.points(&standard, Endpoint::V1, "closed").filter(|p| p.ok > 0).collect();
+    // Up to four closed-loop points spread over the sweep, and every open-loop point.
+    let step = closed.len().div_ceil(4).max(1);
+    let mut shown: Vec<(String, &Point)> =
+        closed.iter().step_by(step).map(|p| (format!("/v1, {} clients (closed)", p.clients), *p)).collect();
+    for p in report.points.iter().filter(|p| p.mode == "open" && p.ok > 0) {
+        shown.push((
+            format!("{}, {} robots at {} Hz (open)", p.endpoint.label(), p.clients, p.hz.unwrap_or_default()),
+            p,
+        ));
+    }
+    let x_max = shown.iter().map(|(_, p)| p.latency_ms.max).fold(1.0, f64::max) * 1.2;
+    let x_min =
+        shown.iter().map(|(_, p)| p.cdf.first().map_or(1.0, |c| c.0)).fold(f64::INFINITY, f64::min).clamp(0.1, 1.0)
+            * 0.8;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..1.0)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("latency, ms (log)")
+        .y_desc("fraction of requests at or below")
+        .draw()
+        .map_err(err)?;
+    for (i, (name, p)) in shown.iter().enumerate() {
+        let c = colour(i);
+        chart
+            .draw_series(LineSeries::new(p.cdf.iter().copied(), c.stroke_width(2)))
+            .map_err(err)?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+fn batch_sizes(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &str) -> anyhow::Result<()> {
+    root.fill(&WHITE).map_err(err)?;
+    let standard = Variant::standard().name;
+    let closed: Vec<&Point> = report.points(&standard, Endpoint::V1, "closed").filter(|p| p.ok > 0).collect();
+    let step = closed.len().div_ceil(4).max(1);
+    let mut shown: Vec<(String, &Point)> =
+        closed.iter().skip(1).step_by(step).map(|p| (format!("/v1, {} clients", p.clients), *p)).collect();
+    for p in report.points.iter().filter(|p| p.mode == "open" && p.ok > 0) {
+        shown.push((format!("{} robots at {} Hz", p.clients, p.hz.unwrap_or_default()), p));
+    }
+    let x_max = shown.iter().flat_map(|(_, p)| p.batch_sizes.keys().copied()).max().unwrap_or(1) as f64 + 1.0;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..x_max, 0.0..1.0)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("batch size (requests in one forward)")
+        .y_desc("fraction of requests")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(err)?;
+    let width = 0.8 / shown.len().max(1) as f64;
+    for (i, (name, p)) in shown.iter().enumerate() {
+        let c = colour(i);
+        let ok = p.ok.max(1) as f64;
+        chart
+            .draw_series(p.batch_sizes.iter().map(|(&size, &n)| {
+                let x0 = size as f64 - 0.4 + i as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width, n as f64 / ok)], c.filled())
+            }))
+            .map_err(err)?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}

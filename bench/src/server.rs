@@ -1,0 +1,236 @@
+//! The appliance under test, in a process of its own (`bench serve`, which runs the
+//! appliance's own `appliance::run`), so that its CPU time and the load generator's are told
+//! apart and neither shares an async runtime with the other.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use vla_api::{QuotaLimits, RegisterRobot, RobotKey};
+
+/// How the appliance is set up for a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Variant {
+    pub name: String,
+    /// Dynamic batching (the demo model's settings) or one request per forward.
+    pub batching: bool,
+    /// The four shipped policies preloaded (rate-limit, instruction-filter, joint-limits,
+    /// workspace-bounds), or none.
+    pub policies: bool,
+    /// `quota.durability`: `sync` or `interval:<ms>`.
+    pub durability: String,
+}
+
+impl Variant {
+    /// The appliance as shipped: batching on, the shipped policies, `sync` quotas.
+    pub fn standard() -> Variant {
+        Variant { name: "standard".into(), batching: true, policies: true, durability: "sync".into() }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "batching {}, {}, quota durability {}",
+            if self.batching { "on" } else { "off" },
+            if self.policies { "shipped policies" } else { "no policies" },
+            self.durability
+        )
+    }
+}
+
+/// A running appliance with `robots` registered robots (`bench-000`, …).
+#[derive(Debug)]
+pub struct Appliance {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub addr: SocketAddr,
+    /// The appliance's self-signed certificate, which the robots trust.
+    pub ca: PathBuf,
+    /// `(robot_id, api_key)` of each registered robot.
+    pub robots: Vec<(String, String)>,
+    _data: tempfile::TempDir,
+}
+
+/// Robot ids the benchmark registers.
+pub fn robot_id(i: usize) -> String {
+    format!("bench-{i:03}")
+}
+
+impl Appliance {
+    /// Starts `exe serve` (this binary) on 127.0.0.1 with a fresh data directory holding the
+    /// model in `model_dir` set up as `variant` says, waits until it is ready and registers
+    /// `robots` robots, the model on `device` (`auto`, `cpu`, `cuda:N`). Their rate quota is raised so that the limit is not what is measured;
+    /// the quota path (charges, durability) still runs for every request.
+    /// Its log (warnings and errors, or `APPLIANCE_LOG`) goes to `log`.
+    pub async fn start(
+        exe: &Path,
+        variant: &Variant,
+        model_dir: &Path,
+        device: &str,
+        robots: usize,
+        log: &Path,
+    ) -> anyhow::Result<Appliance> {
+        let data = tempfile::tempdir()?;
+        let mut config = appliance::Config::default();
+        config.server.listen = "127.0.0.1:0".parse()?;
+        config.server.shutdown_grace_ms = 5_000;
+        config.data.dir = data.path().to_path_buf();
+        config.auth.demo_robot = false;
+        config.quota.durability = variant.durability.clone();
+        if variant.policies {
+            for p in &mut config.policy.preload {
+                p.path = std::path::absolute(&p.path)?;
+                if !p.path.exists() {
+                    bail!(
+                        "{} is missing: run the suite from the repository root, after policies/build.sh",
+                        p.path.display()
+                    );
+                }
+            }
+        } else {
+            config.policy.preload.clear();
+        }
+        for i in 0..robots {
+            let unlimited =
+                QuotaLimits { rate: Some("1000000/s".into()), burst: Some(1_000_000), ..Default::default() };
+            config.quota.robots.insert(robot_id(i), unlimited);
+        }
+        let repo = config.model_repository().join(appliance::demo::NAME);
+        std::fs::create_dir_all(&repo)?;
+        std::fs::copy(model_dir.join("model.pt"), repo.join("model.pt"))?;
+        let batching = if variant.batching {
+            // The demo model's own settings; a queue that holds every client of the sweep.
+            "enabled = true\nmax_queue_delay_us = 2000\npreferred_batch_sizes = [4, 8, 16]\nqueue_capacity = 1024\n"
+        } else {
+            "enabled = false\nqueue_capacity = 1024\n"
+        };
+        let model_toml = appliance::demo::model_toml_with_batching(appliance::demo::NAME, batching)
+            .replace("device = \"auto\"", &format!("device = \"{device}\""));
+        std::fs::write(repo.join("model.toml"), model_toml)?;
+        let config_path = data.path().join("appliance.toml");
+        std::fs::write(&config_path, toml::to_string(&config).context("writing the appliance's configuration")?)?;
+
+        let mut child = std::process::Command::new(exe)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("APPLIANCE_LOG", std::env::var("APPLIANCE_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?)
+            .spawn()
+            .with_context(|| format!("starting {} serve", exe.display()))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().context("the appliance's stdout")?;
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        let line = match tokio::time::timeout(Duration::from_secs(120), line).await {
+            Ok(line) => line??,
+            Err(_) => String::new(),
+        };
+        let Some(addr) = line.trim().strip_prefix("listening ").and_then(|a| a.parse().ok()) else {
+            let _ = child.kill();
+            bail!("the appliance did not start (it said {line:?}); see {}", log.display());
+        };
+        let mut appliance =
+            Appliance { child, stdin, addr, ca: data.path().join("tls/cert.pem"), robots: Vec::new(), _data: data };
+        appliance.wait_ready().await?;
+        appliance.register(robots).await?;
+        Ok(appliance)
+    }
+
+    fn admin_client(&self) -> anyhow::Result<reqwest::Client> {
+        let pem = std::fs::read(&self.ca).with_context(|| format!("reading {}", self.ca.display()))?;
+        Ok(reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .resolve("localhost", self.addr)
+            .timeout(Duration::from_secs(30))
+            .build()?)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let until = Instant::now() + Duration::from_secs(180);
+        loop {
+            // The certificate is generated as the appliance starts.
+            if let Ok(client) = self.admin_client()
+                && let Ok(r) = client.get(self.url("/health")).send().await
+                && let Ok(health) = r.json::<vla_api::Health>().await
+                && health.status == "ok"
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the appliance exited ({status}) before it was ready; see its log");
+            }
+            if Instant::now() > until {
+                bail!("the appliance was not ready after 180 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn register(&mut self, robots: usize) -> anyhow::Result<()> {
+        let token_file = self._data.path().join("admin.token");
+        let token =
+            std::fs::read_to_string(&token_file).with_context(|| format!("reading {}", token_file.display()))?;
+        let client = self.admin_client()?;
+        for i in 0..robots {
+            let request = RegisterRobot {
+                robot_id: robot_id(i),
+                robot_type: "arm".into(),
+                group: "bench".into(),
+                priority: vla_api::Priority::Normal,
+            };
+            let response =
+                client.post(self.url("/admin/robots")).bearer_auth(token.trim()).json(&request).send().await?;
+            let status = response.status();
+            if !status.is_success() {
+                bail!("registering {}: {status} {}", request.robot_id, response.text().await.unwrap_or_default());
+            }
+            let key: RobotKey = response.json().await?;
+            self.robots.push((key.robot.robot_id, key.api_key));
+        }
+        Ok(())
+    }
+
+    /// CPU time the appliance has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        crate::machine::cpu_seconds(Some(self.child.id()))
+    }
+
+    /// Asks the appliance to stop (closing its stdin, as `serve` expects) and waits for it.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        drop(self.stdin.take());
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("the appliance exited with {status}; see its log");
+                }
+                return Ok(());
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                bail!("the appliance did not stop within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
