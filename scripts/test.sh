@@ -10,7 +10,5 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-0}"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
-# The criterion micro-benchmarks, each run once (test mode), so that they cannot rot.
-cargo test -p bench --benches
 # The policy guests' own unit tests (their workspace is outside the host's build graph).
 (cd policies && cargo test -p guest-util -p joint-limits -p workspace-bounds -p instruction-filter -p rate-limit)

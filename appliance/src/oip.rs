@@ -663,8 +663,8 @@ fn json_values(dtype: DataType, bytes: &[u8]) -> Vec<Value> {
 /// `policy` is the request's decision chain (every row's, in row order; the decision is
 /// `modify` if any row's action was changed); with more than one row, `policy_rows` has each
 /// row's own. `parameters` says where the time went, as `timing` does on `/v1/inference`
-/// (`preprocess_ms` is the parsing of the body; the rows share one batch, or the last row's
-/// wait is `queue_ms`).
+/// (`preprocess_ms` is the parsing of the body; rows in more than one batch: the longest
+/// wait is `queue_ms`, the first batch gives `inference_ms` and `batch_size`).
 fn respond(
     spec: &ModelSpec,
     id: Option<String>,

@@ -32,6 +32,26 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing a chart: {e}")
 }
 
+/// Every chart's frame: its title, margins and room for the axes' labels.
+fn frame<'a, 'b>(root: &'a DrawingArea<SVGBackend<'b>, Shift>, title: &str) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder.caption(title, (FONT, 22)).margin(12).x_label_area_size(44).y_label_area_size(64);
+    builder
+}
+
+fn legend<'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    at: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
 /// Writes the three charts into `dir`; returns `(file name, title)` of each.
 pub fn write_all(report: &Report, dir: &Path) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
     let charts = [
@@ -68,13 +88,7 @@ fn latency_throughput(report: &Report, root: &DrawingArea<SVGBackend, Shift>, ti
     let x_max = all.clone().map(|p| p.throughput_rps).fold(1.0, f64::max) * 1.1;
     let y_max = all.clone().map(|p| p.latency_ms.p99).fold(1.0, f64::max) * 1.5;
     let y_min = all.map(|p| p.latency_ms.p50).fold(f64::INFINITY, f64::min).clamp(0.1, 1.0) * 0.8;
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, (FONT, 22))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale())
-        .map_err(err)?;
+    let mut chart = frame(root, title).build_cartesian_2d(0.0..x_max, (y_min..y_max).log_scale()).map_err(err)?;
     chart.configure_mesh().x_desc("successful requests per second").y_desc("latency, ms (log)").draw().map_err(err)?;
     for (i, (name, points)) in series.iter().enumerate() {
         let c = colour(i);
@@ -99,13 +113,7 @@ fn latency_throughput(report: &Report, root: &DrawingArea<SVGBackend, Shift>, ti
             }
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(err)
 }
 
@@ -127,13 +135,7 @@ fn latency_cdf(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &s
     let x_min =
         shown.iter().map(|(_, p)| p.cdf.first().map_or(1.0, |c| c.0)).fold(f64::INFINITY, f64::min).clamp(0.1, 1.0)
             * 0.8;
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, (FONT, 22))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..1.0)
-        .map_err(err)?;
+    let mut chart = frame(root, title).build_cartesian_2d((x_min..x_max).log_scale(), 0.0..1.0).map_err(err)?;
     chart
         .configure_mesh()
         .x_desc("latency, ms (log)")
@@ -148,13 +150,7 @@ fn latency_cdf(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &s
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(err)
 }
 
@@ -169,13 +165,7 @@ fn batch_sizes(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &s
         shown.push((format!("{} robots at {} Hz", p.clients, p.hz.unwrap_or_default()), p));
     }
     let x_max = shown.iter().flat_map(|(_, p)| p.batch_sizes.keys().copied()).max().unwrap_or(1) as f64 + 1.0;
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, (FONT, 22))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0.0..x_max, 0.0..1.0)
-        .map_err(err)?;
+    let mut chart = frame(root, title).build_cartesian_2d(0.0..x_max, 0.0..1.0).map_err(err)?;
     chart
         .configure_mesh()
         .x_desc("batch size (requests in one forward)")
@@ -196,12 +186,6 @@ fn batch_sizes(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &s
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(err)
 }

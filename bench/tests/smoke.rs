@@ -19,6 +19,9 @@ fn the_suite_runs_end_to_end_and_writes_its_report() {
         // The shipped policies' components are found from the repository root.
         .current_dir(root)
         .env("RUST_BACKTRACE", "0")
+        // A policy call descheduled past its 20 ms budget on a busy machine fails closed, by
+        // design (the full suite reports it); this run is about the tool, not that budget.
+        .env("APPLIANCE_POLICY__TIMEOUT_MS", "2000")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
