@@ -11,13 +11,13 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::fixtures;
+use crate::machine::now_utc;
 
+/// The CPU and its cores, for the tables' headings.
 fn machine() -> String {
     let m = crate::machine::Machine::read(String::new());
     format!("{}, {} cores", m.cpu, m.cores)
 }
-
-use crate::machine::now_utc;
 
 /// Per-call latency of the shipped policies: every call instantiates the component from its
 /// `InstancePre` in a fresh store with all limits set, calls it and checks nothing else (the
