@@ -3,6 +3,8 @@
 //!
 //! Client mistakes are 4xx and name what was wrong; 5xx means the appliance itself failed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use vla_api::ErrorBody;
@@ -181,10 +183,44 @@ impl ApiError {
     }
 }
 
+/// At most one log line a second for a kind of answer that comes in floods, with how many
+/// were left out since the last line.
+#[derive(Debug)]
+struct Throttle {
+    last_ms: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle { last_ms: AtomicU64::new(0), skipped: AtomicU64::new(0) }
+    }
+
+    /// `Some(left out since the last line)` when this one is to be logged.
+    fn admit(&self, now_ms: u64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) >= 1_000
+            && self.last_ms.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            return Some(self.skipped.swap(0, Ordering::Relaxed));
+        }
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// Overload answers (queue full, deadline passed, shutting down) come by the thousand exactly
+/// when an operator needs the log readable; every one is counted in `vla_errors_total{code}`.
+static OVERLOAD_LOG: Throttle = Throttle::new();
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if matches!(self, ApiError::QueueFull { .. } | ApiError::DeadlineExceeded { .. } | ApiError::ShuttingDown) {
+            if let Some(skipped) = OVERLOAD_LOG.admit(crate::admin::now_ms()) {
+                tracing::warn!(code = self.code(), skipped, "{self} (overload: logged at most once a second)");
+            }
+        } else if status.is_server_error() {
             tracing::error!(code = self.code(), "{self}");
         } else {
             tracing::debug!(code = self.code(), "{self}");
@@ -229,5 +265,22 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn a_flood_is_logged_once_a_second_with_what_was_left_out() {
+        let t = Throttle::new();
+        assert_eq!(t.admit(10_000), Some(0));
+        for ms in 10_001..10_999 {
+            assert_eq!(t.admit(ms), None);
+        }
+        assert_eq!(t.admit(11_000), Some(998));
+        assert_eq!(t.admit(11_001), None);
+        assert_eq!(t.admit(20_000), Some(1));
     }
 }

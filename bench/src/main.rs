@@ -148,6 +148,7 @@ fn serve(config: &std::path::Path) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let config = appliance::Config::from_figment(&appliance::Config::figment(Some(config)))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("appliance-rt").build()?;
