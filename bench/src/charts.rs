@@ -81,6 +81,31 @@ fn series(report: &Report) -> Vec<(String, Vec<&Point>)> {
     out
 }
 
+/// Up to four closed-loop points spread over the standard appliance's `/v1` sweep (after the
+/// first `skip`), and every open-loop point, with their legends.
+fn sampled(report: &Report, skip: usize) -> Vec<(String, &Point)> {
+    let standard = Variant::standard().name;
+    let closed: Vec<&Point> = report
+        .points
+        .iter()
+        .filter(|p| p.variant == standard && p.endpoint == Endpoint::V1 && p.mode == "closed" && p.ok > 0)
+        .collect();
+    let step = closed.len().div_ceil(4).max(1);
+    let mut shown: Vec<(String, &Point)> = closed
+        .into_iter()
+        .skip(skip)
+        .step_by(step)
+        .map(|p| (format!("/v1, {} clients (closed)", p.clients), p))
+        .collect();
+    for p in report.points.iter().filter(|p| p.mode == "open" && p.ok > 0) {
+        shown.push((
+            format!("{}, {} robots at {} Hz (open)", p.endpoint.label(), p.clients, p.hz.unwrap_or_default()),
+            p,
+        ));
+    }
+    shown
+}
+
 fn latency_throughput(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &str) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(err)?;
     let series = series(report);
@@ -119,18 +144,7 @@ fn latency_throughput(report: &Report, root: &DrawingArea<SVGBackend, Shift>, ti
 
 fn latency_cdf(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &str) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(err)?;
-    let standard = Variant::standard().name;
-    let closed: Vec<&Point> = report.points(&standard, Endpoint::V1, "closed").filter(|p| p.ok > 0).collect();
-    // Up to four closed-loop points spread over the sweep, and every open-loop point.
-    let step = closed.len().div_ceil(4).max(1);
-    let mut shown: Vec<(String, &Point)> =
-        closed.iter().step_by(step).map(|p| (format!("/v1, {} clients (closed)", p.clients), *p)).collect();
-    for p in report.points.iter().filter(|p| p.mode == "open" && p.ok > 0) {
-        shown.push((
-            format!("{}, {} robots at {} Hz (open)", p.endpoint.label(), p.clients, p.hz.unwrap_or_default()),
-            p,
-        ));
-    }
+    let shown = sampled(report, 0);
     let x_max = shown.iter().map(|(_, p)| p.latency_ms.max).fold(1.0, f64::max) * 1.2;
     let x_min =
         shown.iter().map(|(_, p)| p.cdf.first().map_or(1.0, |c| c.0)).fold(f64::INFINITY, f64::min).clamp(0.1, 1.0)
@@ -156,14 +170,8 @@ fn latency_cdf(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &s
 
 fn batch_sizes(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &str) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(err)?;
-    let standard = Variant::standard().name;
-    let closed: Vec<&Point> = report.points(&standard, Endpoint::V1, "closed").filter(|p| p.ok > 0).collect();
-    let step = closed.len().div_ceil(4).max(1);
-    let mut shown: Vec<(String, &Point)> =
-        closed.iter().skip(1).step_by(step).map(|p| (format!("/v1, {} clients", p.clients), *p)).collect();
-    for p in report.points.iter().filter(|p| p.mode == "open" && p.ok > 0) {
-        shown.push((format!("{} robots at {} Hz", p.clients, p.hz.unwrap_or_default()), p));
-    }
+    // A lone client's batches are all of 1: start one point later.
+    let shown = sampled(report, 1);
     let x_max = shown.iter().flat_map(|(_, p)| p.batch_sizes.keys().copied()).max().unwrap_or(1) as f64 + 1.0;
     let mut chart = frame(root, title).build_cartesian_2d(0.0..x_max, 0.0..1.0).map_err(err)?;
     chart

@@ -9,11 +9,9 @@
 //!   stalled appliance (or load generator) shows as latency instead of hiding as fewer requests
 //!   (no coordinated omission).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::task::JoinSet;
@@ -72,19 +70,18 @@ pub struct Robot {
 }
 
 impl Robot {
-    /// A robot with its own connection to the appliance at `addr`, trusting `ca` (PEM), sending
+    /// A robot with its own connection to the appliance at `addr`, trusting `ca`, sending
     /// `bodies` round-robin to `endpoint`.
     pub fn new(
         id: &str,
         key: &str,
-        ca: &Path,
+        ca: &reqwest::Certificate,
         addr: std::net::SocketAddr,
         endpoint: Endpoint,
         bodies: Arc<[Body]>,
     ) -> anyhow::Result<Robot> {
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
         let client = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .add_root_certificate(ca.clone())
             .resolve("localhost", addr)
             .timeout(Duration::from_secs(30))
             .pool_idle_timeout(None)

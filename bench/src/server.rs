@@ -51,7 +51,7 @@ pub struct Appliance {
     pub ca: PathBuf,
     /// `(robot_id, api_key)` of each registered robot.
     pub robots: Vec<(String, String)>,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 /// Robot ids the benchmark registers.
@@ -137,16 +137,21 @@ impl Appliance {
             bail!("the appliance did not start (it said {line:?}); see {}", log.display());
         };
         let mut appliance =
-            Appliance { child, stdin, addr, ca: data.path().join("tls/cert.pem"), robots: Vec::new(), _data: data };
+            Appliance { child, stdin, addr, ca: data.path().join("tls/cert.pem"), robots: Vec::new(), data };
         appliance.wait_ready().await?;
         appliance.register(robots).await?;
         Ok(appliance)
     }
 
-    fn admin_client(&self) -> anyhow::Result<reqwest::Client> {
+    /// The appliance's certificate, for clients to trust.
+    pub fn certificate(&self) -> anyhow::Result<reqwest::Certificate> {
         let pem = std::fs::read(&self.ca).with_context(|| format!("reading {}", self.ca.display()))?;
+        Ok(reqwest::Certificate::from_pem(&pem)?)
+    }
+
+    fn admin_client(&self) -> anyhow::Result<reqwest::Client> {
         Ok(reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .add_root_certificate(self.certificate()?)
             .resolve("localhost", self.addr)
             .timeout(Duration::from_secs(30))
             .build()?)
@@ -178,7 +183,7 @@ impl Appliance {
     }
 
     async fn register(&mut self, robots: usize) -> anyhow::Result<()> {
-        let token_file = self._data.path().join("admin.token");
+        let token_file = self.data.path().join("admin.token");
         let token =
             std::fs::read_to_string(&token_file).with_context(|| format!("reading {}", token_file.display()))?;
         let client = self.admin_client()?;

@@ -159,6 +159,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
             .block_on(Appliance::start(&exe, v, &model_dir, &o.device, robots, &log))
             .with_context(|| format!("starting the appliance ({}); its log: {}", v.name, log.display()))?;
         let result = runtime.block_on(async {
+            let ca = appliance.certificate()?;
             for &endpoint in &plan.endpoints {
                 let fleet = appliance
                     .robots
@@ -176,7 +177,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
                             }
                             Endpoint::Oip => oip_bodies.clone(),
                         };
-                        Robot::new(id, key, &appliance.ca, appliance.addr, endpoint, bodies)
+                        Robot::new(id, key, &ca, appliance.addr, endpoint, bodies)
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let warmup = Duration::from_secs_f64(o.warmup);
