@@ -4,8 +4,11 @@
 //! directory as `DEP_TCH_LIBTORCH_LIB`. We record it as the run-time search path, and keep
 //! `libtorch_cuda` as a needed library even though no symbol of it is referenced directly:
 //! without it the CUDA backend is never registered and a GPU would go unused.
+//!
+//! It also compiles `cuda/memory.cpp` against that libtorch's headers: the CUDA caching
+//! allocator's statistics, which tch does not expose (see `src/cuda_memory.rs`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -13,9 +16,29 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // The bench shares this script for the search path; the appliance's library brings the shim.
+    if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("appliance") {
+        compile_cuda_memory(&lib);
+    }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+fn compile_cuda_memory(lib: &Path) {
+    println!("cargo:rerun-if-changed=cuda/memory.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .include(lib.join("../include"))
+        // The ABI every PyPI torch wheel since 2.7 is built with (we pin 2.11).
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        // libtorch's own headers trip it.
+        .flag_if_supported("-Wno-unused-parameter")
+        .file("cuda/memory.cpp")
+        .compile("vla_cuda_memory");
 }

@@ -22,6 +22,7 @@ use tch::Device;
 use tokio::sync::oneshot;
 use vla_api::{ModelStats, Priority};
 
+use crate::cuda_memory::PeakProbe;
 use crate::metrics::ModelMetrics;
 use crate::model::{LoadedModel, ModelError, TensorData};
 use crate::queue::{BatchQueue, Full, Next, Policy, Queued, Waiting};
@@ -375,9 +376,13 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
         m.batch_wait.observe(started.saturating_duration_since(oldest).as_secs_f64());
     }
     m.in_flight.inc();
+    let memory = m.gpu_memory_delta.as_ref().and_then(|_| PeakProbe::start(model.device()));
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.run(&samples)))
         .unwrap_or_else(|panic| Err(ModelError::Forward(panic_message(&panic))));
     m.in_flight.dec();
+    if let (Some(histogram), Some(delta)) = (&m.gpu_memory_delta, memory.and_then(PeakProbe::finish)) {
+        histogram.observe(delta as f64);
+    }
     m.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     shared.counters.batches.fetch_add(1, Ordering::Relaxed);
     match result {

@@ -12,7 +12,7 @@
 //! | preprocess | [`preprocess`] | base64 JPEG/PNG → normalised tensor, instruction → tokens (blocking pool) |
 //! | queue | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
 //! | batch | [`batcher`] | executor threads take batches, run them, answer each request |
-//! | model | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split |
+//! | model | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split ([`cuda_memory`]: the memory a batch needed on CUDA) |
 //! | safety | [`policy`] | the policies allow, clamp (modify) or deny the proposed action; decisions audited |
 //!
 //! Around them: [`metrics`] (the `vla_*` catalogue), [`gpu`] (NVML telemetry), [`monitoring`]
@@ -29,6 +29,7 @@ pub mod admin;
 pub mod auth;
 pub mod batcher;
 pub mod config;
+pub mod cuda_memory;
 pub mod demo;
 pub mod error;
 pub mod gpu;

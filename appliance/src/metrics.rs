@@ -29,6 +29,20 @@ pub const STAGE_BUCKETS: [f64; 16] =
 /// Batch sizes.
 pub const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
+/// Device memory one batch needed: 64 KiB – 16 GiB, by fours.
+pub const MEMORY_BUCKETS: [f64; 10] = [
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+    17179869184.0,
+];
+
 /// Model loads: 100 ms – 5 min.
 pub const LOAD_BUCKETS: [f64; 9] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 300.0];
 
@@ -43,6 +57,7 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub queue_wait: HistogramVec,
     pub compute: HistogramVec,
+    pub gpu_memory_delta: HistogramVec,
     // Queue and batching.
     pub queue_depth: IntGaugeVec,
     pub queue_capacity: IntGaugeVec,
@@ -195,6 +210,13 @@ impl Metrics {
                 "Model forward time of a batch, whatever the device, in seconds.",
                 &["model"],
                 &STAGE_BUCKETS,
+            ),
+            gpu_memory_delta: histogram(
+                &r,
+                "vla_inference_gpu_memory_delta_bytes",
+                "CUDA memory a batch needed: the caching allocator's peak during stack, forward and copy-back above what was allocated before, bytes. CUDA models only.",
+                &["model"],
+                &MEMORY_BUCKETS,
             ),
             queue_depth: int_gauge(
                 &r,
@@ -437,6 +459,15 @@ impl Metrics {
             image_decode: self.image_decode.with_label_values(&[model]),
             busy_ns: std::sync::Arc::new(AtomicU64::new(0)),
             memory: self.model_memory.with_label_values(&[model]),
+            gpu_memory_delta: None,
+        }
+    }
+
+    /// The handles of a model that runs on a CUDA device: with its per-batch memory delta.
+    pub fn for_cuda_model(&self, model: &str) -> ModelMetrics {
+        ModelMetrics {
+            gpu_memory_delta: Some(self.gpu_memory_delta.with_label_values(&[model])),
+            ..self.for_model(model)
         }
     }
 
@@ -601,6 +632,8 @@ pub struct ModelMetrics {
     pub busy_ns: std::sync::Arc<AtomicU64>,
     /// `vla_model_memory_bytes`: each executor adds its copy's bytes once loaded.
     pub memory: IntGauge,
+    /// `vla_inference_gpu_memory_delta_bytes`, for a model on a CUDA device only.
+    pub gpu_memory_delta: Option<Histogram>,
 }
 
 /// Brings counter `c` up to `total`, a monotonic count kept elsewhere (a model's statistics,
@@ -637,6 +670,22 @@ mod tests {
         assert!(text.contains(r#"vla_inference_duration_seconds_bucket{model="tiny-vla",le="0.005"} 1"#));
         assert!(text.contains("vla_gpu_available 0"));
         assert!(text.contains("# HELP vla_inference_duration_seconds "));
+    }
+
+    #[test]
+    fn only_cuda_models_have_a_memory_delta_series() {
+        let m = Metrics::new();
+        let cpu = m.for_model("tiny-vla");
+        assert!(cpu.gpu_memory_delta.is_none());
+        assert!(!m.render().unwrap().contains("vla_inference_gpu_memory_delta_bytes"));
+
+        let cuda = m.for_cuda_model("big-vla");
+        cuda.gpu_memory_delta.as_ref().unwrap().observe(3.0 * 1048576.0);
+        let text = m.render().unwrap();
+        assert!(text.contains("# TYPE vla_inference_gpu_memory_delta_bytes histogram"), "{text}");
+        assert!(text.contains(r#"vla_inference_gpu_memory_delta_bytes_bucket{model="big-vla",le="1048576"} 0"#));
+        assert!(text.contains(r#"vla_inference_gpu_memory_delta_bytes_bucket{model="big-vla",le="4194304"} 1"#));
+        assert!(!text.contains(r#"vla_inference_gpu_memory_delta_bytes_count{model="tiny-vla"}"#));
     }
 
     #[test]

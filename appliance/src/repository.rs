@@ -321,7 +321,10 @@ fn load_one(dir: &Path, cpu_threads: usize, metrics: &Metrics) -> Result<Model, 
     let started = std::time::Instant::now();
     let spec = ModelSpec::load(dir).map_err(|e| e.to_string())?;
     let device = resolve_device(spec.device).map_err(|e| format!("{}: {e}", dir.join("model.toml").display()))?;
-    let model_metrics = metrics.for_model(&spec.name);
+    let model_metrics = match device {
+        Device::Cuda(_) => metrics.for_cuda_model(&spec.name),
+        _ => metrics.for_model(&spec.name),
+    };
     // Counts the copies of the version being loaded (a reload replaces the old one).
     model_metrics.memory.set(0);
     let batcher = Batcher::start(dir, &spec, device, cpu_threads, model_metrics.clone()).map_err(|e| e.to_string())?;

@@ -85,6 +85,8 @@ async fn metrics_show_live_requests_queues_batches_policies_and_quotas_behind_a_
     assert!(value(&text, r#"vla_model_memory_bytes{model="tiny-vla"}"#).unwrap() > 10e6, "{text}");
     assert_eq!(value(&text, r#"vla_inference_workers_active{model="tiny-vla"}"#), Some(1.0));
     assert!(text.contains(r#"vla_model_info{device="cpu",model="tiny-vla",version="1"} 1"#), "{text}");
+    // The memory a batch needed is measured on CUDA devices only.
+    assert!(!text.contains("vla_inference_gpu_memory_delta_bytes"), "{text}");
     assert!(text.contains("vla_application_info{libtorch=\"2.11.0\",version=\""));
     assert_eq!(value(&text, r#"vla_application_health{component="models"}"#), Some(1.0));
     assert!(value(&text, "vla_application_uptime_seconds").unwrap() > 0.0);
