@@ -37,14 +37,12 @@ extern "C" int vla_cuda_memory_begin(int32_t device, int64_t* allocated) {
   }
 }
 
-// The most allocated on the device since the last `vla_cuda_memory_begin`, and now.
-extern "C" int vla_cuda_memory_peak(int32_t device, int64_t* peak, int64_t* current) {
+// The most allocated on the device since the last `vla_cuda_memory_begin`.
+extern "C" int vla_cuda_memory_peak(int32_t device, int64_t* peak) {
   try {
     auto* allocator = cuda_allocator();
     if (allocator == nullptr) return 1;
-    auto stats = allocator->getDeviceStats(static_cast<c10::DeviceIndex>(device));
-    *peak = stats.allocated_bytes[kAggregate].peak;
-    *current = stats.allocated_bytes[kAggregate].current;
+    *peak = allocator->getDeviceStats(static_cast<c10::DeviceIndex>(device)).allocated_bytes[kAggregate].peak;
     return 0;
   } catch (...) {
     return 2;

@@ -13,7 +13,7 @@ use tch::Device;
 
 unsafe extern "C" {
     fn vla_cuda_memory_begin(device: i32, allocated: *mut i64) -> i32;
-    fn vla_cuda_memory_peak(device: i32, peak: *mut i64, current: *mut i64) -> i32;
+    fn vla_cuda_memory_peak(device: i32, peak: *mut i64) -> i32;
 }
 
 /// A measurement under way on one CUDA device (see [`PeakProbe::start`]).
@@ -38,9 +38,9 @@ impl PeakProbe {
 
     /// Bytes allocated at the peak since [`PeakProbe::start`] above what was allocated then.
     pub fn finish(self) -> Option<u64> {
-        let (mut peak, mut current) = (0, 0);
+        let mut peak = 0;
         // SAFETY: as in `start`.
-        let rc = unsafe { vla_cuda_memory_peak(self.device, &mut peak, &mut current) };
+        let rc = unsafe { vla_cuda_memory_peak(self.device, &mut peak) };
         (rc == 0).then(|| peak.saturating_sub(self.before).max(0) as u64)
     }
 }
