@@ -390,8 +390,7 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
             let c = &shared.counters;
             c.computed.fetch_add(n as u64, Ordering::Relaxed);
             c.compute_ns.fetch_add(inference.as_nanos() as u64 * n as u64, Ordering::Relaxed);
-            let now_ms =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let now_ms = crate::clock::now_ms();
             c.last_inference_unix_ms.store(now_ms, Ordering::Relaxed);
             m.compute.observe(inference.as_secs_f64());
             for (q, outputs) in batch.into_iter().zip(outputs) {

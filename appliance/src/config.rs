@@ -4,6 +4,10 @@
 //! `--config` flag) < `APPLIANCE_*` environment variables, with `__` separating levels
 //! (`APPLIANCE_SERVER__LISTEN=0.0.0.0:9443` sets `server.listen`). The library only receives
 //! the finished [`Config`]; reading files and the environment is the binary's job.
+//!
+//! This is the tree's root: the sections of the policy stage and of the quota store live with
+//! them (`policy/config.rs`, `quota/config.rs`), each with its own checks, which
+//! [`Config::validate`] calls; they are re-exported here.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,6 +16,9 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+
+pub use crate::policy::config::{PolicyConfig, PreloadPolicy};
+pub use crate::quota::config::QuotaConfig;
 
 /// The whole configuration tree. Every key is documented in the README's table of keys.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -147,148 +154,6 @@ pub struct AuthConfig {
     /// On a first start with no robots registered, register the demo robot `demo-arm` and
     /// write its key to `<data.dir>/demo-robot.key` (mode 0600).
     pub demo_robot: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PolicyConfig {
-    /// Wall-clock budget of one policy call (instantiation included); past it the call is
-    /// interrupted and the request denied. A backstop for time the call spends descheduled on a
-    /// busy machine: the policy's own work is bounded by `fuel`.
-    pub timeout_ms: u64,
-    /// Fuel (roughly, WebAssembly instructions) one policy call may burn: the deterministic
-    /// bound on its work (10 M ≈ 1.3 ms of compute on this development machine; a shipped
-    /// policy's call takes about 35 µs).
-    pub fuel: u64,
-    /// Largest linear memory a policy instance may grow to, in bytes.
-    pub memory_limit_bytes: usize,
-    /// Largest WebAssembly stack a policy call may use, in bytes (at most 1 MiB: calls run on
-    /// threads with 2 MiB stacks).
-    pub max_stack_bytes: usize,
-    /// Policy calls running at once (sizes the pooling allocator); more wait for a slot.
-    pub max_concurrent: u32,
-    /// Largest component accepted at upload, in bytes.
-    pub max_component_bytes: usize,
-    /// Consecutive failures after which a policy's circuit breaker opens: it is no longer
-    /// called and (in enforce mode) denies every request until an operator acts.
-    pub breaker_failures: u32,
-    /// Audit records kept; the oldest are dropped beyond this.
-    pub audit_retention: u64,
-    /// Base64 ed25519 public keys; when any is set, uploads must carry a valid `signature`.
-    pub trusted_keys: Vec<String>,
-    /// Policies installed at start when none of that name is stored yet (an operator's later
-    /// changes through the admin API win). A missing file stops the start.
-    pub preload: Vec<PreloadPolicy>,
-}
-
-/// Rate limits and quotas ([`crate::quota`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QuotaConfig {
-    /// `sync`: a charge is on disk before the response that acknowledges it is sent (group
-    /// commit). `interval:<ms>`: flushed every `<ms>`; a crash loses at most that window.
-    pub durability: String,
-    /// Limits per robot id; they win over the rate-limit policy's defaults, and the admin API's
-    /// overrides win over them. Each: `rate` (`10/min`), `burst`, `day`, `month`.
-    pub robots: BTreeMap<String, vla_api::QuotaLimits>,
-    /// Limits per robot group, as for `robots`.
-    pub groups: BTreeMap<String, vla_api::QuotaLimits>,
-}
-
-impl Default for QuotaConfig {
-    fn default() -> Self {
-        QuotaConfig { durability: "sync".into(), robots: BTreeMap::new(), groups: BTreeMap::new() }
-    }
-}
-
-/// A policy the configuration installs; see [`PolicyConfig::preload`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PreloadPolicy {
-    pub name: String,
-    /// `admission` or `safety`.
-    pub world: String,
-    /// The component file; relative paths are taken from the working directory.
-    pub path: PathBuf,
-    #[serde(default = "default_order")]
-    pub order: i64,
-    /// `enforce` or `shadow`.
-    #[serde(default = "default_mode")]
-    pub mode: String,
-    /// The policy's configuration (handed to it as JSON).
-    #[serde(default)]
-    pub config: serde_json::Map<String, serde_json::Value>,
-}
-
-fn default_order() -> i64 {
-    100
-}
-
-fn default_mode() -> String {
-    "enforce".into()
-}
-
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        fn shipped(name: &str, world: &str, order: i64, config: serde_json::Value) -> PreloadPolicy {
-            PreloadPolicy {
-                name: name.into(),
-                world: world.into(),
-                path: PathBuf::from(format!("policies/dist/{name}.wasm")),
-                order,
-                mode: "enforce".into(),
-                config: match config {
-                    serde_json::Value::Object(map) => map,
-                    _ => serde_json::Map::new(),
-                },
-            }
-        }
-        PolicyConfig {
-            timeout_ms: 20,
-            fuel: 10_000_000,
-            memory_limit_bytes: 16 * 1024 * 1024,
-            max_stack_bytes: 256 * 1024,
-            max_concurrent: 16,
-            max_component_bytes: 8 * 1024 * 1024,
-            breaker_failures: 5,
-            audit_retention: 100_000,
-            trusted_keys: Vec::new(),
-            preload: vec![
-                // First: a flood is refused before any other policy spends time on it.
-                shipped(
-                    "rate-limit",
-                    "admission",
-                    0,
-                    serde_json::json!({
-                        "exempt_instructions": ["stop", "stop *", "halt", "emergency stop*"],
-                        "robot": {"rate": "50/s", "burst": 50}
-                    }),
-                ),
-                shipped(
-                    "instruction-filter",
-                    "admission",
-                    10,
-                    serde_json::json!({"deny": ["disable safety", "ignore * limits"]}),
-                ),
-                shipped(
-                    "joint-limits",
-                    "safety",
-                    10,
-                    // The demo model's joint velocities reach about 0.3: the demo robot sees a clamp.
-                    serde_json::json!({
-                        "robot_types": {"demo": {"velocity": 0.25}},
-                        "default": {"velocity": 0.5, "position": {"min": -3.1, "max": 3.1}}
-                    }),
-                ),
-                shipped(
-                    "workspace-bounds",
-                    "safety",
-                    20,
-                    serde_json::json!({"min": [-0.5, -0.5, 0.0], "max": [0.5, 0.5, 0.8]}),
-                ),
-            ],
-        }
-    }
 }
 
 impl Default for ServerConfig {
@@ -462,69 +327,15 @@ impl Config {
             return Err(invalid("tls.client_auth", "`required` needs tls.client_ca"));
         }
         for (name, id) in &self.tls.client_names {
-            if let Err(problem) = crate::validate::check_robot_id(id) {
+            if let Err(problem) = crate::names::check_robot_id(id) {
                 return Err(invalid(&format!("tls.client_names.\"{name}\""), problem));
             }
         }
-        let p = &self.policy;
-        if !(1..=60_000).contains(&p.timeout_ms) {
-            return Err(invalid("policy.timeout_ms", "must be 1-60000"));
+        if let Err((key, problem)) = crate::policy::config::check(&self.policy) {
+            return Err(invalid(&format!("policy.{key}"), problem));
         }
-        if p.fuel == 0 {
-            return Err(invalid("policy.fuel", "must be greater than 0"));
-        }
-        if !(64 * 1024..=4 << 30).contains(&p.memory_limit_bytes) {
-            return Err(invalid("policy.memory_limit_bytes", "must be 64 KiB-4 GiB"));
-        }
-        // Policies run on the blocking pool's threads (2 MiB native stacks): the WebAssembly
-        // stack must stay well inside, so a deep recursion traps instead of overflowing the host.
-        if !(16 * 1024..=1 << 20).contains(&p.max_stack_bytes) {
-            return Err(invalid("policy.max_stack_bytes", "must be 16 KiB-1 MiB"));
-        }
-        if !(1..=1024).contains(&p.max_concurrent) {
-            return Err(invalid("policy.max_concurrent", "must be 1-1024"));
-        }
-        if p.max_component_bytes < 1024 {
-            return Err(invalid("policy.max_component_bytes", "must be at least 1024"));
-        }
-        if p.breaker_failures == 0 {
-            return Err(invalid("policy.breaker_failures", "must be greater than 0"));
-        }
-        if p.audit_retention == 0 {
-            return Err(invalid("policy.audit_retention", "must be greater than 0"));
-        }
-        for (i, key) in p.trusted_keys.iter().enumerate() {
-            if let Err(problem) = crate::policy::parse_public_key(key) {
-                return Err(invalid(&format!("policy.trusted_keys[{i}]"), problem));
-            }
-        }
-        for (i, item) in p.preload.iter().enumerate() {
-            let key = |field: &str| format!("policy.preload[{i}].{field}");
-            if let Err(problem) = crate::policy::check_name(&item.name) {
-                return Err(invalid(&key("name"), problem));
-            }
-            if let Err(problem) = item.world.parse::<crate::policy::World>() {
-                return Err(invalid(&key("world"), problem));
-            }
-            if let Err(problem) = item.mode.parse::<crate::policy::Mode>() {
-                return Err(invalid(&key("mode"), problem));
-            }
-            if p.preload[..i].iter().any(|other| other.name == item.name) {
-                return Err(invalid(&key("name"), format!("`{}` is preloaded twice", item.name)));
-            }
-        }
-        if let Err(problem) = self.quota.durability.parse::<crate::quota::Durability>() {
-            return Err(invalid("quota.durability", problem));
-        }
-        for (table, limits) in [("robots", &self.quota.robots), ("groups", &self.quota.groups)] {
-            for (key, wire) in limits {
-                if let Err(problem) = crate::validate::check_robot_id(key) {
-                    return Err(invalid(&format!("quota.{table}.\"{key}\""), problem));
-                }
-                if let Err((field, problem)) = crate::quota::Limits::parse(wire) {
-                    return Err(invalid(&format!("quota.{table}.\"{key}\".{field}"), problem));
-                }
-            }
+        if let Err((key, problem)) = crate::quota::config::check(&self.quota) {
+            return Err(invalid(&format!("quota.{key}"), problem));
         }
         if !(100..=3_600_000).contains(&self.metrics.gpu_poll_interval_ms) {
             return Err(invalid("metrics.gpu_poll_interval_ms", "must be 100-3600000"));

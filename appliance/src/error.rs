@@ -1,17 +1,21 @@
-//! The HTTP boundary's one error type: every variant maps to a status and a stable code here,
-//! and nowhere else.
+//! The HTTP boundary's one error type: every variant maps to a status, a stable code and its
+//! categories (what the metrics count it as) here, and nowhere else. The domain modules return
+//! their own errors; every conversion into [`ApiError`] is below.
 //!
 //! Client mistakes are 4xx and name what was wrong; 5xx means the appliance itself failed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use vla_api::ErrorBody;
 
-/// The stable code of an error answer, attached to the response for the metrics layer.
-#[derive(Debug, Clone, Copy)]
-pub struct ErrorCode(pub &'static str);
+use crate::batcher::JobError;
+use crate::clock::Throttle;
+use crate::metrics::ErrorCount;
+use crate::policy::{ChangeError, Refusal};
+use crate::quota::{QuotaError, Status};
+use crate::repository::ResolveError;
+use crate::robots::RegistryError;
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -76,7 +80,7 @@ pub enum ApiError {
     #[error("inference failed in model `{model}`: {reason}")]
     Inference { model: String, reason: String },
     #[error("{}", refusal_message(.0))]
-    PolicyRefused(Box<crate::policy::Refusal>),
+    PolicyRefused(Box<Refusal>),
     #[error("{0}")]
     PolicyInvalid(String),
     #[error("{0}")]
@@ -89,7 +93,7 @@ pub enum ApiError {
     Internal(String),
 }
 
-fn refusal_message(r: &crate::policy::Refusal) -> String {
+fn refusal_message(r: &Refusal) -> String {
     if r.failed {
         format!("policy `{}` (version {}) failed, so the request is denied: {}", r.policy, r.version, r.reason)
     } else {
@@ -183,29 +187,130 @@ impl ApiError {
     }
 }
 
-/// At most one log line a second for a kind of answer that comes in floods, with how many
-/// were left out since the last line.
-#[derive(Debug)]
-struct Throttle {
-    last_ms: AtomicU64,
-    skipped: AtomicU64,
-}
-
-impl Throttle {
-    const fn new() -> Throttle {
-        Throttle { last_ms: AtomicU64::new(0), skipped: AtomicU64::new(0) }
+impl ApiError {
+    /// The `status` label of `vla_inference_requests_total`, as the cell's alert rules read it:
+    /// `rate_limited` (429); `rejected` (a policy denied: 422 `policy_rejected`); `invalid` (any
+    /// other client mistake, 4xx); `error` (the appliance failed: 5xx, or a policy failed).
+    /// Success is `success`. The error's own code is in `vla_errors_total{code}`.
+    pub fn request_status(&self) -> &'static str {
+        match self {
+            ApiError::PolicyRefused(r) if r.failed => "error",
+            ApiError::PolicyRefused(r) if r.rate_limit.is_some() => "rate_limited",
+            ApiError::PolicyRefused(_) => "rejected",
+            _ if self.status().is_client_error() => "invalid",
+            _ => "error",
+        }
     }
 
-    /// `Some(left out since the last line)` when this one is to be logged.
-    fn admit(&self, now_ms: u64) -> Option<u64> {
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if now_ms.saturating_sub(last) >= 1_000
-            && self.last_ms.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
-            return Some(self.skipped.swap(0, Ordering::Relaxed));
+    /// The request itself was invalid (`vla_validation_failures_total`).
+    pub fn is_validation(&self) -> bool {
+        matches!(
+            self,
+            ApiError::MalformedJson(_)
+                | ApiError::InvalidField { .. }
+                | ApiError::UnsupportedMediaType(_)
+                | ApiError::BodyTooLarge { .. }
+                | ApiError::StateLength { .. }
+                | ApiError::InvalidValue { .. }
+                | ApiError::InvalidTensor { .. }
+                | ApiError::InferenceHeader(_)
+        ) || self.is_image()
+    }
+
+    /// A camera image was refused (`vla_image_processing_errors_total`).
+    pub fn is_image(&self) -> bool {
+        matches!(
+            self,
+            ApiError::ImageTooLarge { .. }
+                | ApiError::ImageDimensionsTooLarge { .. }
+                | ApiError::InvalidBase64(_)
+                | ApiError::UnsupportedImageFormat
+                | ApiError::ImageDecode { .. }
+        )
+    }
+
+    /// What the metrics count this answer as.
+    pub fn counts(&self) -> ErrorCount {
+        ErrorCount { code: self.code(), validation: self.is_validation(), image: self.is_image() }
+    }
+
+    /// A batcher's answer for a request to `model` with a deadline of `deadline_ms`.
+    pub fn from_job(e: JobError, model: &str, deadline_ms: u64) -> ApiError {
+        match e {
+            JobError::QueueFull { capacity } => ApiError::QueueFull { model: model.into(), capacity, retry_after_s: 1 },
+            JobError::ShuttingDown => ApiError::ShuttingDown,
+            JobError::ExecutorGone => ApiError::Internal(format!("model `{model}`: executor stopped")),
+            JobError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms },
+            JobError::Inference(reason) => ApiError::Inference { model: model.into(), reason },
         }
-        self.skipped.fetch_add(1, Ordering::Relaxed);
-        None
+    }
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds until the bucket
+/// is full again or its period starts over) for `status`.
+pub fn rate_limit_headers(headers: &mut HeaderMap, status: &Status) {
+    let reset_s = status.reset_ms.saturating_sub(crate::clock::now_ms()).div_ceil(1000);
+    headers.insert("ratelimit-limit", status.limit.into());
+    headers.insert("ratelimit-remaining", status.remaining.into());
+    headers.insert("ratelimit-reset", reset_s.into());
+}
+
+impl From<Box<Refusal>> for ApiError {
+    fn from(r: Box<Refusal>) -> ApiError {
+        ApiError::PolicyRefused(r)
+    }
+}
+
+impl From<QuotaError> for ApiError {
+    fn from(e: QuotaError) -> ApiError {
+        match e {
+            QuotaError::NotDurable(m) => ApiError::QuotaUnavailable(m),
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> ApiError {
+        match e {
+            ChangeError::Invalid(m) => ApiError::PolicyInvalid(m),
+            ChangeError::Signature(m) => ApiError::SignatureInvalid(m),
+            ChangeError::NotFound(name) => ApiError::PolicyNotFound(crate::names::clip(&name, 80)),
+            ChangeError::Conflict(m) => ApiError::Conflict(m),
+            e @ (ChangeError::Store(_) | ChangeError::Io(_)) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(e: ResolveError) -> ApiError {
+        match e {
+            ResolveError::NotFound(name) => ApiError::ModelNotFound(name),
+            ResolveError::VersionNotFound { model, version, serving } => {
+                ApiError::ModelVersionNotFound { model, version, serving }
+            }
+            ResolveError::NoDefault => ApiError::InvalidField {
+                field: "model".into(),
+                problem: "required: several models are loaded and none is the default".into(),
+            },
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        match e {
+            RegistryError::InvalidName { field, problem } => ApiError::InvalidValue { field: field.into(), problem },
+            RegistryError::NotFound(id) => ApiError::RobotNotFound(id),
+            RegistryError::Conflict(why) => ApiError::Conflict(why),
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        ApiError::Internal(e.to_string())
     }
 }
 
@@ -217,7 +322,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if matches!(self, ApiError::QueueFull { .. } | ApiError::DeadlineExceeded { .. } | ApiError::ShuttingDown) {
-            if let Some(skipped) = OVERLOAD_LOG.admit(crate::admin::now_ms()) {
+            if let Some(skipped) = OVERLOAD_LOG.admit(crate::clock::now_ms()) {
                 tracing::warn!(code = self.code(), skipped, "{self} (overload: logged at most once a second)");
             }
         } else if status.is_server_error() {
@@ -246,7 +351,7 @@ impl IntoResponse for ApiError {
         let retry_after = match &self {
             ApiError::PolicyRefused(r) if self.status() == StatusCode::TOO_MANY_REQUESTS => {
                 r.rate_limit.map(|s| {
-                    crate::server::rate_limit_headers(response.headers_mut(), &s);
+                    rate_limit_headers(response.headers_mut(), &s);
                     // Whole seconds, rounded up: a robot that waits this long fits.
                     s.retry_after_ms.div_ceil(1000).max(1)
                 })
@@ -259,8 +364,8 @@ impl IntoResponse for ApiError {
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        // For the HTTP metrics layer, which counts errors by code.
-        response.extensions_mut().insert(ErrorCode(self.code()));
+        // For the HTTP metrics layer, which counts errors by code and category.
+        response.extensions_mut().insert(self.counts());
         if matches!(self, ApiError::Unauthorized(_)) {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -270,17 +375,16 @@ impl IntoResponse for ApiError {
 
 #[cfg(test)]
 mod tests {
-    use super::Throttle;
+    use super::*;
 
     #[test]
-    fn a_flood_is_logged_once_a_second_with_what_was_left_out() {
-        let t = Throttle::new();
-        assert_eq!(t.admit(10_000), Some(0));
-        for ms in 10_001..10_999 {
-            assert_eq!(t.admit(ms), None);
-        }
-        assert_eq!(t.admit(11_000), Some(998));
-        assert_eq!(t.admit(11_001), None);
-        assert_eq!(t.admit(20_000), Some(1));
+    fn categories_come_from_the_variant() {
+        let image = ApiError::UnsupportedImageFormat;
+        assert!(image.is_image() && image.is_validation());
+        assert_eq!(image.request_status(), "invalid");
+        let full = ApiError::QueueFull { model: "m".into(), capacity: 1, retry_after_s: 1 };
+        assert!(!full.is_validation());
+        assert_eq!(full.request_status(), "error");
+        assert_eq!(ApiError::Unauthorized("x".into()).request_status(), "invalid");
     }
 }

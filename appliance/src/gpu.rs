@@ -278,7 +278,7 @@ fn poll(nvml: &Nvml, metrics: &Metrics) -> Result<GpuStats, NvmlError> {
         devices.push(device_stats(&reading));
     }
     metrics.gpu_available.set(1);
-    Ok(GpuStats { available: true, reason: None, devices, updated_unix_ms: crate::admin::now_ms() })
+    Ok(GpuStats { available: true, reason: None, devices, updated_unix_ms: crate::clock::now_ms() })
 }
 
 #[cfg(test)]

@@ -1,48 +1,51 @@
-//! The edge inference appliance: serves TorchScript vision-language-action models to the
-//! robots of one cell over HTTPS, batching their requests.
+//! The edge inference appliance: serves vision-language-action models to the robots of one
+//! cell over HTTPS, batching their requests, with operator policies on what may be asked and
+//! what may leave the box.
 //!
-//! A request to the robot endpoint passes these stages, each in its own module:
+//! A request passes these stages, each in its own file (dependencies point down the table:
+//! the edge uses the pipeline, the pipeline the stages, the stages the domain, and everything
+//! the leaves; nothing imports back up):
 //!
-//! | stage | module | what happens |
+//! | layer | module | what happens |
 //! |---|---|---|
-//! | listen | [`server`], [`tls`] | TLS (and client certificates), HTTP/1.1 and HTTP/2, routing, graceful shutdown |
-//! | auth | [`auth`] | every path closed unless public: robot key, client certificate or admin token |
-//! | validate | [`validate`], [`oip`] | JSON body (or OIP tensors) → checked request; errors name the field |
-//! | admission | [`policy`], [`quota`] | operator-uploaded WebAssembly policies decide whether the request may be computed, charging the robot's durable rate limits and quotas |
-//! | preprocess | [`preprocess`] | base64 JPEG/PNG → normalised tensor, instruction → tokens (blocking pool) |
-//! | queue | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
-//! | batch | [`batcher`] | executor threads take batches, run them, answer each request |
-//! | model | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split ([`cuda_memory`]: the memory a batch needed on CUDA) |
-//! | safety | [`policy`] | the policies allow, clamp (modify) or deny the proposed action; decisions audited |
-//!
-//! Around them: [`metrics`] (the `vla_*` catalogue), [`gpu`] (NVML telemetry), [`monitoring`]
-//! (`/metrics` and the stats endpoints), [`config`] (the one configuration tree), [`spec`] (`model.toml`),
-//! [`repository`] (loading and reloading the models), [`admin`] (robot registry and model
-//! repository endpoints), [`store`] (sled: the robot registry, policies, audit log and
-//! quota state at rest), [`demo`] (the generated `tiny-vla` model) and [`error`] (the HTTP boundary's error
-//! type: status and stable code per variant).
+//! | edge | [`http`] | listener (TLS, client certificates, HTTP/1.1 and HTTP/2, shutdown), routes, auth, bodies, one file per resource: `/v1`, OIP, admin, policies, quotas, monitoring |
+//! | pipeline | [`infer`] | the stages every inference request passes, in order: admission → bounded decode → batcher → keep charges → safety |
+//! | stage | [`validate`] | the robot endpoint's JSON → a checked request; errors name the field |
+//! | stage | [`preprocess`] | base64 JPEG/PNG → normalised tensor, instruction → tokens (blocking pool) |
+//! | stage | [`repository`] | the model repository: loading, reloading, resolving a request's model |
+//! | stage | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
+//! | stage | [`batcher`] | executor threads take batches, run them, answer each request |
+//! | stage | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split ([`cuda_memory`]: the memory a batch needed) |
+//! | domain | [`policy`] | operator-uploaded WebAssembly policies: admission (with [`quota`]) and safety; the audit log |
+//! | domain | [`quota`] | durable rate limits and quotas in sled, charged by admission policies |
+//! | domain | [`robots`] | the robot registry: keys issued, checked, rotated, revoked; token files |
+//! | domain | [`store`] | sled: the robot registry, policies, audit log and quota state at rest |
+//! | domain | [`tls`], [`gpu`], [`metrics`], [`spec`], [`demo`] | certificates, NVML telemetry, the `vla_*` catalogue, `model.toml`, the generated demo model |
+//! | root | [`config`] | the one configuration tree (its policy and quota sections live with them) |
+//! | root | [`error`] | the HTTP boundary's error type: status, stable code and metric categories per variant, and every conversion from a domain error |
+//! | leaf | [`clock`], [`names`] | time in ms and a log throttle; the name rules |
 //!
 //! The library reads no environment: the binary loads [`Config`], binds the listener and
 //! calls [`run`].
 
-pub mod admin;
-pub mod auth;
 pub mod batcher;
+pub mod clock;
 pub mod config;
 pub mod cuda_memory;
 pub mod demo;
 pub mod error;
 pub mod gpu;
+pub mod http;
+pub mod infer;
 pub mod metrics;
 pub mod model;
-pub mod monitoring;
-pub mod oip;
+pub mod names;
 pub mod policy;
 pub mod preprocess;
 pub mod queue;
 pub mod quota;
 pub mod repository;
-pub mod server;
+pub mod robots;
 pub mod spec;
 pub mod store;
 pub mod tls;
@@ -54,7 +57,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 pub use config::Config;
 
@@ -66,7 +68,7 @@ pub enum RunError {
     #[error(transparent)]
     Repository(#[from] repository::RepositoryError),
     #[error(transparent)]
-    Auth(#[from] auth::AuthError),
+    Registry(#[from] robots::RegistryError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
@@ -113,17 +115,17 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     quotas.observe_flushes(metrics.store_flush_duration.clone());
     tracing::info!(durability = %quotas.durability(), "quota store");
     let token_file = config.admin_token_file();
-    let (admin_hash, generated) = auth::admin_token(&token_file)?;
+    let (admin_hash, generated) = robots::token_file(&token_file)?;
     if generated {
         tracing::info!(file = %token_file.display(), "generated the admin token (mode 0600); send it as `Authorization: Bearer <token>` to /admin/");
     } else {
         tracing::info!(file = %token_file.display(), "admin token");
     }
     if config.auth.demo_robot
-        && let Some(key_file) = admin::register_demo_robot(&store, &config.data.dir)?
+        && let Some(key_file) = robots::register_demo_robot(&store, &config.data.dir)?
     {
         tracing::info!(
-            robot_id = admin::DEMO_ROBOT,
+            robot_id = robots::DEMO_ROBOT,
             key_file = %key_file.display(),
             "registered the demo robot; send its key as `X-API-Key: $(cat {})`",
             key_file.display()
@@ -133,13 +135,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         None
     } else {
         let file = config.metrics_token_file();
-        let (hash, generated) = auth::admin_token(&file)?;
+        let (hash, generated) = robots::token_file(&file)?;
         if generated {
             tracing::info!(file = %file.display(), "generated the metrics token (mode 0600) for /metrics");
         }
         Some(hash)
     };
-    let auth = Arc::new(auth::Authenticator::new(&config, store.clone(), admin_hash, metrics_hash));
+    let auth = Arc::new(http::auth::Authenticator::new(&config, store.clone(), admin_hash, metrics_hash));
     let gpu = gpu::GpuMonitor::start(metrics.clone(), Duration::from_millis(config.metrics.gpu_poll_interval_ms));
 
     let models = {
@@ -158,6 +160,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         let config = config.clone();
         let models = models.clone();
         let metrics = metrics.clone();
+        let store = store.clone();
         tokio::task::spawn_blocking(move || {
             let default = models.default_model().and_then(|name| models.resolve(Some(name)).ok());
             let default = default.as_ref().map(|m| &*m.spec);
@@ -171,12 +174,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let quotas = policies.quotas().clone();
 
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let state = server::AppState {
+    let pipeline = Arc::new(infer::Pipeline::new(
+        models.clone(),
+        policies.clone(),
+        metrics.clone(),
+        config.limits.clone(),
+        shutting_down.clone(),
+    ));
+    let state = http::AppState {
         config: config.clone(),
         models: models.clone(),
+        pipeline,
         shutting_down: shutting_down.clone(),
-        preprocess_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)),
         auth,
+        store,
         policies,
         quotas,
         metrics,
@@ -199,14 +210,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
                 .await
                 .map_err(|e| RunError::Task(format!("binding metrics.listen_http = {addr}: {e}")))?;
             tracing::info!("serving /metrics on http://{addr} (loopback, no token)");
-            Some(tokio::spawn(monitoring::serve_plain(plain, state.clone())))
+            Some(tokio::spawn(http::serve_plain(plain, http::plain_metrics_router(state.clone()))))
         }
         None => None,
     };
-    server::serve(
+    http::serve(
         listener,
         tls,
-        server::router(state),
+        http::router(state),
         shutdown,
         Duration::from_millis(config.server.tls_handshake_timeout_ms),
         Duration::from_millis(config.server.shutdown_grace_ms),

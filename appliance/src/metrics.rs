@@ -6,8 +6,8 @@
 //! and reason codes, policy names, route templates, GPU indices. Never request ids or free text.
 //!
 //! Two kinds of series: those recorded where they happen (counters and histograms), and gauges
-//! that describe state (queues, models, quotas, the GPU), which [`crate::server`] sets from the
-//! live state when `/metrics` is scraped, so nothing on the request path maintains them.
+//! that describe state (queues, models, quotas, the GPU), which the `/metrics` endpoint sets from
+//! the live state when it is scraped, so nothing on the request path maintains them.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -488,21 +488,21 @@ impl Metrics {
             c.borrow_mut().insert(key, g.clone());
             g
         });
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        seen.set(now.as_secs_f64());
+        seen.set(crate::clock::now_secs_f64());
     }
 
-    /// Counts one HTTP request and its latency; an error answer also counts under its code.
-    pub fn http(&self, method: &str, endpoint: &str, status: u16, elapsed: Duration, error_code: Option<&str>) {
+    /// Counts one HTTP request and its latency; an error answer also counts under its code and
+    /// categories.
+    pub fn http(&self, method: &str, endpoint: &str, status: u16, elapsed: Duration, error: Option<ErrorCount>) {
         let status = status.to_string();
         self.cached(Family::Http, &[method, endpoint, &status]).inc();
         self.http_duration_handle(method, endpoint).observe(elapsed.as_secs_f64());
-        if let Some(code) = error_code {
-            self.cached(Family::Errors, &[code]).inc();
-            if is_validation(code) {
-                self.cached(Family::Validation, &[code]).inc();
+        if let Some(e) = error {
+            self.cached(Family::Errors, &[e.code]).inc();
+            if e.validation {
+                self.cached(Family::Validation, &[e.code]).inc();
             }
-            if is_image(code) {
+            if e.image {
                 self.image_errors.inc();
             }
         }
@@ -587,35 +587,15 @@ thread_local! {
     static GAUGES: RefCell<HashMap<CacheKey, prometheus::Gauge>> = RefCell::new(HashMap::new());
 }
 
-/// Error codes that mean the request itself was invalid.
-fn is_validation(code: &str) -> bool {
-    matches!(
-        code,
-        "malformed_json"
-            | "invalid_field"
-            | "unsupported_media_type"
-            | "body_too_large"
-            | "image_too_large"
-            | "image_dimensions_too_large"
-            | "invalid_base64"
-            | "unsupported_image_format"
-            | "image_decode_failed"
-            | "state_length_mismatch"
-            | "invalid_value"
-            | "invalid_tensor"
-            | "invalid_inference_header"
-    )
-}
-
-fn is_image(code: &str) -> bool {
-    matches!(
-        code,
-        "image_too_large"
-            | "image_dimensions_too_large"
-            | "invalid_base64"
-            | "unsupported_image_format"
-            | "image_decode_failed"
-    )
+/// How an error answer is counted: its stable code, and whether the request itself was
+/// invalid (`vla_validation_failures_total`) or its image was refused
+/// (`vla_image_processing_errors_total`). The HTTP boundary derives it from its error type and
+/// attaches it to the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCount {
+    pub code: &'static str,
+    pub validation: bool,
+    pub image: bool,
 }
 
 /// One model's pre-resolved handles (see [`Metrics::for_model`]).

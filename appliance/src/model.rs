@@ -11,6 +11,9 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::spec::{DataType, DeviceSpec, ModelSpec};
 
+/// The libtorch the appliance is built against (tch 0.24 pins it; see the root Cargo.toml).
+pub const LIBTORCH_VERSION: &str = "2.11.0";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("device {0}: {1}")]

@@ -12,7 +12,6 @@ use vla_api::{ModelHealth, ModelInfo};
 use crate::batcher::Batcher;
 use crate::config::Config;
 use crate::demo;
-use crate::error::ApiError;
 use crate::metrics::{Metrics, ModelMetrics};
 use crate::model::{device_name, resolve_device};
 use crate::spec::ModelSpec;
@@ -75,6 +74,17 @@ pub struct IndexEntry {
     pub version: Option<String>,
     pub ready: bool,
     pub reason: Option<String>,
+}
+
+/// Why a request's model could not be found among the serving ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("model `{0}` is not loaded")]
+    NotFound(String),
+    #[error("model `{model}` version `{version}` is not loaded (serving version `{serving}`)")]
+    VersionNotFound { model: String, version: String, serving: String },
+    #[error("several models are loaded and none is the default")]
+    NoDefault,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,24 +153,21 @@ impl Models {
     }
 
     /// The model a request names, or the default one.
-    pub fn resolve(&self, name: Option<&str>) -> Result<Arc<Model>, ApiError> {
+    pub fn resolve(&self, name: Option<&str>) -> Result<Arc<Model>, ResolveError> {
         let name = match name {
             Some(name) => name,
-            None => self.default.as_deref().ok_or_else(|| ApiError::InvalidField {
-                field: "model".into(),
-                problem: "required: several models are loaded and none is the default".into(),
-            })?,
+            None => self.default.as_deref().ok_or(ResolveError::NoDefault)?,
         };
-        self.read().serving.get(name).cloned().ok_or_else(|| ApiError::ModelNotFound(name.chars().take(80).collect()))
+        self.read().serving.get(name).cloned().ok_or_else(|| ResolveError::NotFound(crate::names::clip(name, 80)))
     }
 
     /// The model `name` when serving `version` (any version when `None`).
-    pub fn resolve_version(&self, name: &str, version: Option<&str>) -> Result<Arc<Model>, ApiError> {
+    pub fn resolve_version(&self, name: &str, version: Option<&str>) -> Result<Arc<Model>, ResolveError> {
         let model = self.resolve(Some(name))?;
         match version {
-            Some(v) if v != model.spec.version => Err(ApiError::ModelVersionNotFound {
+            Some(v) if v != model.spec.version => Err(ResolveError::VersionNotFound {
                 model: model.spec.name.clone(),
-                version: v.chars().take(80).collect(),
+                version: crate::names::clip(v, 80),
                 serving: model.spec.version.clone(),
             }),
             _ => Ok(model),
@@ -231,8 +238,8 @@ impl Models {
     /// and stops. A load that fails leaves the old one serving. Blocking.
     pub fn load_model(&self, name: &str) -> Result<Arc<Model>, String> {
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
-        if !crate::spec::is_valid_name(name) {
-            return Err(format!("`{}` is not a valid model name", name.chars().take(80).collect::<String>()));
+        if !crate::names::is_valid_name(name) {
+            return Err(format!("`{}` is not a valid model name", crate::names::clip(name, 80)));
         }
         let dir = self.root.join(name);
         if !dir.join("model.toml").is_file() {
@@ -266,12 +273,11 @@ impl Models {
     }
 
     /// Stops serving `name`: new requests get 404, queued ones are still answered. Blocking.
-    pub fn unload_model(&self, name: &str) -> Result<(), ApiError> {
+    pub fn unload_model(&self, name: &str) -> Result<(), ResolveError> {
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         let old = {
             let mut state = self.write();
-            let old =
-                state.serving.remove(name).ok_or_else(|| ApiError::ModelNotFound(name.chars().take(80).collect()))?;
+            let old = state.serving.remove(name).ok_or_else(|| ResolveError::NotFound(crate::names::clip(name, 80)))?;
             state.unavailable.insert(name.to_string(), None);
             old
         };

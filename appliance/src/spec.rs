@@ -335,10 +335,10 @@ impl ModelSpec {
     }
 
     fn check(&self) -> Result<(), (&'static str, String)> {
-        if !is_valid_name(&self.name) {
+        if !crate::names::is_valid_name(&self.name) {
             return Err(("name", format!("`{}` must be 1-64 of [A-Za-z0-9._-]", self.name)));
         }
-        if self.version.is_empty() || !is_valid_name(&self.version) {
+        if self.version.is_empty() || !crate::names::is_valid_name(&self.version) {
             return Err(("version", format!("`{}` must be 1-64 of [A-Za-z0-9._-]", self.version)));
         }
         if self.platform != PLATFORM {
@@ -475,14 +475,6 @@ impl ModelSpec {
         }
         Ok(())
     }
-}
-
-/// Names of models, versions and robots: short, and safe in paths, logs and metric labels.
-pub fn is_valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && !s.starts_with('.')
 }
 
 #[cfg(test)]

@@ -19,8 +19,14 @@ use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::auth::PeerIdentity;
 use crate::config::Config;
+
+/// The verified client certificate of a TLS connection, put into each request's extensions by
+/// the accept loop: the certificate's subject common names and DNS/URI subject alternative names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub names: Vec<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use appliance::auth::{Access, access_for};
+use appliance::http::auth::{Access, access_for};
 use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -143,7 +143,7 @@ async fn every_admin_route_is_closed_without_the_admin_token() {
     let app = TestAppliance::start(|_, _| {}).await;
     let robot_key = app.robot_key("arm-1").await;
     let public = ["/health", "/v2/health/live", "/v2/health/ready"];
-    let routes = appliance::server::routes();
+    let routes = appliance::http::routes();
     let mut admin_routes = 0;
     for (path, _) in &routes {
         let access = access_for(path);

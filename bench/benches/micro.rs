@@ -109,7 +109,7 @@ fn quota(c: &mut Criterion) {
     };
     c.bench_function("quota decision (robot + group, interval)", |b| {
         b.iter(|| {
-            let now = appliance::admin::now_ms();
+            let now = appliance::clock::now_ms();
             for (scope, key) in [(Scope::Robot, "arm-1"), (Scope::Group, "line-a")] {
                 quotas.try_consume(scope, key, limits, 1, true, now).expect("allowed");
             }

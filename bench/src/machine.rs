@@ -58,7 +58,7 @@ impl Versions {
     pub fn current() -> Versions {
         Versions {
             appliance: env!("CARGO_PKG_VERSION").into(),
-            libtorch: appliance::monitoring::LIBTORCH_VERSION.into(),
+            libtorch: appliance::model::LIBTORCH_VERSION.into(),
             tch: "0.24".into(),
             wasmtime: "48".into(),
             profile: if cfg!(debug_assertions) { "debug" } else { "release" }.into(),

@@ -126,7 +126,7 @@ pub fn quota(concurrency: &[usize], seconds: f64, dist: &Path) -> anyhow::Result
                             let mut times = Vec::new();
                             while Instant::now() < until {
                                 let t = Instant::now();
-                                let now = appliance::admin::now_ms();
+                                let now = appliance::clock::now_ms();
                                 let mut seq = 0;
                                 for (scope, key) in [(Scope::Robot, &robot), (Scope::Group, &group)] {
                                     let consumed = quotas.try_consume(scope, key, unlimited, 1, true, now);
@@ -179,7 +179,7 @@ pub fn quota(concurrency: &[usize], seconds: f64, dist: &Path) -> anyhow::Result
     );
     let mut times = Vec::new();
     for i in 0..21_000 {
-        let session = Session::new(quotas.clone(), "arm-1", "line-a", appliance::admin::now_ms());
+        let session = Session::new(quotas.clone(), "arm-1", "line-a", appliance::clock::now_ms());
         let t = Instant::now();
         let (decision, session) = runtime.call_with(&compiled, &name, &cfg, Input::Admit(&ctx), Some(session));
         let elapsed = t.elapsed().as_secs_f64() * 1e6;

@@ -12,88 +12,21 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
-use vla_api::{PolicyInfo, PolicyPatch};
+use vla_api::{PolicyInfo, PolicyPatch, PolicyTrace};
 
 use super::audit::Audit;
 use super::bindings::{Action, ActionKind, RequestContext};
+use super::chain::{Env, check_decision, run_chain};
+use super::config::PolicyConfig;
+use super::installed::{Installed, PolicyRecord, PolicySet, action_kind, info};
 use super::runtime::{Compiled, Input, Runtime};
-use super::{Health, Mode, Passed, Refusal, World, check_decision, check_name, parse_public_key, run_chain};
-use crate::config::PolicyConfig;
+use super::types::{Health, Mode, Passed, Refusal, World, check_name, parse_public_key, trace};
 use crate::metrics::Metrics;
 use crate::quota::{Quotas, Session};
 use crate::spec::ModelSpec;
 use crate::store::{Store, StoreError, hex};
-
-/// A policy at rest: everything but the component bytes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PolicyRecord {
-    pub name: String,
-    pub world: World,
-    pub version: u64,
-    pub order: i64,
-    pub mode: Mode,
-    pub enabled: bool,
-    pub sha256: String,
-    pub size_bytes: u64,
-    pub signed: bool,
-    /// A JSON object.
-    pub config: serde_json::Value,
-    pub created_unix_ms: u64,
-    pub updated_unix_ms: u64,
-    /// Installed from `policy.preload` and not changed through the admin API since: the
-    /// configuration keeps it current. Once an operator changes it, the operator's version wins.
-    #[serde(default)]
-    pub from_config: bool,
-}
-
-/// One policy as it runs.
-#[derive(Debug)]
-pub struct Installed {
-    pub record: PolicyRecord,
-    pub name: Arc<str>,
-    /// `record.config` as the JSON text the policy reads.
-    pub config: Arc<str>,
-    /// `Err`: the policy cannot run (its file is missing or no longer compiles); enforcing, it
-    /// denies every request it sees.
-    pub compiled: Result<Compiled, String>,
-    pub health: Arc<Health>,
-    /// `vla_safety_check_duration_seconds{policy}`, resolved once.
-    pub duration: prometheus::Histogram,
-}
-
-/// The policies in force: each chain in run order. Immutable; replaced as a whole.
-#[derive(Debug, Default)]
-pub struct PolicySet {
-    pub admission: Vec<Arc<Installed>>,
-    pub safety: Vec<Arc<Installed>>,
-}
-
-impl PolicySet {
-    fn build(installed: impl IntoIterator<Item = Arc<Installed>>) -> PolicySet {
-        let mut set = PolicySet::default();
-        for p in installed {
-            match p.record.world {
-                World::Admission => set.admission.push(p),
-                World::Safety => set.safety.push(p),
-            }
-        }
-        for chain in [&mut set.admission, &mut set.safety] {
-            chain.sort_by(|a, b| (a.record.order, &a.record.name).cmp(&(b.record.order, &b.record.name)));
-        }
-        set
-    }
-
-    fn all(&self) -> impl Iterator<Item = &Arc<Installed>> {
-        self.admission.iter().chain(&self.safety)
-    }
-
-    fn get(&self, name: &str) -> Option<&Arc<Installed>> {
-        self.all().find(|p| p.record.name == name)
-    }
-}
 
 /// Why a policy change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -150,19 +83,10 @@ impl Sample {
                 model: name,
                 instruction: "pick up the red block".into(),
                 state: vec![0.0; state_dim],
-                time_ms: crate::admin::now_ms(),
+                time_ms: crate::clock::now_ms(),
             },
             action: Action { kind, dof: dof as u32, horizon: horizon as u32, values: vec![0.0; dof * horizon] },
         }
-    }
-}
-
-/// The model's action kind in the WIT package's terms.
-pub fn action_kind(kind: crate::spec::ActionKind) -> ActionKind {
-    match kind {
-        crate::spec::ActionKind::JointVelocity => ActionKind::JointVelocity,
-        crate::spec::ActionKind::JointPosition => ActionKind::JointPosition,
-        crate::spec::ActionKind::EndEffectorDelta => ActionKind::EndEffectorDelta,
     }
 }
 
@@ -239,14 +163,13 @@ impl Policies {
         &self.metrics
     }
 
-    pub fn breaker_failures(&self) -> u64 {
-        u64::from(self.config.breaker_failures)
-    }
-
-    /// Whether `policy` is the version of its name in force (requests still running on an
-    /// older snapshot call older versions).
-    pub fn is_current(&self, policy: &Installed) -> bool {
-        self.snapshot().get(&policy.record.name).is_some_and(|p| std::ptr::eq(&**p, policy))
+    /// What a chain's run needs of the stage.
+    fn env(&self) -> Env<'_> {
+        Env {
+            runtime: &self.runtime,
+            metrics: &self.metrics,
+            breaker_failures: u64::from(self.config.breaker_failures),
+        }
     }
 
     pub fn audit(&self) -> &Audit {
@@ -300,12 +223,47 @@ impl Policies {
             };
             let session = (world == World::Admission)
                 .then(|| Session::new(policies.quotas.clone(), &ctx.robot_id, &group, ctx.time_ms));
-            let (outcome, audit) = run_chain(&policies, chain, &ctx, action, session);
+            let (outcome, audit) = run_chain(policies.env(), chain, &ctx, action, session);
             policies.audit.append(audit);
             outcome.map_err(Box::new)
         })
         .await;
         joined.unwrap_or_else(|e| Err(refusal(format!("policy task failed: {e}"))))
+    }
+
+    /// The admission chain for one request from a robot of `group`; a refusal is the robot's
+    /// 422 (or 429 when a quota ran out).
+    pub async fn admit(
+        self: &Arc<Self>,
+        set: &Arc<PolicySet>,
+        ctx: &RequestContext,
+        group: &str,
+    ) -> Result<Passed, Box<Refusal>> {
+        self.run(set, World::Admission, ctx.clone(), group.into(), None).await
+    }
+
+    /// The safety chain on `proposed` (the model's action, checked by the host: its shape is
+    /// the model's and every value finite); returns the action to send and the request's whole
+    /// decision chain. A refusal's chain includes the admission decisions.
+    pub async fn check_action(
+        self: &Arc<Self>,
+        set: &Arc<PolicySet>,
+        ctx: RequestContext,
+        admitted: &Passed,
+        proposed: Action,
+    ) -> Result<(Vec<f32>, PolicyTrace), Box<Refusal>> {
+        match self.run(set, World::Safety, ctx, String::new(), Some(proposed)).await {
+            Ok(passed) => {
+                let trace = trace(admitted, &passed);
+                Ok((passed.action.map(|a| a.values).unwrap_or_default(), trace))
+            }
+            Err(mut refusal) => {
+                let mut policies = admitted.evals.clone();
+                policies.append(&mut refusal.trace.policies);
+                refusal.trace.policies = policies;
+                Err(refusal)
+            }
+        }
     }
 
     /// Every installed policy, in run order (admission first).
@@ -341,7 +299,7 @@ impl Policies {
             Some(c) => c,
             None => previous.as_ref().map_or_else(|| serde_json::json!({}), |p| p.record.config.clone()),
         };
-        let now = crate::admin::now_ms();
+        let now = crate::clock::now_ms();
         let record = PolicyRecord {
             name: upload.name.clone(),
             world,
@@ -411,7 +369,7 @@ impl Policies {
         record.enabled = patch.enabled.unwrap_or(record.enabled);
         record.mode = mode.unwrap_or(record.mode);
         record.order = patch.order.unwrap_or(record.order);
-        record.updated_unix_ms = crate::admin::now_ms();
+        record.updated_unix_ms = crate::clock::now_ms();
         record.from_config = false;
         let installed = match patch.config {
             Some(config) if config != record.config => {
@@ -432,6 +390,7 @@ impl Policies {
                 compiled: current.compiled.clone(),
                 health: current.health.clone(),
                 duration: current.duration.clone(),
+                superseded: Default::default(),
             }),
         };
         self.commit(Some(installed.clone()), replaced.as_deref())?;
@@ -475,6 +434,11 @@ impl Policies {
         if let Some(name) = remove {
             self.health.lock().unwrap_or_else(PoisonError::into_inner).remove(name);
         }
+        for gone in
+            current.all().filter(|p| Some(p.record.name.as_str()) == replaced || Some(p.record.name.as_str()) == remove)
+        {
+            gone.superseded.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         *self.set.write().unwrap_or_else(PoisonError::into_inner) = next.clone();
         self.collect_files(&next);
         Ok(())
@@ -508,7 +472,7 @@ impl Policies {
         let shown = (installed.record.world == World::Safety).then_some(&self.sample.action);
         // Admission policies may charge quotas: the dry run's charges are computed, not written.
         let session = (installed.record.world == World::Admission).then(|| {
-            let mut s = Session::new(self.quotas.clone(), "dry-run", "dry-run", crate::admin::now_ms());
+            let mut s = Session::new(self.quotas.clone(), "dry-run", "dry-run", crate::clock::now_ms());
             s.apply = false;
             s
         });
@@ -530,6 +494,7 @@ impl Policies {
             record,
             compiled,
             health,
+            superseded: Default::default(),
         })
     }
 
@@ -659,7 +624,7 @@ impl Policies {
                 }
             }
             let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
-            let now = crate::admin::now_ms();
+            let now = crate::clock::now_ms();
             let record = PolicyRecord {
                 name: item.name.clone(),
                 world,
@@ -691,33 +656,5 @@ fn check_config(config: &serde_json::Value) -> Result<(), ChangeError> {
         Ok(())
     } else {
         Err(ChangeError::Invalid("field `config`: must be a JSON object (or a TOML table)".into()))
-    }
-}
-
-fn info(p: &Installed) -> PolicyInfo {
-    let r = &p.record;
-    let (state, problem) = match &p.compiled {
-        Err(problem) => ("broken", Some(problem.clone())),
-        Ok(_) if p.health.open.load(std::sync::atomic::Ordering::Relaxed) => {
-            ("circuit_open", Some("circuit breaker open; PATCH the policy to close it".to_string()))
-        }
-        Ok(_) => ("ready", None),
-    };
-    PolicyInfo {
-        name: r.name.clone(),
-        world: r.world.as_str().into(),
-        version: r.version,
-        order: r.order,
-        mode: r.mode.as_str().into(),
-        enabled: r.enabled,
-        sha256: r.sha256.clone(),
-        size_bytes: r.size_bytes,
-        signed: r.signed,
-        config: r.config.clone(),
-        created_unix_ms: r.created_unix_ms,
-        updated_unix_ms: r.updated_unix_ms,
-        state: state.into(),
-        problem,
-        stats: p.health.stats(),
     }
 }

@@ -15,12 +15,12 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 
-use super::World;
 use super::bindings::{
     ADMISSION_IMPORTS, Action, Admission, AdmissionPre, Decision, LogLevel, PACKAGE_VERSION, RequestContext,
     SAFETY_IMPORTS, SafetyPre, host, quota, types,
 };
-use crate::config::PolicyConfig;
+use super::config::PolicyConfig;
+use super::types::World;
 use crate::quota::{Limits, Rate, Scope, Session, Status};
 
 /// How many log lines one call may write, and how long each may be.

@@ -1,138 +1,28 @@
-//! OIP stage: the Open Inference Protocol v2 (KServe v2) REST endpoints, so tools that speak
-//! it (Triton's `tritonclient`, KServe and Seldon clients) work unchanged.
+//! The Open Inference Protocol's tensor codec: an infer request's JSON header (and the binary
+//! tensor data after it, with `Inference-Header-Content-Length`) into one pipeline row per
+//! batch row, checked against the model's `model.toml`; and the pipeline's answer back into
+//! OIP outputs, JSON or binary.
 //!
-//! An infer request goes the robot endpoint's way after its own parsing: the JSON header (and
-//! the binary tensor data after it, with `Inference-Header-Content-Length`) becomes one sample
-//! per batch row, checked against the model's `model.toml`; the samples then go through the
-//! same batcher, deadlines and priorities as `/v1/inference`, on behalf of the robot whose
-//! credentials the request carries. Tensors in the model's own datatypes pass as they are;
-//! `BYTES` is accepted for the image input (an encoded JPEG/PNG, base64 in JSON) and for the
-//! instruction input (UTF-8 text), which are then preprocessed as the robot endpoint does.
+//! Parsing checks every tensor's name, datatype, shape and size but decodes no image: an
+//! encoded `BYTES` image stays a slice of the body (binary) or base64 text (JSON) until the
+//! pipeline has admitted the request.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use axum::Extension;
-use axum::Json;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::body::Bytes;
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use vla_api::Priority;
+use vla_api::{PolicyTrace, Priority, Timing};
 
-use crate::auth::Caller;
-use crate::batcher::Done;
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
+use crate::infer::{Encoded, Input, Row, RowAnswer};
 use crate::model::TensorData;
-use crate::repository::Model;
-use crate::server::{self, AppState, Params};
-use crate::spec::{DataType, ModelSpec, PLATFORM};
-use crate::{preprocess, validate};
+use crate::names::clip;
+use crate::spec::{DataType, ModelSpec};
 
 /// The binary tensor extension's header: the length of the JSON part of a body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
-
-/// The OIP routes; mounted by the server.
-pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
-    vec![
-        ("/v2", get(server_metadata)),
-        ("/v2/health/live", get(live)),
-        ("/v2/health/ready", get(ready)),
-        ("/v2/models/stats", get(all_stats)),
-        ("/v2/models/{model}", get(model_metadata)),
-        ("/v2/models/{model}/versions/{version}", get(model_metadata)),
-        ("/v2/models/{model}/ready", get(model_ready)),
-        ("/v2/models/{model}/versions/{version}/ready", get(model_ready)),
-        ("/v2/models/{model}/stats", get(model_stats)),
-        ("/v2/models/{model}/versions/{version}/stats", get(model_stats)),
-        ("/v2/models/{model}/infer", post(infer)),
-        ("/v2/models/{model}/versions/{version}/infer", post(infer)),
-    ]
-}
-
-fn model_of(app: &AppState, params: &Params) -> Result<std::sync::Arc<Model>, ApiError> {
-    let version = Some(params.get("version")).filter(|v| !v.is_empty());
-    app.models.resolve_version(params.get("model"), version)
-}
-
-/// `GET /v2`.
-async fn server_metadata() -> Json<Value> {
-    Json(json!({
-        "name": "vla-appliance",
-        "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_repository", "statistics", "parameters"],
-    }))
-}
-
-/// `GET /v2/health/live`: the process answers.
-async fn live() -> Json<Value> {
-    Json(json!({"live": true}))
-}
-
-/// `GET /v2/health/ready`: 200 while a model serves and the appliance is not shutting down.
-async fn ready(State(app): State<AppState>) -> Response {
-    let ready = app.models.is_serving() && !app.is_shutting_down();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": ready}))).into_response()
-}
-
-/// `GET /v2/models/{model}[/versions/{version}]`.
-async fn model_metadata(State(app): State<AppState>, params: Params) -> Result<Json<Value>, ApiError> {
-    let model = model_of(&app, &params)?;
-    let spec = &model.spec;
-    let tensors = |ts: &[crate::spec::TensorSpec]| -> Vec<Value> {
-        ts.iter().map(|t| json!({"name": t.name, "datatype": t.dtype.as_str(), "shape": t.dims})).collect()
-    };
-    Ok(Json(json!({
-        "name": spec.name,
-        "versions": [spec.version],
-        "platform": PLATFORM,
-        "inputs": tensors(&spec.inputs),
-        "outputs": tensors(&spec.outputs),
-    })))
-}
-
-/// `GET /v2/models/{model}[/versions/{version}]/ready`: 200 when serving, 404 otherwise.
-async fn model_ready(State(app): State<AppState>, params: Params) -> Result<Json<Value>, ApiError> {
-    let model = model_of(&app, &params)?;
-    Ok(Json(json!({"name": model.spec.name, "version": model.spec.version, "ready": true})))
-}
-
-fn stats_of(model: &Model) -> Value {
-    let t = model.batcher.totals();
-    let d = |count: u64, ns: u64| json!({"count": count, "ns": ns});
-    json!({
-        "name": model.spec.name,
-        "version": model.spec.version,
-        "last_inference": t.last_inference_unix_ms,
-        "inference_count": t.success,
-        "execution_count": t.executions,
-        "inference_stats": {
-            "success": d(t.success, t.queue_ns + t.compute_ns),
-            "fail": d(t.fail, 0),
-            "queue": d(t.success, t.queue_ns),
-            "compute_input": d(0, 0),
-            "compute_infer": d(t.success, t.compute_ns),
-            "compute_output": d(0, 0),
-        },
-        "batch_stats": [],
-    })
-}
-
-/// `GET /v2/models/{model}[/versions/{version}]/stats`: the statistics extension.
-async fn model_stats(State(app): State<AppState>, params: Params) -> Result<Json<Value>, ApiError> {
-    let model = model_of(&app, &params)?;
-    Ok(Json(json!({"model_stats": [stats_of(&model)]})))
-}
-
-/// `GET /v2/models/stats`: every serving model's statistics.
-async fn all_stats(State(app): State<AppState>) -> Json<Value> {
-    Json(json!({"model_stats": app.models.serving().iter().map(|m| stats_of(m)).collect::<Vec<_>>()}))
-}
 
 #[derive(Debug, Deserialize)]
 struct InferRequest {
@@ -163,153 +53,27 @@ struct RequestedOutput {
     parameters: Map<String, Value>,
 }
 
-/// An infer request checked against the model: one sample per batch row, in input order.
+/// An infer request checked against the model: one row per batch row.
 #[derive(Debug)]
-struct Parsed {
-    id: Option<String>,
-    priority: Option<Priority>,
+pub struct Parsed {
+    pub id: Option<String>,
+    pub priority: Option<Priority>,
     /// `parameters.timeout`, in microseconds.
-    timeout_us: Option<u64>,
-    samples: Vec<Vec<TensorData>>,
+    pub timeout_us: Option<u64>,
+    pub rows: Vec<Row>,
     /// Outputs to answer with, by index into the model's outputs, and whether each is binary.
-    outputs: Vec<(usize, bool)>,
+    pub outputs: Vec<(usize, bool)>,
 }
 
-/// `POST /v2/models/{model}[/versions/{version}]/infer`. Counts the answer as
-/// `server::inference` does.
-async fn infer(
-    State(app): State<AppState>,
-    params: Params,
-    Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let received = Instant::now();
-    let mut model = None;
-    let result = infer_rows(app.clone(), &params, &caller, headers, body, received, &mut model).await;
-    server::count_request(&app, &caller, model.as_deref(), &result, received);
-    result.unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn infer_rows(
-    app: AppState,
-    params: &Params,
-    caller: &Caller,
-    headers: HeaderMap,
-    body: Body,
-    received: Instant,
-    resolved: &mut Option<Arc<Model>>,
-) -> Result<Response, ApiError> {
-    // Read first: see `server::inference`.
-    let body = server::read_request_body(&app, &headers, body).await?;
-    app.check_accepting()?;
-    let robot = caller.robot()?.clone();
-    let model = model_of(&app, params)?;
-    *resolved = Some(model.clone());
-    let header_len =
-        match headers.get(HEADER_LENGTH) {
-            None => None,
-            Some(v) => Some(v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()).ok_or_else(|| {
-                ApiError::InferenceHeader("Inference-Header-Content-Length must be a byte count".into())
-            })?),
-        };
-    if let Some(n) = header_len
-        && n > body.len()
-    {
-        return Err(ApiError::InferenceHeader(format!(
-            "Inference-Header-Content-Length is {n} but the body has only {} bytes",
-            body.len()
-        )));
-    }
-
-    // JSON tensors and images are CPU work: parse on the blocking pool, bounded like the
-    // robot endpoint's decodes.
-    let permit_deadline = received + Duration::from_millis(model.spec.batching.default_deadline_ms);
-    let parsed = {
-        let slot = tokio::time::timeout_at(permit_deadline.into(), app.preprocess_slots.clone().acquire_owned())
-            .await
-            .map_err(|_| ApiError::DeadlineExceeded { deadline_ms: model.spec.batching.default_deadline_ms })?
-            .map_err(|_| ApiError::ShuttingDown)?;
-        let spec = model.spec.clone();
-        let limits = app.config.limits.clone();
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            let started = Instant::now();
-            parse(&body, header_len, &spec, &limits).map(|parsed| (parsed, started.elapsed()))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("request parsing task failed: {e}")))??
-    };
-    let (parsed, preprocess) = parsed;
-
-    let priority = validate::effective_priority(parsed.priority, robot.priority)?;
-    let deadline_ms = match parsed.timeout_us {
-        None | Some(0) => model.spec.batching.default_deadline_ms,
-        Some(us) => us.div_ceil(1000).min(app.config.limits.max_deadline_ms),
-    };
-    let deadline = received + Duration::from_millis(deadline_ms);
-
-    // Policies, as on the robot endpoint, for every row: one refused row refuses the request.
-    let set = app.policies.snapshot();
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let now = crate::admin::now_ms();
-    let pos = model.spec.robot_inputs();
-    let rows = parsed.samples.len();
-    let mut admitted = Vec::with_capacity(rows);
-    for (row, sample) in parsed.samples.iter().enumerate() {
-        let instruction = match &sample[pos.instruction] {
-            // UTF-8 bytes as tokens, zero-padded (checked to be 0-255 by `parse`).
-            // Only the trailing padding is cut: the policies see every byte the model sees,
-            // NULs included.
-            TensorData::I64(tokens) => {
-                let len = tokens.iter().rposition(|&t| t != 0).map_or(0, |i| i + 1);
-                let bytes: Vec<u8> = tokens[..len].iter().map(|&t| t as u8).collect();
-                String::from_utf8_lossy(&bytes).into_owned()
-            }
-            TensorData::F32(_) => String::new(),
-        };
-        let state = match &sample[pos.state] {
-            TensorData::F32(values) => values.clone(),
-            TensorData::I64(_) => Vec::new(),
-        };
-        let id = if rows == 1 { request_id.clone() } else { format!("{request_id}/{row}") };
-        let ctx = crate::policy::context(&id, &robot, &model.spec.name, instruction, state, now);
-        let passed = app.policies.admit(&set, &ctx, &robot.group).await?;
-        admitted.push((ctx, passed));
-    }
-
-    let (model, mut done) = server::compute(&app, model, parsed.samples, priority, deadline, deadline_ms).await?;
-    // Computed: each row's charge is kept (and on disk before the answer, in sync mode).
-    for (_, passed) in &admitted {
-        passed.keep_charges().await?;
-    }
-    // The tightest bucket after the last row's charge goes in the `RateLimit-*` headers.
-    let quota = admitted.iter().filter_map(|(_, p)| p.quota_status()).min_by_key(|s| (s.remaining, s.reset_ms));
-    // The model that computed (a reload may have swapped it in): its outputs, its action.
-    let action_output = model.spec.robot_inputs().action_output;
-    let mut traces = Vec::with_capacity(rows);
-    for ((ctx, passed), d) in admitted.into_iter().zip(done.iter_mut()) {
-        let proposed = crate::model::f32s(&d.outputs[action_output]);
-        let (action, trace) = app.policies.check_action(&set, ctx, &passed, &model.spec, proposed).await?;
-        d.outputs[action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
-        traces.push(trace);
-    }
-    let timing = vla_api::Timing {
-        total_ms: server::ms(received.elapsed()),
-        queue_ms: server::ms(done.iter().map(|d| d.queued).max().unwrap_or_default()),
-        preprocess_ms: server::ms(preprocess),
-        inference_ms: server::ms(done.first().map(|d| d.inference).unwrap_or_default()),
-        batch_size: done.first().map_or(0, |d| d.batch_size),
-    };
-    let mut response = respond(&model.spec, parsed.id, &parsed.outputs, &done, &traces, &timing);
-    if let Some(status) = quota {
-        server::rate_limit_headers(response.headers_mut(), &status);
-    }
-    Ok(response)
+/// One input tensor of `n` rows, converted: each row's input, and for a `BYTES` instruction
+/// each row's text (what the policies see).
+struct Column {
+    inputs: Vec<Input>,
+    texts: Option<Vec<String>>,
 }
 
 fn invalid(name: &str, problem: impl Into<String>) -> ApiError {
-    ApiError::InvalidTensor { name: name.chars().take(80).collect(), problem: problem.into() }
+    ApiError::InvalidTensor { name: clip(name, 80), problem: problem.into() }
 }
 
 fn bad_parameter(name: &str, problem: &str) -> ApiError {
@@ -335,12 +99,34 @@ fn parse_priority(v: &Value) -> Result<Priority, ApiError> {
     }
 }
 
-fn parse(body: &[u8], header_len: Option<usize>, spec: &ModelSpec, limits: &LimitsConfig) -> Result<Parsed, ApiError> {
-    let (json_part, mut binary) = match header_len {
-        Some(n) => body.split_at(n.min(body.len())),
-        None => (body, &[][..]),
-    };
-    let request: InferRequest = validate::parse_json(json_part)?;
+/// The length of the JSON part from `Inference-Header-Content-Length`, checked against a body
+/// of `body_len` bytes.
+pub fn header_length(value: Option<&HeaderValue>, body_len: usize) -> Result<Option<usize>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    let n = v
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .ok_or_else(|| ApiError::InferenceHeader("Inference-Header-Content-Length must be a byte count".into()))?;
+    if n > body_len {
+        return Err(ApiError::InferenceHeader(format!(
+            "Inference-Header-Content-Length is {n} but the body has only {body_len} bytes"
+        )));
+    }
+    Ok(Some(n))
+}
+
+/// Parses and checks an infer request body. Blocking (JSON of any size): run it on the pool.
+pub fn parse(
+    body: &Bytes,
+    header_len: Option<usize>,
+    spec: &ModelSpec,
+    limits: &LimitsConfig,
+) -> Result<Parsed, ApiError> {
+    let split = header_len.map_or(body.len(), |n| n.min(body.len()));
+    let json_part = &body[..split];
+    let mut binary = body.slice(split..);
+    let request: InferRequest = crate::validate::parse_json(json_part)?;
 
     let priority = match request.parameters.get("priority") {
         None => None,
@@ -359,7 +145,7 @@ fn parse(body: &[u8], header_len: Option<usize>, spec: &ModelSpec, limits: &Limi
     if request.inputs.is_empty() {
         return Err(ApiError::InvalidField { field: "inputs".into(), problem: "must list the model's inputs".into() });
     }
-    let mut columns: Vec<Option<Vec<TensorData>>> = vec![None; spec.inputs.len()];
+    let mut columns: Vec<Option<Column>> = (0..spec.inputs.len()).map(|_| None).collect();
     let mut batch: Option<usize> = None;
     for input in &request.inputs {
         let name = input.name.as_str();
@@ -391,8 +177,7 @@ fn parse(body: &[u8], header_len: Option<usize>, spec: &ModelSpec, limits: &Limi
                         ),
                     ));
                 }
-                let (mine, rest) = binary.split_at(size);
-                binary = rest;
+                let mine = binary.split_to(size);
                 Some(mine)
             }
         };
@@ -432,13 +217,41 @@ fn parse(body: &[u8], header_len: Option<usize>, spec: &ModelSpec, limits: &Limi
         )));
     }
     let n = batch.unwrap_or(1);
-    let mut samples: Vec<Vec<TensorData>> = (0..n).map(|_| Vec::with_capacity(columns.len())).collect();
+    let pos = spec.robot_inputs();
+    let mut inputs: Vec<Vec<Input>> = (0..n).map(|_| Vec::with_capacity(columns.len())).collect();
+    let mut texts = None;
     for (i, column) in columns.into_iter().enumerate() {
         let column = column.ok_or_else(|| invalid(&spec.inputs[i].name, "is missing"))?;
-        for (sample, data) in samples.iter_mut().zip(column) {
-            sample.push(data);
+        if i == pos.instruction {
+            texts = column.texts;
+        }
+        for (row, input) in inputs.iter_mut().zip(column.inputs) {
+            row.push(input);
         }
     }
+    let rows = inputs
+        .into_iter()
+        .enumerate()
+        .map(|(r, inputs)| {
+            // What the policies see: the instruction as sent (`BYTES`), or its UTF-8 tokens up
+            // to the trailing padding (checked to be 0-255 below): every byte the model sees,
+            // NULs included.
+            let instruction = match (&texts, &inputs[pos.instruction]) {
+                (Some(texts), _) => texts[r].clone(),
+                (None, Input::Ready(TensorData::I64(tokens))) => {
+                    let len = tokens.iter().rposition(|&t| t != 0).map_or(0, |i| i + 1);
+                    let bytes: Vec<u8> = tokens[..len].iter().map(|&t| t as u8).collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+                _ => String::new(),
+            };
+            let state = match &inputs[pos.state] {
+                Input::Ready(TensorData::F32(values)) => values.clone(),
+                _ => Vec::new(),
+            };
+            Row { instruction, state, inputs }
+        })
+        .collect();
 
     let outputs = match &request.outputs {
         None => (0..spec.outputs.len()).map(|i| (i, binary_default)).collect(),
@@ -447,11 +260,7 @@ fn parse(body: &[u8], header_len: Option<usize>, spec: &ModelSpec, limits: &Limi
             for o in requested {
                 let idx = spec.outputs.iter().position(|t| t.name == o.name).ok_or_else(|| ApiError::InvalidField {
                     field: "outputs".into(),
-                    problem: format!(
-                        "`{}` is not an output of model `{}`",
-                        o.name.chars().take(80).collect::<String>(),
-                        spec.name
-                    ),
+                    problem: format!("`{}` is not an output of model `{}`", clip(&o.name, 80), spec.name),
                 })?;
                 let binary = match o.parameters.get("binary_data") {
                     None => binary_default,
@@ -465,18 +274,18 @@ fn parse(body: &[u8], header_len: Option<usize>, spec: &ModelSpec, limits: &Limi
             chosen
         }
     };
-    Ok(Parsed { id: request.id, priority, timeout_us, samples, outputs })
+    Ok(Parsed { id: request.id, priority, timeout_us, rows, outputs })
 }
 
-/// One input tensor of `n` rows → one [`TensorData`] per row.
+/// One input tensor of `n` rows → one [`Input`] per row.
 fn convert(
     input: &InputTensor,
-    raw: Option<&[u8]>,
+    raw: Option<Bytes>,
     spec: &ModelSpec,
     idx: usize,
     n: usize,
     limits: &LimitsConfig,
-) -> Result<Vec<TensorData>, ApiError> {
+) -> Result<Column, ApiError> {
     let name = input.name.as_str();
     let declared = &spec.inputs[idx];
     let robot = spec.robot_inputs();
@@ -484,35 +293,42 @@ fn convert(
         if !(input.shape == [n as i64] || input.shape == [n as i64, 1]) {
             return Err(invalid(name, format!("BYTES shape {:?} must be [{n}] or [{n}, 1]", input.shape)));
         }
-        let elements = match raw {
+        let elements = match &raw {
             Some(raw) => split_bytes(name, raw)?,
             None => json_strings(name, input.data.as_ref())?,
         };
         if elements.len() != n {
             return Err(invalid(name, format!("has {} elements; shape {:?} needs {n}", elements.len(), input.shape)));
         }
-        return elements
-            .into_iter()
-            .map(|e| {
-                if idx == robot.image {
-                    let image = match raw {
-                        Some(_) => preprocess::decode_image_bytes(&e, limits)?,
-                        // In JSON, an encoded image travels as base64 text.
-                        None => preprocess::decode_image(&String::from_utf8_lossy(&e), limits)?,
-                    };
-                    Ok(TensorData::F32(preprocess::image_tensor(&image, &spec.preprocess.image)))
-                } else {
-                    let text = std::str::from_utf8(&e).map_err(|_| invalid(name, "is not UTF-8 text"))?;
-                    if text.len() > limits.max_instruction_bytes {
-                        return Err(invalid(
-                            name,
-                            format!("{} bytes, more than the limit of {}", text.len(), limits.max_instruction_bytes),
-                        ));
-                    }
-                    Ok(TensorData::I64(preprocess::instruction_tokens(text, spec.instruction_len())))
-                }
-            })
-            .collect();
+        if idx == robot.image {
+            // Left encoded: decoded by the pipeline once the request is admitted. In JSON, an
+            // encoded image travels as base64 text.
+            let inputs = elements
+                .into_iter()
+                .map(|e| match raw {
+                    Some(_) => Input::Image(Encoded::Raw(e)),
+                    None => Input::Image(Encoded::Base64(String::from_utf8_lossy(&e).into_owned())),
+                })
+                .collect();
+            return Ok(Column { inputs, texts: None });
+        }
+        let mut inputs = Vec::with_capacity(n);
+        let mut texts = Vec::with_capacity(n);
+        for e in elements {
+            let text = std::str::from_utf8(&e).map_err(|_| invalid(name, "is not UTF-8 text"))?;
+            if text.len() > limits.max_instruction_bytes {
+                return Err(invalid(
+                    name,
+                    format!("{} bytes, more than the limit of {}", text.len(), limits.max_instruction_bytes),
+                ));
+            }
+            inputs.push(Input::Ready(TensorData::I64(crate::preprocess::instruction_tokens(
+                text,
+                spec.instruction_len(),
+            ))));
+            texts.push(text.to_string());
+        }
+        return Ok(Column { inputs, texts: Some(texts) });
     }
     if input.datatype != declared.dtype.as_str() {
         let hint = if idx == robot.image || idx == robot.instruction { " (or BYTES)" } else { "" };
@@ -520,7 +336,7 @@ fn convert(
             name,
             format!(
                 "datatype `{}` does not match the model's `{}`{hint}",
-                input.datatype.chars().take(20).collect::<String>(),
+                clip(&input.datatype, 20),
                 declared.dtype.as_str()
             ),
         ));
@@ -531,7 +347,7 @@ fn convert(
     let per_row = declared.sample_len();
     let count = n * per_row;
     let elt = if declared.dtype == DataType::Int64 { 8 } else { 4 };
-    let rows = match (declared.dtype, raw) {
+    let rows: Vec<TensorData> = match (declared.dtype, &raw) {
         (DataType::Int64, Some(raw)) => {
             check_binary_size(name, raw, count, elt, &input.shape)?;
             let v: Vec<i64> = raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
@@ -557,7 +373,7 @@ fn convert(
             v.chunks(per_row).map(|c| TensorData::F32(c.to_vec())).collect()
         }
     };
-    Ok(rows)
+    Ok(Column { inputs: rows.into_iter().map(Input::Ready).collect(), texts: None })
 }
 
 /// Instruction tokens outside the encoding's range would index past the model's embedding and
@@ -610,30 +426,32 @@ fn flatten<T>(
     Ok(out)
 }
 
-/// Binary `BYTES`: each element a 4-byte little-endian length and that many bytes.
-fn split_bytes(name: &str, mut raw: &[u8]) -> Result<Vec<Vec<u8>>, ApiError> {
+/// Binary `BYTES`: each element a 4-byte little-endian length and that many bytes; each
+/// element a slice of `raw`, not a copy.
+fn split_bytes(name: &str, raw: &Bytes) -> Result<Vec<Bytes>, ApiError> {
     let mut out = Vec::new();
-    while !raw.is_empty() {
-        let Some((len, rest)) = raw.split_first_chunk::<4>() else {
+    let mut rest = raw.clone();
+    while !rest.is_empty() {
+        let Some((len, _)) = rest.split_first_chunk::<4>() else {
             return Err(invalid(name, "BYTES data ends inside an element's 4-byte length"));
         };
         let len = u32::from_le_bytes(*len) as usize;
-        if len > rest.len() {
+        if len > rest.len() - 4 {
             return Err(invalid(name, format!("BYTES element of {len} bytes runs past the end of its data")));
         }
-        out.push(rest[..len].to_vec());
-        raw = &rest[len..];
+        let _ = rest.split_to(4);
+        out.push(rest.split_to(len));
     }
     Ok(out)
 }
 
-fn json_strings(name: &str, data: Option<&Value>) -> Result<Vec<Vec<u8>>, ApiError> {
+fn json_strings(name: &str, data: Option<&Value>) -> Result<Vec<Bytes>, ApiError> {
     let mut out = Vec::new();
     let mut stack = vec![data.unwrap_or(&Value::Null)];
     while let Some(v) = stack.pop() {
         match v {
             Value::Array(items) => stack.extend(items.iter().rev()),
-            Value::String(s) => out.push(s.as_bytes().to_vec()),
+            Value::String(s) => out.push(Bytes::copy_from_slice(s.as_bytes())),
             _ => return Err(invalid(name, format!("element {} of a BYTES tensor is not a string", out.len()))),
         }
     }
@@ -663,17 +481,17 @@ fn json_values(dtype: DataType, bytes: &[u8]) -> Vec<Value> {
 /// `policy` is the request's decision chain (every row's, in row order; the decision is
 /// `modify` if any row's action was changed); with more than one row, `policy_rows` has each
 /// row's own. `parameters` says where the time went, as `timing` does on `/v1/inference`
-/// (`preprocess_ms` is the parsing of the body; rows in more than one batch: the longest
-/// wait is `queue_ms`, the first batch gives `inference_ms` and `batch_size`).
-fn respond(
+/// (`preprocess_ms` is the parsing of the body and the decoding of its images; rows in more
+/// than one batch: the longest wait is `queue_ms`, the first batch gives `inference_ms` and
+/// `batch_size`).
+pub fn respond(
     spec: &ModelSpec,
     id: Option<String>,
     outputs: &[(usize, bool)],
-    done: &[Done],
-    traces: &[vla_api::PolicyTrace],
-    timing: &vla_api::Timing,
+    rows: &[RowAnswer],
+    timing: &Timing,
 ) -> Response {
-    let n = done.len();
+    let n = rows.len();
     let any_binary = outputs.iter().any(|&(_, binary)| binary);
     let mut tail: Vec<u8> = Vec::new();
     let outputs: Vec<Value> = outputs
@@ -682,7 +500,7 @@ fn respond(
             let declared = &spec.outputs[idx];
             let mut shape = vec![n as i64];
             shape.extend(&declared.dims[1..]);
-            let bytes: Vec<u8> = done.iter().flat_map(|d| d.outputs[idx].iter().copied()).collect();
+            let bytes: Vec<u8> = rows.iter().flat_map(|r| r.outputs[idx].iter().copied()).collect();
             let mut out = json!({"name": declared.name, "datatype": declared.dtype.as_str(), "shape": shape});
             if binary {
                 out["parameters"] = json!({"binary_data_size": bytes.len()});
@@ -697,6 +515,7 @@ fn respond(
     if let Some(id) = id {
         body["id"] = Value::String(id);
     }
+    let traces: Vec<&PolicyTrace> = rows.iter().map(|r| &r.policy).collect();
     let modified = traces.iter().any(|t| t.decision == "modify");
     body["policy"] = json!({
         "decision": if modified { "modify" } else { "allow" },
@@ -728,25 +547,51 @@ mod tests {
         ModelSpec::parse(crate::demo::MODEL_TOML, "tiny-vla").unwrap()
     }
 
-    fn state_only(data: Value) -> Vec<u8> {
-        serde_json::to_vec(&json!({"inputs": [
-            {"name": "image", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": vec![0.0; 3 * 224 * 224]},
-            {"name": "instruction", "datatype": "BYTES", "shape": [1], "data": ["pick"]},
-            {"name": "state", "datatype": "FP32", "shape": [1, 7], "data": data},
-        ]}))
-        .unwrap()
+    fn state_only(data: Value) -> Bytes {
+        Bytes::from(
+            serde_json::to_vec(&json!({"inputs": [
+                {"name": "image", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": vec![0.0; 3 * 224 * 224]},
+                {"name": "instruction", "datatype": "BYTES", "shape": [1], "data": ["pick"]},
+                {"name": "state", "datatype": "FP32", "shape": [1, 7], "data": data},
+            ]}))
+            .unwrap(),
+        )
+    }
+
+    fn ready(input: &Input) -> &TensorData {
+        match input {
+            Input::Ready(t) => t,
+            Input::Image(_) => panic!("an image left to decode"),
+        }
     }
 
     #[test]
-    fn nested_and_flat_data_give_the_same_sample() {
+    fn nested_and_flat_data_give_the_same_row() {
         let limits = LimitsConfig::default();
         let flat = parse(&state_only(json!([0, 1, 2, 3, 4, 5, 6])), None, &spec(), &limits).unwrap();
         let nested = parse(&state_only(json!([[0, 1, 2, 3, 4, 5, 6]])), None, &spec(), &limits).unwrap();
-        assert_eq!(flat.samples, nested.samples);
-        assert_eq!(flat.samples[0][2], TensorData::F32(vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        assert_eq!(ready(&flat.rows[0].inputs[2]), ready(&nested.rows[0].inputs[2]));
+        assert_eq!(ready(&flat.rows[0].inputs[2]), &TensorData::F32(vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
         let mut tokens = vec![0i64; 32];
         tokens[..4].copy_from_slice(&[112, 105, 99, 107]);
-        assert_eq!(flat.samples[0][1], TensorData::I64(tokens));
+        assert_eq!(ready(&flat.rows[0].inputs[1]), &TensorData::I64(tokens));
+        assert_eq!(flat.rows[0].instruction, "pick");
+        assert_eq!(flat.rows[0].state, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn an_encoded_image_is_left_for_the_pipeline_to_decode() {
+        let body = Bytes::from(
+            serde_json::to_vec(&json!({"inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["bm90IGFuIGltYWdl"]},
+                {"name": "instruction", "datatype": "BYTES", "shape": [1], "data": ["pick"]},
+                {"name": "state", "datatype": "FP32", "shape": [1, 7], "data": [0, 0, 0, 0, 0, 0, 0]},
+            ]}))
+            .unwrap(),
+        );
+        // Not an image at all, yet parsing succeeds: nothing was decoded.
+        let parsed = parse(&body, None, &spec(), &LimitsConfig::default()).unwrap();
+        assert!(matches!(&parsed.rows[0].inputs[0], Input::Image(Encoded::Base64(t)) if t == "bm90IGFuIGltYWdl"));
     }
 
     #[test]
@@ -765,9 +610,10 @@ mod tests {
             raw.extend((s.len() as u32).to_le_bytes());
             raw.extend(s.as_bytes());
         }
-        assert_eq!(split_bytes("t", &raw).unwrap(), vec![b"ab".to_vec(), vec![], b"xyz".to_vec()]);
-        assert!(split_bytes("t", &raw[..raw.len() - 1]).is_err());
-        assert!(split_bytes("t", &[1, 0]).is_err());
+        let raw = Bytes::from(raw);
+        assert_eq!(split_bytes("t", &raw).unwrap(), vec![Bytes::from("ab"), Bytes::new(), Bytes::from("xyz")]);
+        assert!(split_bytes("t", &raw.slice(..raw.len() - 1)).is_err());
+        assert!(split_bytes("t", &Bytes::from_static(&[1, 0])).is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Admin endpoints for policies and the audit log (admin token, see [`crate::auth`]):
+//! Admin endpoints for policies and the audit log (admin token, see [`super::auth`]):
 //!
 //! - `POST /admin/policies` (multipart): upload a component with its metadata;
 //! - `GET /admin/policies`, `GET|PATCH|DELETE /admin/policies/{name}`;
@@ -14,66 +14,39 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use vla_api::{AuditList, PolicyList, PolicyPatch};
 
-use super::audit::{self, DEFAULT_LIMIT, MAX_LIMIT};
-use super::registry::{ChangeError, Upload};
-use super::{Mode, World};
-use crate::admin::blocking;
+use super::body;
+use super::state::{AppState, Params, blocking};
 use crate::error::ApiError;
-use crate::server::{AppState, Params};
+use crate::names::clip;
+use crate::policy::audit::{self, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::policy::{Mode, Upload, World};
 
 /// Room for the multipart framing and metadata fields around the component.
 const UPLOAD_OVERHEAD_BYTES: usize = 1024 * 1024;
 
-pub fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
-    use axum::routing::get;
-    vec![
-        // The upload reads its body within its own limit (`policy.max_component_bytes` plus
-        // room for the form), so axum's 2 MB default for multipart must not apply.
-        ("/admin/policies", get(list).post(upload).layer(axum::extract::DefaultBodyLimit::disable())),
-        ("/admin/policies/{name}", get(show).patch(patch).delete(delete)),
-        ("/admin/audit", get(audit_log)),
-    ]
-}
-
-impl From<ChangeError> for ApiError {
-    fn from(e: ChangeError) -> ApiError {
-        match e {
-            ChangeError::Invalid(m) => ApiError::PolicyInvalid(m),
-            ChangeError::Signature(m) => ApiError::SignatureInvalid(m),
-            ChangeError::NotFound(name) => ApiError::PolicyNotFound(name),
-            ChangeError::Conflict(m) => ApiError::Conflict(m),
-            e @ (ChangeError::Store(_) | ChangeError::Io(_)) => ApiError::Internal(e.to_string()),
-        }
-    }
-}
-
-async fn list(State(app): State<AppState>) -> Json<PolicyList> {
+pub async fn list(State(app): State<AppState>) -> Json<PolicyList> {
     Json(PolicyList { policies: app.policies.list() })
 }
 
-async fn show(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+pub async fn show(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
     let name = params.get("name");
-    app.policies.get(name).map(|p| Json(p).into_response()).ok_or_else(|| not_found(name))
-}
-
-fn not_found(name: &str) -> ApiError {
-    ApiError::PolicyNotFound(name.chars().take(80).collect())
+    app.policies.get(name).map(|p| Json(p).into_response()).ok_or_else(|| ApiError::PolicyNotFound(clip(name, 80)))
 }
 
 /// `POST /admin/policies`: multipart fields `name`, `world`, `component` (the `.wasm`),
 /// optional `config` (JSON object or TOML table), `order`, `mode`, `enabled`, `signature`
 /// (base64, or the raw 64 bytes, of an ed25519 signature over the component). 201 for a new
 /// policy, 200 for a new version.
-async fn upload(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn upload(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let limit = app.config.policy.max_component_bytes + UPLOAD_OVERHEAD_BYTES;
-    let body = crate::server::read_request_body_within(&app, &parts.headers, body, limit).await?;
+    let body = body::read(&parts.headers, body, app.body_limits().with_max_bytes(limit)).await?;
     let multipart = Multipart::from_request(Request::from_parts(parts, Body::from(body)), &())
         .await
         .map_err(|e| ApiError::InvalidField { field: "body".into(), problem: e.body_text() })?;
     let upload = read_upload(multipart).await?;
     let policies = app.policies.clone();
-    let (info, created) = blocking(move || policies.upload(upload).map_err(ApiError::from)).await?;
+    let (info, created) = blocking(move || Ok(policies.upload(upload)?)).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(info)).into_response())
 }
@@ -164,27 +137,28 @@ fn parse_signature(bytes: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 fn short(s: &str) -> String {
-    s.chars().take(40).collect()
+    clip(s, 40)
 }
 
-async fn patch(State(app): State<AppState>, params: Params, body: Bytes) -> Result<Response, ApiError> {
+pub async fn patch(State(app): State<AppState>, params: Params, body: Bytes) -> Result<Response, ApiError> {
     let patch: PolicyPatch = crate::validate::parse_json(&body)?;
     let name = params.get("name").to_string();
     let policies = app.policies.clone();
-    let info = blocking(move || policies.patch(&name, patch).map_err(ApiError::from)).await?;
+    let info = blocking(move || Ok(policies.patch(&name, patch)?)).await?;
     Ok(Json(info).into_response())
 }
 
-async fn delete(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+pub async fn delete(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
     let name = params.get("name").to_string();
     let policies = app.policies.clone();
-    blocking(move || policies.delete(&name).map_err(ApiError::from)).await?;
+    blocking(move || Ok(policies.delete(&name)?)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// `GET /admin/audit`'s query string.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AuditQuery {
+pub struct AuditQuery {
     robot_id: Option<String>,
     policy: Option<String>,
     decision: Option<String>,
@@ -192,7 +166,8 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
-async fn audit_log(
+/// `GET /admin/audit`: the decision log, newest first, filtered.
+pub async fn audit_log(
     State(app): State<AppState>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditList>, ApiError> {

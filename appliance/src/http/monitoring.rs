@@ -12,35 +12,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use vla_api::{ModelsStats, QueueModel, QueueStats};
 
+use super::state::{AppState, blocking};
 use crate::error::ApiError;
 use crate::metrics::catch_up;
-use crate::server::AppState;
+use crate::model::LIBTORCH_VERSION;
 
-/// The libtorch the appliance is built against (tch 0.24 pins it; see the root Cargo.toml).
-pub const LIBTORCH_VERSION: &str = "2.11.0";
-
-pub fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
-    use axum::routing::get;
-    vec![
-        ("/metrics", get(metrics)),
-        ("/monitoring/metrics", get(metrics)),
-        ("/health/detailed", get(health_detailed)),
-        ("/gpu/stats", get(gpu_stats)),
-        ("/queue/stats", get(queue_stats)),
-        ("/models/stats", get(models_stats)),
-    ]
-}
-
-/// Serves `/metrics` alone over plain HTTP on `listener` (`metrics.listen_http`, loopback).
-pub async fn serve_plain(listener: tokio::net::TcpListener, app: AppState) {
-    let router = axum::Router::new().route("/metrics", axum::routing::get(metrics)).with_state(app);
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!("plain-HTTP metrics listener stopped: {e}");
-    }
-}
-
-async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let text = crate::admin::blocking(move || {
+/// `GET /metrics` (and `/monitoring/metrics`): the catalogue, its state gauges refreshed first.
+pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let text = blocking(move || {
         refresh(&app)?;
         app.metrics.render().map_err(ApiError::Internal)
     })
@@ -81,7 +60,7 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
         m.worker_utilization.with_label_values(&[name]).set(if wall > 0.0 { busy * 100.0 / wall } else { 0.0 });
     }
     catch_up(&m.store_flushes, app.quotas.flushes());
-    let store_size = app.auth.store().db().size_on_disk();
+    let store_size = app.store.db().size_on_disk();
     if let Ok(bytes) = &store_size {
         m.store_size.set(*bytes as i64);
     }
@@ -89,11 +68,12 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
         m.health.with_label_values(&[component]).set(i64::from(healthy));
     }
     // Quotas of registered robots: bounded by the registry.
-    let robots = app.auth.store().robots().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let robots = app.store.robots()?;
+    let now = crate::clock::now_ms();
     m.rate_limit_remaining.reset();
     m.quota_usage.reset();
     for robot in robots.iter().filter(|r| r.revoked_unix_ms.is_none()) {
-        let view = crate::quota::api::view(&app.quotas, robot)?;
+        let view = crate::quota::robot_view(&app.quotas, robot, now);
         for b in view.buckets.iter().filter(|b| b.scope == "robot") {
             let id = robot.robot_id.as_str();
             m.rate_limit_remaining.with_label_values(&[id, &b.bucket]).set(b.remaining as i64);
@@ -122,10 +102,10 @@ fn components(app: &AppState, store_ok: bool) -> [(&'static str, bool); 4] {
 }
 
 /// `GET /health/detailed`: each component with its status and details.
-async fn health_detailed(State(app): State<AppState>) -> Response {
+pub async fn health_detailed(State(app): State<AppState>) -> Response {
     let gpu = app.gpu.stats();
     let policies = app.policies.list();
-    let components = components(&app, app.auth.store().db().size_on_disk().is_ok());
+    let components = components(&app, app.store.db().size_on_disk().is_ok());
     let serving = app.models.is_serving();
     let body = json!({
         "status": if app.is_shutting_down() { "shutting_down" } else if !serving { "unavailable" }
@@ -146,12 +126,12 @@ async fn health_detailed(State(app): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn gpu_stats(State(app): State<AppState>) -> Json<crate::gpu::GpuStats> {
+pub async fn gpu_stats(State(app): State<AppState>) -> Json<crate::gpu::GpuStats> {
     Json(app.gpu.stats())
 }
 
 /// `GET /queue/stats`: per model, queue depth, capacity, utilization and counters.
-async fn queue_stats(State(app): State<AppState>) -> Json<QueueStats> {
+pub async fn queue_stats(State(app): State<AppState>) -> Json<QueueStats> {
     let models = app
         .models
         .serving()
@@ -181,7 +161,7 @@ async fn queue_stats(State(app): State<AppState>) -> Json<QueueStats> {
 }
 
 /// `GET /models/stats`: the loaded models with device and version.
-async fn models_stats(State(app): State<AppState>) -> Json<ModelsStats> {
+pub async fn models_stats(State(app): State<AppState>) -> Json<ModelsStats> {
     let models = app.models.serving().iter().map(|m| m.info()).collect();
     Json(ModelsStats { models, health: app.models.health() })
 }

@@ -1,0 +1,121 @@
+//! The route table: every route and its handler (this is the only file that names them all),
+//! the 404 and 405 answers, and the layers every request passes: the auth guard (outermost, so
+//! nothing answers unauthenticated) and the HTTP metrics around it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Method, Uri};
+use axum::response::Response;
+use axum::routing::{MethodRouter, get, post};
+
+use super::state::AppState;
+use super::{admin, auth, body, monitoring, oip, policies, quotas, v1};
+use crate::error::ApiError;
+use crate::metrics::{ErrorCount, Metrics};
+
+/// Every route of the appliance. Who may call each is decided by [`auth::access_for`] from the
+/// path alone, closed unless public; the tests walk this list to check it.
+pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        // The robot endpoint and health.
+        ("/health", get(v1::health)),
+        ("/v1/models", get(v1::list_models)),
+        ("/v1/inference", post(v1::inference)),
+        // Open Inference Protocol v2.
+        ("/v2", get(oip::server_metadata)),
+        ("/v2/health/live", get(oip::live)),
+        ("/v2/health/ready", get(oip::ready)),
+        ("/v2/models/stats", get(oip::all_stats)),
+        ("/v2/models/{model}", get(oip::model_metadata)),
+        ("/v2/models/{model}/versions/{version}", get(oip::model_metadata)),
+        ("/v2/models/{model}/ready", get(oip::model_ready)),
+        ("/v2/models/{model}/versions/{version}/ready", get(oip::model_ready)),
+        ("/v2/models/{model}/stats", get(oip::model_stats)),
+        ("/v2/models/{model}/versions/{version}/stats", get(oip::model_stats)),
+        ("/v2/models/{model}/infer", post(oip::infer)),
+        ("/v2/models/{model}/versions/{version}/infer", post(oip::infer)),
+        // Admin: robots and the OIP model repository.
+        ("/admin/robots", get(admin::list_robots).post(admin::register_robot)),
+        ("/admin/robots/{robot_id}", get(admin::get_robot).delete(admin::revoke_robot)),
+        ("/admin/robots/{robot_id}/rotate-key", post(admin::rotate_key)),
+        ("/v2/repository/index", post(admin::repository_index)),
+        ("/v2/repository/models/{model}/load", post(admin::load_model)),
+        ("/v2/repository/models/{model}/unload", post(admin::unload_model)),
+        // Admin: policies and the audit log. The upload reads its body within its own limit
+        // (`policy.max_component_bytes` plus room for the form), so axum's 2 MB default for
+        // multipart must not apply.
+        (
+            "/admin/policies",
+            get(policies::list).post(policies::upload).layer(axum::extract::DefaultBodyLimit::disable()),
+        ),
+        ("/admin/policies/{name}", get(policies::show).patch(policies::patch).delete(policies::delete)),
+        ("/admin/audit", get(policies::audit_log)),
+        // Admin: quotas.
+        ("/admin/quotas", get(quotas::list)),
+        ("/admin/quotas/{robot_id}", get(quotas::show).put(quotas::put)),
+        ("/admin/quotas/{robot_id}/reset", post(quotas::reset)),
+        // Monitoring.
+        ("/metrics", get(monitoring::metrics)),
+        ("/monitoring/metrics", get(monitoring::metrics)),
+        ("/health/detailed", get(monitoring::health_detailed)),
+        ("/gpu/stats", get(monitoring::gpu_stats)),
+        ("/queue/stats", get(monitoring::queue_stats)),
+        ("/models/stats", get(monitoring::models_stats)),
+    ]
+}
+
+/// The appliance's router, with its layers.
+pub fn router(state: AppState) -> Router {
+    let auth = state.auth.clone();
+    let metrics = state.metrics.clone();
+    let mut router = Router::new();
+    for (path, method_router) in routes() {
+        router = router.route(path, method_router);
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        // Outermost, so it runs before routing's 404/405 as well: nothing answers unauthenticated.
+        .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
+        // Around the guard, so refused requests are counted too.
+        .layer(axum::middleware::from_fn_with_state(metrics, record_http))
+}
+
+/// `/metrics` alone, for the plain-HTTP loopback listener (`metrics.listen_http`, no token).
+pub fn plain_metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(monitoring::metrics)).with_state(state)
+}
+
+/// Counts every request by method, route template (never the raw path) and status, and error
+/// answers by code.
+async fn record_http(
+    State(metrics): State<Arc<Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let endpoint = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let error = response.extensions().get::<ErrorCount>().copied();
+    metrics.http(method.as_str(), &endpoint, response.status().as_u16(), started.elapsed(), error);
+    response
+}
+
+async fn not_found(State(app): State<AppState>, uri: Uri, body: Body) -> ApiError {
+    body::drain(body, app.body_limits()).await;
+    ApiError::RouteNotFound(crate::names::clip(uri.path(), 200))
+}
+
+async fn method_not_allowed(State(app): State<AppState>, method: Method, body: Body) -> ApiError {
+    body::drain(body, app.body_limits()).await;
+    ApiError::MethodNotAllowed(method.to_string())
+}

@@ -1,0 +1,97 @@
+//! What every handler shares ([`AppState`]), the path parameters extractor ([`Params`]) and
+//! the way handlers run blocking work ([`blocking`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::auth::Authenticator;
+use super::body::BodyLimits;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::gpu::GpuMonitor;
+use crate::infer::Pipeline;
+use crate::metrics::Metrics;
+use crate::policy::Policies;
+use crate::quota::Quotas;
+use crate::repository::Models;
+use crate::store::Store;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub models: Arc<Models>,
+    /// The inference pipeline both inference endpoints run.
+    pub pipeline: Arc<Pipeline>,
+    /// Set when shutdown begins, so `/health` stops advertising the appliance.
+    pub shutting_down: Arc<AtomicBool>,
+    /// Decides who each request comes from.
+    pub auth: Arc<Authenticator>,
+    /// The sled store: the robot registry (and the trees of the policies, audit and quotas).
+    pub store: Arc<Store>,
+    /// Admission and safety policies, and the audit log.
+    pub policies: Arc<Policies>,
+    /// Rate limits and quotas the admission policies charge (also `policies.quotas()`).
+    pub quotas: Arc<Quotas>,
+    /// The metric catalogue `/metrics` renders.
+    pub metrics: Arc<Metrics>,
+    /// The latest GPU reading.
+    pub gpu: Arc<GpuMonitor>,
+    pub started: Instant,
+}
+
+impl AppState {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// 503 at once when shutting down or when no model serves.
+    pub fn check_accepting(&self) -> Result<(), ApiError> {
+        if self.is_shutting_down() {
+            return Err(ApiError::ShuttingDown);
+        }
+        if !self.models.is_serving() {
+            return Err(ApiError::Unavailable);
+        }
+        Ok(())
+    }
+
+    /// `server.body_limit_bytes` within `server.read_timeout_ms`.
+    pub fn body_limits(&self) -> BodyLimits {
+        BodyLimits {
+            max_bytes: self.config.server.body_limit_bytes,
+            timeout: Duration::from_millis(self.config.server.read_timeout_ms),
+        }
+    }
+}
+
+/// A route's path parameters. A segment that does not decode (`%FF`) gets the usual JSON
+/// error instead of axum's plain-text rejection.
+#[derive(Debug)]
+pub struct Params(pub std::collections::HashMap<String, String>);
+
+impl Params {
+    /// The parameter `name`; empty when the route has none of that name.
+    pub fn get(&self, name: &str) -> &str {
+        self.0.get(name).map_or("", String::as_str)
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map(|p| Params(p.0))
+            .map_err(|e| ApiError::InvalidField { field: "path".into(), problem: e.body_text() })
+    }
+}
+
+/// Runs `f` on the blocking pool (store writes that flush, model loads, compiles).
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
+}
