@@ -25,7 +25,7 @@ use vla_api::{ModelStats, Priority};
 use crate::cuda_memory::PeakProbe;
 use crate::metrics::ModelMetrics;
 use crate::model::{LoadedModel, ModelError, TensorData};
-use crate::queue::{BatchQueue, Full, Next, Policy, Queued, Waiting};
+use crate::queue::{BatchQueue, Next, Policy, Queued, Waiting};
 use crate::spec::ModelSpec;
 
 const QUEUED: u8 = 0;
@@ -84,6 +84,8 @@ struct Counters {
     computed: AtomicU64,
     batches: AtomicU64,
     rejected_queue_full: AtomicU64,
+    /// Requests evicted from a full queue by a more urgent one (answered 503 `queue_full`).
+    evicted: AtomicU64,
     dropped_deadline: AtomicU64,
     dropped_disconnect: AtomicU64,
     failed: AtomicU64,
@@ -242,27 +244,39 @@ impl Batcher {
         self.shared.lock().closed
     }
 
-    /// Queues a request. Never blocks: a full queue is refused at once.
-    pub fn submit(&self, inputs: Vec<TensorData>, priority: Priority, deadline: Instant) -> Result<Ticket, JobError> {
+    /// Queues a request. Never blocks: a full queue is refused at once, unless a less urgent
+    /// entry may be evicted for it (see [`crate::queue`]); `urgent` (a robot's stop) is never
+    /// refused.
+    pub fn submit(
+        &self,
+        inputs: Vec<TensorData>,
+        priority: Priority,
+        deadline: Instant,
+        urgent: bool,
+    ) -> Result<Ticket, JobError> {
         let state = Arc::new(AtomicU8::new(QUEUED));
         let (reply, rx) = oneshot::channel();
         let job = Job { inputs, state: state.clone(), reply };
-        let expired = {
+        let pushed = {
             let mut st = self.shared.lock();
             if st.closed {
                 return Err(JobError::ShuttingDown);
             }
-            let (pushed, expired) = st.queue.push(job, priority, deadline, Instant::now());
-            if let Err(Full(_)) = pushed {
-                drop(st);
-                self.shared.counters.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
-                answer_expired(&self.shared.counters, expired);
-                return Err(JobError::QueueFull { capacity: self.capacity });
-            }
-            expired
+            st.queue.push(job, priority, deadline, Instant::now(), urgent)
         };
+        let counters = &self.shared.counters;
+        answer_expired(counters, pushed.expired);
+        if let Some(evicted) = pushed.evicted
+            && evicted.item.state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            counters.evicted.fetch_add(1, Ordering::Relaxed);
+            let _ = evicted.item.reply.send(Err(JobError::QueueFull { capacity: self.capacity }));
+        }
+        if pushed.refused.is_some() {
+            counters.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+            return Err(JobError::QueueFull { capacity: self.capacity });
+        }
         self.shared.wake.notify_one();
-        answer_expired(&self.shared.counters, expired);
         Ok(Ticket { rx, state, deadline, shared: self.shared.clone() })
     }
 
@@ -274,6 +288,7 @@ impl Batcher {
             computed: c.computed.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             rejected_queue_full: c.rejected_queue_full.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
             dropped_deadline: c.dropped_deadline.load(Ordering::Relaxed),
             dropped_disconnect: c.dropped_disconnect.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
@@ -285,7 +300,7 @@ impl Batcher {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Totals {
             success: load(&c.computed),
-            fail: load(&c.failed) + load(&c.rejected_queue_full) + load(&c.dropped_deadline),
+            fail: load(&c.failed) + load(&c.rejected_queue_full) + load(&c.evicted) + load(&c.dropped_deadline),
             executions: load(&c.batches),
             queue_ns: load(&c.queue_ns),
             compute_ns: load(&c.compute_ns),
@@ -402,6 +417,9 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
         }
         Err(e) => {
             tracing::error!(batch_size = n, "model forward failed: {e}");
+            if matches!(e, ModelError::Output(_)) {
+                m.output_shape_rejected.inc_by(n as u64);
+            }
             shared.counters.failed.fetch_add(n as u64, Ordering::Relaxed);
             for q in batch {
                 let _ = q.item.reply.send(Err(JobError::Inference(e.to_string())));

@@ -70,10 +70,29 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted, in bytes (413 above it).
     pub body_limit_bytes: usize,
-    /// How long a TLS handshake, or the request headers, may take before the connection is dropped.
+    /// Largest body of an admin JSON request (robots, policy patches, quotas), in bytes.
+    pub admin_body_limit_bytes: usize,
+    /// From accept until the first request's headers are complete, TLS handshake (and HTTP/2
+    /// preface) included; and each later request's headers on HTTP/1.1. Slower: closed.
     pub tls_handshake_timeout_ms: u64,
     /// How long a request body may take to arrive (408 after it).
     pub read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Open connections at most; one more is closed at once.
+    pub max_connections: usize,
+    /// Open connections from one peer address at most.
+    pub max_connections_per_peer: usize,
+    /// Concurrent requests (streams) on one HTTP/2 connection.
+    pub http2_max_streams: u32,
+    /// Largest request header section, in bytes (HTTP/1.1 buffer and HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Requests being handled at once; more get 503 `overloaded` at once.
+    pub max_in_flight: usize,
+    /// How much of a refused request's body (unauthenticated, unknown route) is read (and
+    /// discarded, never kept) before the answer; a larger or slower body is not read and its
+    /// HTTP/1.1 connection is closed after the answer.
+    pub refused_body_bytes: usize,
     /// On SIGTERM/Ctrl-C: how long in-flight requests get to finish before connections close.
     pub shutdown_grace_ms: u64,
 }
@@ -143,6 +162,19 @@ pub struct LimitsConfig {
     pub max_instruction_bytes: usize,
     /// Largest `deadline_ms` a request may ask for.
     pub max_deadline_ms: u64,
+    /// Requests one robot may have in flight at once; more get 429 `too_many_in_flight`.
+    pub max_in_flight_per_robot: usize,
+    /// CPU slots for request work on the blocking pool (parsing large bodies, decoding
+    /// images); 0: twice the cores.
+    pub cpu_slots: usize,
+    /// Of those, the most one robot holds at once; 0: half of them (at least one).
+    pub cpu_slots_per_robot: usize,
+    /// Pixels being decoded at once, across all requests (each frame holds its width × height
+    /// until its tensor is made); at least `max_image_pixels`.
+    pub max_decode_pixels: u64,
+    /// Instructions that are a robot's stop (matched whole, trimmed, ignoring case): never
+    /// refused by a full queue (they evict a less urgent request instead) and served first.
+    pub stop_instructions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,8 +193,16 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             body_limit_bytes: 8 * 1024 * 1024,
+            admin_body_limit_bytes: 1024 * 1024,
             tls_handshake_timeout_ms: 10_000,
             read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 1024,
+            max_connections_per_peer: 128,
+            http2_max_streams: 64,
+            max_header_bytes: 16 * 1024,
+            max_in_flight: 512,
+            refused_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 30_000,
         }
     }
@@ -202,6 +242,11 @@ impl Default for LimitsConfig {
             max_image_pixels: 4096 * 4096,
             max_instruction_bytes: 1024,
             max_deadline_ms: 60_000,
+            max_in_flight_per_robot: 8,
+            cpu_slots: 0,
+            cpu_slots_per_robot: 0,
+            max_decode_pixels: 64 * 1024 * 1024,
+            stop_instructions: vec!["stop".into(), "halt".into(), "emergency stop".into()],
         }
     }
 }
@@ -222,6 +267,22 @@ pub enum ConfigError {
     Parse(String),
     #[error("configuration key `{key}`: {problem}")]
     Invalid { key: String, problem: String },
+}
+
+impl LimitsConfig {
+    /// Whether `instruction` is a stop: one of `stop_instructions`, whole, trimmed, any case.
+    pub fn is_stop(&self, instruction: &str) -> bool {
+        let instruction = instruction.trim();
+        self.stop_instructions.iter().any(|s| s.trim().eq_ignore_ascii_case(instruction))
+    }
+
+    /// The CPU slots in all, and the most one robot holds (see the keys).
+    pub fn cpu_slots(&self, cores: usize) -> (usize, usize) {
+        let all = if self.cpu_slots == 0 { cores.max(1) * 2 } else { self.cpu_slots };
+        let per_robot =
+            if self.cpu_slots_per_robot == 0 { (all / 2).max(1) } else { self.cpu_slots_per_robot.min(all) };
+        (all, per_robot)
+    }
 }
 
 impl Config {
@@ -277,6 +338,26 @@ impl Config {
         if self.server.read_timeout_ms == 0 {
             return Err(invalid("server.read_timeout_ms", "must be greater than 0"));
         }
+        let s = &self.server;
+        if s.admin_body_limit_bytes < 1024 {
+            return Err(invalid("server.admin_body_limit_bytes", "must be at least 1024"));
+        }
+        if !(1_000..=3_600_000).contains(&s.idle_timeout_ms) {
+            return Err(invalid("server.idle_timeout_ms", "must be 1000-3600000"));
+        }
+        if s.max_connections == 0 || s.max_connections_per_peer == 0 {
+            let key = if s.max_connections == 0 { "server.max_connections" } else { "server.max_connections_per_peer" };
+            return Err(invalid(key, "must be greater than 0"));
+        }
+        if !(1..=1024).contains(&s.http2_max_streams) {
+            return Err(invalid("server.http2_max_streams", "must be 1-1024"));
+        }
+        if !(4096..=1 << 20).contains(&s.max_header_bytes) {
+            return Err(invalid("server.max_header_bytes", "must be 4096-1048576"));
+        }
+        if s.max_in_flight == 0 {
+            return Err(invalid("server.max_in_flight", "must be greater than 0"));
+        }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return Err(invalid("tls.key", "must be set when tls.cert is set")),
             (None, Some(_)) => return Err(invalid("tls.cert", "must be set when tls.key is set")),
@@ -312,6 +393,20 @@ impl Config {
         }
         if self.limits.max_image_pixels == 0 {
             return Err(invalid("limits.max_image_pixels", "must be greater than 0"));
+        }
+        let l = &self.limits;
+        if l.max_in_flight_per_robot == 0 {
+            return Err(invalid("limits.max_in_flight_per_robot", "must be greater than 0"));
+        }
+        if l.cpu_slots > 4096 || l.cpu_slots_per_robot > 4096 {
+            let key = if l.cpu_slots > 4096 { "limits.cpu_slots" } else { "limits.cpu_slots_per_robot" };
+            return Err(invalid(key, "must be at most 4096"));
+        }
+        if !(l.max_image_pixels..=u64::from(u32::MAX)).contains(&l.max_decode_pixels) {
+            return Err(invalid(
+                "limits.max_decode_pixels",
+                format!("must be at least limits.max_image_pixels ({}) and at most {}", l.max_image_pixels, u32::MAX),
+            ));
         }
         if !(1..=MAX_DEADLINE_MS).contains(&self.limits.max_deadline_ms) {
             return Err(invalid("limits.max_deadline_ms", format!("must be 1-{MAX_DEADLINE_MS} (a day)")));

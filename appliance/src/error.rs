@@ -71,6 +71,10 @@ pub enum ApiError {
     QueueFull { model: String, capacity: usize, retry_after_s: u64 },
     #[error("the appliance is shutting down")]
     ShuttingDown,
+    #[error("the appliance is handling as many requests as it takes (server.max_in_flight); retry")]
+    Overloaded,
+    #[error("robot `{robot}` has {limit} requests in flight already (limits.max_in_flight_per_robot); retry")]
+    TooManyInFlight { robot: String, limit: usize },
     #[error("model `{0}` was reloaded or unloaded while the request waited; retry")]
     ModelChanged(String),
     #[error("no model is serving")]
@@ -89,6 +93,8 @@ pub enum ApiError {
     PolicyNotFound(String),
     #[error("quota state could not be written to disk, so the request is not acknowledged: {0}")]
     QuotaUnavailable(String),
+    #[error("the store cannot be written now: {0}")]
+    StoreUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -131,6 +137,8 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::ShuttingDown => "shutting_down",
+            ApiError::Overloaded => "overloaded",
+            ApiError::TooManyInFlight { .. } => "too_many_in_flight",
             ApiError::ModelChanged(_) => "model_changed",
             ApiError::Unavailable => "unavailable",
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
@@ -142,6 +150,7 @@ impl ApiError {
             ApiError::SignatureInvalid(_) => "signature_invalid",
             ApiError::PolicyNotFound(_) => "policy_not_found",
             ApiError::QuotaUnavailable(_) => "quota_unavailable",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -157,6 +166,7 @@ impl ApiError {
             | ApiError::PolicyInvalid(_)
             | ApiError::SignatureInvalid(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyInFlight { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PolicyRefused(r) if r.rate_limit.is_some() && !r.failed => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -178,9 +188,11 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::QueueFull { .. }
             | ApiError::ShuttingDown
+            | ApiError::Overloaded
             | ApiError::Unavailable
             | ApiError::ModelChanged(_)
-            | ApiError::QuotaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::QuotaUnavailable(_)
+            | ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Inference { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -197,6 +209,7 @@ impl ApiError {
             ApiError::PolicyRefused(r) if r.failed => "error",
             ApiError::PolicyRefused(r) if r.rate_limit.is_some() => "rate_limited",
             ApiError::PolicyRefused(_) => "rejected",
+            ApiError::TooManyInFlight { .. } => "rate_limited",
             _ if self.status().is_client_error() => "invalid",
             _ => "error",
         }
@@ -265,6 +278,7 @@ impl From<QuotaError> for ApiError {
     fn from(e: QuotaError) -> ApiError {
         match e {
             QuotaError::NotDurable(m) => ApiError::QuotaUnavailable(m),
+            QuotaError::Store(e) => ApiError::from(e),
             e => ApiError::Internal(e.to_string()),
         }
     }
@@ -310,7 +324,11 @@ impl From<RegistryError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
-        ApiError::Internal(e.to_string())
+        match e {
+            // A write the disk refused, or the store being reopened after one: temporary.
+            StoreError::Unavailable | StoreError::Sled(sled::Error::Io(_)) => ApiError::StoreUnavailable(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -321,7 +339,13 @@ static OVERLOAD_LOG: Throttle = Throttle::new();
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if matches!(self, ApiError::QueueFull { .. } | ApiError::DeadlineExceeded { .. } | ApiError::ShuttingDown) {
+        if matches!(
+            self,
+            ApiError::QueueFull { .. }
+                | ApiError::DeadlineExceeded { .. }
+                | ApiError::ShuttingDown
+                | ApiError::Overloaded
+        ) {
             if let Some(skipped) = OVERLOAD_LOG.admit(crate::clock::now_ms()) {
                 tracing::warn!(code = self.code(), skipped, "{self} (overload: logged at most once a second)");
             }
@@ -357,8 +381,11 @@ impl IntoResponse for ApiError {
                 })
             }
             ApiError::QueueFull { retry_after_s, .. } => Some(*retry_after_s),
-            ApiError::ModelChanged(_) => Some(1),
-            ApiError::ShuttingDown | ApiError::Unavailable | ApiError::QuotaUnavailable(_) => Some(5),
+            ApiError::ModelChanged(_) | ApiError::Overloaded | ApiError::TooManyInFlight { .. } => Some(1),
+            ApiError::ShuttingDown
+            | ApiError::Unavailable
+            | ApiError::QuotaUnavailable(_)
+            | ApiError::StoreUnavailable(_) => Some(5),
             _ => None,
         };
         if let Some(seconds) = retry_after {

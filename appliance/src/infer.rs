@@ -11,8 +11,11 @@
 //! | 2 | bounded decode | the rows' camera images are decoded and normalised on the blocking pool, holding one of the CPU slots; waiting for a slot ends at the request's deadline | 4xx image errors, 504 `deadline_exceeded` |
 //! | 3 | submit and wait | every row is queued to the model's batcher and waited for; a model reloaded meanwhile with the same inputs takes them | 503 `queue_full` / `model_changed`, 504, 500 `inference_failed` |
 //! | 4 | keep charges | the admission charges are kept, on disk before the answer with `quota.durability = "sync"` | 503 `quota_unavailable` |
-//! | 5 | safety | each row's proposed action through the safety policies of the same snapshot | 422 |
+//! | 5 | output check and safety | the host refuses a non-finite output; each row's proposed action through the safety policies of the same snapshot | 500 `inference_failed`, 422 |
 //! | 6 | timing | where the time went, for the answer | |
+//!
+//! Every wait is bounded: for a policy slot, a CPU slot or the queue, by the request's deadline;
+//! after the batch, for the quota flush and the safety slots, by the deadline's length again.
 //!
 //! Refused or failed at any stage, a request's charges are given back (its admission outcome
 //! is dropped unkept). So a request refused at admission has decoded nothing and one refused
@@ -27,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
+
+use crate::fair::FairSlots;
 use vla_api::{PolicyTrace, Priority, Timing};
 
 use crate::batcher::Done;
@@ -48,10 +53,13 @@ pub struct Pipeline {
     policies: Arc<Policies>,
     metrics: Arc<Metrics>,
     limits: Arc<LimitsConfig>,
-    /// Bounds CPU-heavy request work (body parsing, image decoding) running at once on the
-    /// blocking pool, so a burst of large requests queues here instead of starving the machine
-    /// of threads.
-    cpu_slots: Arc<Semaphore>,
+    /// Bounds CPU-heavy request work (body parsing, image decoding, large answers) running at
+    /// once on the blocking pool, so a burst of large requests queues here instead of starving
+    /// the machine of threads; shared fairly by robot.
+    cpu_slots: Arc<FairSlots>,
+    /// Pixels being decoded at once (`limits.max_decode_pixels`): what bounds the memory of
+    /// decoded frames, whatever their size.
+    pixels: Arc<Semaphore>,
     /// Set when shutdown begins: a closed batcher then means shutdown, not a reload.
     shutting_down: Arc<AtomicBool>,
 }
@@ -145,12 +153,15 @@ impl Pipeline {
         shutting_down: Arc<AtomicBool>,
     ) -> Pipeline {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (slots, per_robot) = limits.cpu_slots(cores);
+        let pixels = limits.max_decode_pixels.min(u64::from(u32::MAX)) as usize;
         Pipeline {
             models,
             policies,
             metrics,
             limits: Arc::new(limits),
-            cpu_slots: Arc::new(Semaphore::new(cores * 2)),
+            cpu_slots: FairSlots::new(slots, per_robot),
+            pixels: Arc::new(Semaphore::new(pixels)),
             shutting_down,
         }
     }
@@ -159,20 +170,19 @@ impl Pipeline {
         self.shutting_down.load(Ordering::Relaxed)
     }
 
-    /// Runs `work` on the blocking pool holding one of the CPU slots, waiting for a slot until
-    /// `deadline` at most (then 504 with `deadline_ms`).
+    /// Runs `work` for `robot` on the blocking pool holding one of the CPU slots (within the
+    /// robot's fair share), waiting for a slot until `deadline` at most (then 504 with
+    /// `deadline_ms`).
     pub async fn on_cpu<T: Send + 'static>(
         &self,
+        robot: &str,
         deadline: Instant,
         deadline_ms: u64,
         work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        // The permit moves into the blocking task: it bounds the work running, even when the
+        // The slot moves into the blocking task: it bounds the work running, even when the
         // client goes away and the handler is dropped mid-way.
-        let slot = tokio::time::timeout_at(deadline.into(), self.cpu_slots.clone().acquire_owned())
-            .await
-            .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })?
-            .map_err(|_| ApiError::ShuttingDown)?;
+        let slot = self.cpu_slots.acquire(robot, deadline).await.ok_or(ApiError::DeadlineExceeded { deadline_ms })?;
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
             work()
@@ -194,10 +204,15 @@ impl Pipeline {
         let n = rows.len();
         let mut admitted = Vec::with_capacity(n);
         let mut pending = Vec::with_capacity(n);
+        // A request with a stop in any row is never refused by a full queue.
+        let urgent = rows.iter().any(|r| self.limits.is_stop(&r.instruction));
         for (i, row) in rows.into_iter().enumerate() {
             let id = if n == 1 { request_id.clone() } else { format!("{request_id}/{i}") };
             let ctx = crate::policy::context(&id, &robot, &model.spec.name, row.instruction, row.state, now);
-            let passed = self.policies.admit(&set, &ctx, &robot.group).await?;
+            // Waiting for a policy slot ends at the deadline, like everything before the batch.
+            let passed = tokio::time::timeout_at(deadline.into(), self.policies.admit(&set, &ctx, &robot.group))
+                .await
+                .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
             admitted.push((ctx, passed));
             pending.push(row.inputs);
         }
@@ -206,7 +221,14 @@ impl Pipeline {
         let decode_started = Instant::now();
         let samples = if pending.iter().flatten().any(|i| matches!(i, Input::Image(_))) {
             let (spec, limits) = (model.spec.clone(), self.limits.clone());
-            let samples = self.on_cpu(deadline, deadline_ms, move || decode_rows(&spec, pending, &limits)).await?;
+            let budget = PixelBudget {
+                pixels: self.pixels.clone(),
+                runtime: tokio::runtime::Handle::current(),
+                deadline,
+                deadline_ms,
+            };
+            let decode = move || decode_rows(&spec, pending, &limits, &budget);
+            let samples = self.on_cpu(&robot.robot_id, deadline, deadline_ms, decode).await?;
             model.metrics.image_decode.observe(decode_started.elapsed().as_secs_f64());
             samples
         } else {
@@ -215,11 +237,16 @@ impl Pipeline {
         let preprocess = parsed_in + decode_started.elapsed();
 
         // 3. Submit and wait.
-        let (model, done) = self.compute(model, samples, priority, deadline, deadline_ms).await?;
+        let (model, done) = self.compute(model, samples, priority, urgent, deadline, deadline_ms).await?;
 
         // 4. Computed: each row's charge is kept (and on disk before the answer, in sync mode).
+        // After its batch, a request waits for its flush and its safety slots at most its
+        // deadline's length again.
+        let after = Instant::now() + Duration::from_millis(deadline_ms);
         for (_, passed) in &admitted {
-            passed.keep_charges().await?;
+            tokio::time::timeout_at(after.into(), passed.keep_charges()).await.map_err(|_| {
+                ApiError::QuotaUnavailable(format!("the charge was not on disk within {deadline_ms} ms"))
+            })??;
         }
         // The tightest bucket after the last row's charge goes in the `RateLimit-*` headers.
         let quota = admitted.iter().filter_map(|(_, p)| p.quota_status()).min_by_key(|s| (s.remaining, s.reset_ms));
@@ -237,6 +264,12 @@ impl Pipeline {
         };
         let mut answers = Vec::with_capacity(n);
         for ((ctx, passed), Done { mut outputs, .. }) in admitted.into_iter().zip(done) {
+            // The host checks the model's output before any policy sees it: a non-finite value
+            // is never shown to a policy nor sent to a robot.
+            if let Err(problem) = check_outputs(spec, &outputs) {
+                self.output_rejected(&model, &ctx, &outputs, &problem);
+                return Err(ApiError::Inference { model: spec.name.clone(), reason: problem.to_string() });
+            }
             let values = crate::model::f32s(&outputs[action_output]);
             if values.len() != expected {
                 return Err(ApiError::Internal(format!(
@@ -251,7 +284,10 @@ impl Pipeline {
                 horizon: spec.action.horizon as u32,
                 values,
             };
-            let (action, policy) = self.policies.check_action(&set, ctx, &passed, proposed).await?;
+            let safety = self.policies.check_action(&set, ctx, &passed, proposed);
+            let (action, policy) = tokio::time::timeout_at(after.into(), safety)
+                .await
+                .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
             outputs[action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
             answers.push(RowAnswer { outputs, action, policy });
         }
@@ -272,6 +308,7 @@ impl Pipeline {
         model: Arc<Model>,
         samples: Vec<Vec<TensorData>>,
         priority: Priority,
+        urgent: bool,
         deadline: Instant,
         deadline_ms: u64,
     ) -> Result<(Arc<Model>, Vec<Done>), ApiError> {
@@ -292,7 +329,7 @@ impl Pipeline {
         };
         let tickets = samples
             .into_iter()
-            .map(|s| model.batcher.submit(s, priority, deadline))
+            .map(|s| model.batcher.submit(s, priority, deadline, urgent))
             .collect::<Result<Vec<_>, _>>()
             .map_err(job_error)?;
         let mut done = Vec::with_capacity(tickets.len());
@@ -300,6 +337,38 @@ impl Pipeline {
             done.push(ticket.wait().await.map_err(job_error)?);
         }
         Ok((model, done))
+    }
+
+    /// Counts and audits a row whose output the host refused.
+    fn output_rejected(
+        &self,
+        model: &Model,
+        ctx: &crate::policy::RequestContext,
+        outputs: &SampleOutputs,
+        problem: &OutputProblem,
+    ) {
+        self.metrics.output_rejected.with_label_values(&[&model.spec.name, problem.kind()]).inc();
+        let action_output = model.spec.robot_inputs().action_output;
+        self.policies.audit().append(vec![vla_api::AuditRecord {
+            seq: 0,
+            time_unix_ms: ctx.time_ms,
+            request_id: ctx.request_id.clone(),
+            robot_id: ctx.robot_id.clone(),
+            robot_type: ctx.robot_type.clone(),
+            model: ctx.model.clone(),
+            policy: "(host)".into(),
+            version: 0,
+            world: "output".into(),
+            mode: "enforce".into(),
+            decision: "error".into(),
+            applied: true,
+            code: Some(problem.kind().into()),
+            reason: Some(problem.to_string()),
+            original_action: Some(crate::model::f32s(&outputs[action_output])),
+            final_action: None,
+            count: 1,
+            last_unix_ms: None,
+        }]);
     }
 
     /// Counts one answered inference request, whichever stage answered it (`status` is
@@ -332,11 +401,85 @@ impl Input {
     }
 }
 
-/// Decodes every row's images into the model's image tensor. Blocking.
+/// Why the host refused a model's output.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OutputProblem {
+    #[error("output `{output}` has a non-finite value ({value}) at element {index}{at}; nothing was sent")]
+    NonFinite { output: String, index: usize, value: f32, at: String },
+}
+
+impl OutputProblem {
+    /// The label of `vla_model_output_rejected_total` and the audit record's code.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OutputProblem::NonFinite { .. } => "non_finite_output",
+        }
+    }
+}
+
+/// Every floating-point output finite (the shapes were checked when the batch was split).
+pub fn check_outputs(spec: &ModelSpec, outputs: &SampleOutputs) -> Result<(), OutputProblem> {
+    use crate::spec::DataType;
+    let action_output = spec.robot_inputs().action_output;
+    for (i, (t, bytes)) in spec.outputs.iter().zip(outputs).enumerate() {
+        let bad = match t.dtype {
+            DataType::Fp32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .enumerate()
+                .find(|(_, v)| !v.is_finite()),
+            DataType::Fp64 => bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
+                .enumerate()
+                .find(|(_, v)| !v.is_finite()),
+            DataType::Fp16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .enumerate()
+                .find(|(_, v)| !v.is_finite()),
+            _ => None,
+        };
+        if let Some((index, value)) = bad {
+            let at = if i == action_output {
+                format!(" (action step {}, dof {})", index / spec.action.dof, index % spec.action.dof)
+            } else {
+                String::new()
+            };
+            return Err(OutputProblem::NonFinite { output: t.name.clone(), index, value, at });
+        }
+    }
+    Ok(())
+}
+
+/// The pixel budget as a decode on the blocking pool takes from it.
+struct PixelBudget {
+    pixels: Arc<Semaphore>,
+    runtime: tokio::runtime::Handle,
+    deadline: Instant,
+    deadline_ms: u64,
+}
+
+impl PixelBudget {
+    /// Takes `n` pixels, waiting until the deadline at most. Blocking (a blocking-pool thread).
+    fn take(&self, n: u64) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let n = u32::try_from(n).map_err(|_| ApiError::DeadlineExceeded { deadline_ms: self.deadline_ms })?;
+        let wait = tokio::time::timeout_at(self.deadline.into(), self.pixels.clone().acquire_many_owned(n));
+        match self.runtime.block_on(wait) {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(ApiError::ShuttingDown),
+            Err(_) => Err(ApiError::DeadlineExceeded { deadline_ms: self.deadline_ms }),
+        }
+    }
+}
+
+/// Decodes every row's images into the model's image tensor, each frame holding its pixels
+/// from the budget while it is decoded. Blocking.
 fn decode_rows(
     spec: &ModelSpec,
     rows: Vec<Vec<Input>>,
     limits: &LimitsConfig,
+    budget: &PixelBudget,
 ) -> Result<Vec<Vec<TensorData>>, ApiError> {
     rows.into_iter()
         .map(|inputs| {
@@ -345,10 +488,17 @@ fn decode_rows(
                 .map(|input| match input {
                     Input::Ready(t) => Ok(t),
                     Input::Image(encoded) => {
-                        let image = match &encoded {
-                            Encoded::Base64(text) => crate::preprocess::decode_image(text, limits)?,
-                            Encoded::Raw(bytes) => crate::preprocess::decode_image_bytes(bytes, limits)?,
+                        let decoded;
+                        let bytes: &[u8] = match &encoded {
+                            Encoded::Base64(text) => {
+                                decoded = crate::preprocess::base64_file(text, limits)?;
+                                &decoded
+                            }
+                            Encoded::Raw(bytes) => bytes,
                         };
+                        let probe = crate::preprocess::probe(bytes, limits)?;
+                        let _pixels = budget.take(probe.pixels())?;
+                        let image = crate::preprocess::decode_probed(bytes, &probe)?;
                         Ok(TensorData::F32(crate::preprocess::image_tensor(&image, &spec.preprocess.image)))
                     }
                 })

@@ -23,6 +23,7 @@
 //! | domain | [`tls`], [`gpu`], [`metrics`], [`spec`], [`demo`] | certificates, NVML telemetry, the `vla_*` catalogue, `model.toml`, the generated demo model |
 //! | root | [`config`] | the one configuration tree (its policy and quota sections live with them) |
 //! | root | [`error`] | the HTTP boundary's error type: status, stable code and metric categories per variant, and every conversion from a domain error |
+//! | domain | [`fair`] | fair shares among robots: CPU slots, requests in flight |
 //! | leaf | [`clock`], [`names`] | time in ms and a log throttle; the name rules |
 //!
 //! The library reads no environment: the binary loads [`Config`], binds the listener and
@@ -34,6 +35,7 @@ pub mod config;
 pub mod cuda_memory;
 pub mod demo;
 pub mod error;
+pub mod fair;
 pub mod gpu;
 pub mod http;
 pub mod infer;
@@ -111,7 +113,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let store = Arc::new(store);
     let metrics = Arc::new(metrics::Metrics::new());
     // Before the models: a quota store that cannot be trusted stops the start at once.
-    let quotas = Arc::new(quota::Quotas::open(store.db(), &config.quota)?);
+    store::watch(&store, Duration::from_secs(1)).map_err(|e| RunError::Task(format!("store watch thread: {e}")))?;
+    let quotas = Arc::new(quota::Quotas::open(store.clone(), &config.quota)?);
     quotas.observe_flushes(metrics.store_flush_duration.clone());
     tracing::info!(durability = %quotas.durability(), "quota store");
     let token_file = config.admin_token_file();
@@ -219,8 +222,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         tls,
         http::router(state),
         shutdown,
-        Duration::from_millis(config.server.tls_handshake_timeout_ms),
-        Duration::from_millis(config.server.shutdown_grace_ms),
+        http::ListenerLimits::from_config(&config.server),
         metrics,
     )
     .await;

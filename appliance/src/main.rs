@@ -86,7 +86,7 @@ fn quota(config: &appliance::Config, action: QuotaAction) -> anyhow::Result<()> 
     use appliance::quota::offline;
     let store = appliance::store::Store::open(&config.data.dir)
         .context("opening the store (is the appliance still running?)")?;
-    let db = store.db();
+    let db = &store.db()?;
     match action {
         QuotaAction::Export => {
             let (exported, skipped) = offline::export(db)?;

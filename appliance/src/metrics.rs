@@ -100,9 +100,12 @@ pub struct Metrics {
     pub model_memory: IntGaugeVec,
     pub worker_utilization: GaugeVec,
     pub image_errors: IntCounter,
+    pub output_rejected: IntCounterVec,
     pub image_decode: HistogramVec,
     // HTTP connections.
     pub connections_active: IntGauge,
+    pub connections_refused: IntCounterVec,
+    pub connections_closed: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
     // Store.
     pub store_size: IntGauge,
@@ -259,7 +262,7 @@ impl Metrics {
             dropped: counter(
                 &r,
                 "vla_inference_requests_dropped_total",
-                "Requests never computed since the model loaded, by reason (deadline, disconnect, queue_full).",
+                "Requests never computed since the model loaded, by reason (deadline, disconnect, queue_full, evicted: by a more urgent request in a full queue).",
                 &["model", "reason"],
             ),
             gpu_available,
@@ -390,6 +393,12 @@ impl Metrics {
                 &["model"],
             ),
             image_errors,
+            output_rejected: counter(
+                &r,
+                "vla_model_output_rejected_total",
+                "Model outputs the host refused before any policy saw them, by model and problem (non_finite_output, shape).",
+                &["model", "problem"],
+            ),
             image_decode: histogram(
                 &r,
                 "vla_image_decode_duration_seconds",
@@ -398,6 +407,18 @@ impl Metrics {
                 &STAGE_BUCKETS,
             ),
             connections_active,
+            connections_refused: counter(
+                &r,
+                "vla_http_connections_refused_total",
+                "Connections closed at accept, by the bound reached (max_connections, max_connections_per_peer).",
+                &["reason"],
+            ),
+            connections_closed: counter(
+                &r,
+                "vla_http_connections_closed_total",
+                "Connections the appliance closed, by reason (first_request_timeout: no complete request headers in time, TLS handshake included; idle).",
+                &["reason"],
+            ),
             tls_handshake_failures,
             store_size,
             store_flushes,
@@ -459,6 +480,7 @@ impl Metrics {
             image_decode: self.image_decode.with_label_values(&[model]),
             busy_ns: std::sync::Arc::new(AtomicU64::new(0)),
             memory: self.model_memory.with_label_values(&[model]),
+            output_shape_rejected: self.output_rejected.with_label_values(&[model, "shape"]),
             gpu_memory_delta: None,
         }
     }
@@ -587,6 +609,13 @@ thread_local! {
     static GAUGES: RefCell<HashMap<CacheKey, prometheus::Gauge>> = RefCell::new(HashMap::new());
 }
 
+/// The `method` label of a request: the standard methods by name, anything else `other` (a
+/// client must not be able to create series).
+pub fn method_label(method: &str) -> &'static str {
+    const STANDARD: [&str; 9] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "CONNECT", "TRACE"];
+    STANDARD.into_iter().find(|m| *m == method).unwrap_or("other")
+}
+
 /// How an error answer is counted: its stable code, and whether the request itself was
 /// invalid (`vla_validation_failures_total`) or its image was refused
 /// (`vla_image_processing_errors_total`). The HTTP boundary derives it from its error type and
@@ -612,6 +641,9 @@ pub struct ModelMetrics {
     pub busy_ns: std::sync::Arc<AtomicU64>,
     /// `vla_model_memory_bytes`: each executor adds its copy's bytes once loaded.
     pub memory: IntGauge,
+    /// `vla_model_output_rejected_total{problem="shape"}`: rows of batches whose outputs were
+    /// not the declared shape.
+    pub output_shape_rejected: IntCounter,
     /// `vla_inference_gpu_memory_delta_bytes`, for a model on a CUDA device only.
     pub gpu_memory_delta: Option<Histogram>,
 }

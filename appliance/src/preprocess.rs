@@ -16,8 +16,9 @@ use crate::error::ApiError;
 use crate::model::TensorData;
 use crate::spec::{ImagePreprocess, ModelSpec};
 
-/// Decodes the request's `image` field into an RGB image, within `limits`.
-pub fn decode_image(field: &str, limits: &LimitsConfig) -> Result<DynamicImage, ApiError> {
+/// The encoded file in the request's `image` field (bare base64 or a `data:` URL), within
+/// `limits.max_image_bytes`: refused before the base64 is decoded when it is too long.
+pub fn base64_file(field: &str, limits: &LimitsConfig) -> Result<Vec<u8>, ApiError> {
     // Accept a data URL ("data:image/png;base64,....") as well as bare base64.
     let b64 = match field.strip_prefix("data:") {
         Some(rest) => rest
@@ -35,13 +36,35 @@ pub fn decode_image(field: &str, limits: &LimitsConfig) -> Result<DynamicImage, 
     if approx_bytes > limits.max_image_bytes + 3 {
         return Err(ApiError::ImageTooLarge { bytes: approx_bytes, limit: limits.max_image_bytes });
     }
-    let bytes =
-        base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| ApiError::InvalidBase64(e.to_string()))?;
-    decode_image_bytes(&bytes, limits)
+    base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| ApiError::InvalidBase64(e.to_string()))
 }
 
-/// Decodes an encoded JPEG or PNG file into an RGB image, within `limits`.
-pub fn decode_image_bytes(bytes: &[u8], limits: &LimitsConfig) -> Result<DynamicImage, ApiError> {
+/// Decodes the request's `image` field into an RGB image, within `limits`.
+pub fn decode_image(field: &str, limits: &LimitsConfig) -> Result<DynamicImage, ApiError> {
+    decode_image_bytes(&base64_file(field, limits)?, limits)
+}
+
+/// What an encoded file's header says, checked against the limits before any pixel is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Probe {
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+
+    fn name(&self) -> &'static str {
+        if self.format == ImageFormat::Jpeg { "JPEG" } else { "PNG" }
+    }
+}
+
+/// Reads an encoded JPEG or PNG file's header: its format and size, within `limits` (file
+/// size, then pixels: a decompression bomb is refused here).
+pub fn probe(bytes: &[u8], limits: &LimitsConfig) -> Result<Probe, ApiError> {
     if bytes.len() > limits.max_image_bytes {
         return Err(ApiError::ImageTooLarge { bytes: bytes.len(), limit: limits.max_image_bytes });
     }
@@ -50,25 +73,35 @@ pub fn decode_image_bytes(bytes: &[u8], limits: &LimitsConfig) -> Result<Dynamic
         Ok(ImageFormat::Png) => ImageFormat::Png,
         _ => return Err(ApiError::UnsupportedImageFormat),
     };
-    let format_name = if format == ImageFormat::Jpeg { "JPEG" } else { "PNG" };
-    let decode_error = |e: image::ImageError| ApiError::ImageDecode { format: format_name, reason: e.to_string() };
-
-    let (width, height) =
-        ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(decode_error)?;
+    let probe = Probe { format, width: 0, height: 0 };
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| ApiError::ImageDecode { format: probe.name(), reason: e.to_string() })?;
     if u64::from(width) * u64::from(height) > limits.max_image_pixels {
         return Err(ApiError::ImageDimensionsTooLarge { width, height, limit: limits.max_image_pixels });
     }
     if width == 0 || height == 0 {
-        return Err(ApiError::ImageDecode { format: format_name, reason: "the image has no pixels".into() });
+        return Err(ApiError::ImageDecode { format: probe.name(), reason: "the image has no pixels".into() });
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    Ok(Probe { width, height, ..probe })
+}
+
+/// Decodes a file [`probe`] accepted into an RGB image, under an allocation limit sized for it.
+pub fn decode_probed(bytes: &[u8], probe: &Probe) -> Result<DynamicImage, ApiError> {
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), probe.format);
     let mut decode_limits = image::Limits::default();
-    decode_limits.max_image_width = Some(width);
-    decode_limits.max_image_height = Some(height);
+    decode_limits.max_image_width = Some(probe.width);
+    decode_limits.max_image_height = Some(probe.height);
     // Room for the decoded pixels at up to 16 bits × 4 channels, plus decoder buffers.
-    decode_limits.max_alloc = Some(u64::from(width) * u64::from(height) * 8 + (64 << 20));
+    decode_limits.max_alloc = Some(probe.pixels() * 8 + (64 << 20));
     reader.limits(decode_limits);
-    reader.decode().map_err(decode_error)
+    reader.decode().map_err(|e| ApiError::ImageDecode { format: probe.name(), reason: e.to_string() })
+}
+
+/// Decodes an encoded JPEG or PNG file into an RGB image, within `limits`.
+pub fn decode_image_bytes(bytes: &[u8], limits: &LimitsConfig) -> Result<DynamicImage, ApiError> {
+    let probe = probe(bytes, limits)?;
+    decode_probed(bytes, &probe)
 }
 
 /// Resizes to the model's input size and normalises into CHW order.

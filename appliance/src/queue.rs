@@ -7,8 +7,13 @@
 //! Invariants:
 //! - at most `capacity` entries are held, whatever their class;
 //! - `high` entries leave before `normal`, `normal` before `low`; FIFO within a class;
-//! - an entry leaves exactly once: in a batch, as expired (deadline passed while queued), or
-//!   as abandoned (its client gave up); expired and abandoned entries are never batched.
+//! - an entry leaves exactly once: in a batch, as expired (deadline passed while queued), as
+//!   abandoned (its client gave up), or as evicted (a more urgent entry took its place in a
+//!   full queue); expired, abandoned and evicted entries are never batched;
+//! - a full queue makes room for an entry by evicting the newest entry of the lowest class
+//!   below the newcomer's (a `high` one evicts the newest `low`, then `normal`); an urgent
+//!   entry (a robot's stop) is never refused: it evicts the newest entry of the lowest class
+//!   present, and is queued as `high`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -68,6 +73,17 @@ pub struct Queued<T> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full<T>(pub T);
 
+/// What a push did.
+#[derive(Debug)]
+pub struct Pushed<T> {
+    /// The entry, handed back: the queue is full and nothing may be evicted for it.
+    pub refused: Option<Full<T>>,
+    /// Entries swept out as past their deadline, to be answered.
+    pub expired: Vec<Queued<T>>,
+    /// The entry evicted to make room, to be answered as refused.
+    pub evicted: Option<Queued<T>>,
+}
+
 #[derive(Debug)]
 pub struct BatchQueue<T> {
     policy: Policy,
@@ -106,23 +122,30 @@ impl<T: Waiting> BatchQueue<T> {
     }
 
     /// Adds `item`, or hands it back when the queue is full even after sweeping out entries
-    /// that are abandoned or past their deadline (those are returned for answering).
-    pub fn push(
-        &mut self,
-        item: T,
-        priority: Priority,
-        deadline: Instant,
-        now: Instant,
-    ) -> (Result<(), Full<T>>, Vec<Queued<T>>) {
-        let mut expired = Vec::new();
+    /// that are abandoned or past their deadline (those are returned for answering) and no
+    /// entry may be evicted for it (see the module header). `urgent` entries are never handed
+    /// back.
+    pub fn push(&mut self, item: T, priority: Priority, deadline: Instant, now: Instant, urgent: bool) -> Pushed<T> {
+        let mut pushed = Pushed { refused: None, expired: Vec::new(), evicted: None };
         if self.len() >= self.policy.capacity {
-            expired = self.sweep(now);
+            pushed.expired = self.sweep(now);
         }
+        let class = if urgent { class_index(Priority::High) } else { class_index(priority) };
         if self.len() >= self.policy.capacity {
-            return (Err(Full(item)), expired);
+            // The newest entry of the lowest class that may make room: strictly below the
+            // newcomer's, or any class for an urgent one.
+            let lowest_evictable = if urgent { 0 } else { class + 1 };
+            let victim = (lowest_evictable..3).rev().find(|&c| !self.classes[c].is_empty());
+            match victim.and_then(|c| self.classes[c].pop_back()) {
+                Some(e) => pushed.evicted = Some(Queued { item: e.item, enqueued: e.enqueued, deadline: e.deadline }),
+                None => {
+                    pushed.refused = Some(Full(item));
+                    return pushed;
+                }
+            }
         }
-        self.classes[class_index(priority)].push_back(Entry { item, enqueued: now, deadline });
-        (Ok(()), expired)
+        self.classes[class].push_back(Entry { item, enqueued: now, deadline });
+        pushed
     }
 
     /// Removes abandoned entries (dropped silently) and entries whose deadline has passed
@@ -238,8 +261,8 @@ mod tests {
 
     fn push(q: &mut BatchQueue<Req>, r: Req, p: Priority, t0: Instant, at_ms: u64) {
         let now = t0 + Duration::from_millis(at_ms);
-        let (res, expired) = q.push(r, p, now + LONG, now);
-        assert!(res.is_ok() && expired.is_empty());
+        let pushed = q.push(r, p, now + LONG, now, false);
+        assert!(pushed.refused.is_none() && pushed.expired.is_empty() && pushed.evicted.is_none());
     }
 
     #[test]
@@ -307,8 +330,7 @@ mod tests {
     fn a_request_past_its_deadline_is_returned_as_expired_and_never_batched() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(policy(8, 50, &[], 100));
-        let (res, _) = q.push(req(1), Priority::Normal, t0 + Duration::from_millis(10), t0);
-        assert!(res.is_ok());
+        assert!(q.push(req(1), Priority::Normal, t0 + Duration::from_millis(10), t0, false).refused.is_none());
         push(&mut q, req(2), Priority::Normal, t0, 0);
         // The batcher is busy until 20 ms; request 1's deadline passed at 10 ms.
         let (next, expired) = q.next(t0 + Duration::from_millis(20));
@@ -321,8 +343,7 @@ mod tests {
     fn waiting_stops_early_so_a_deadline_is_not_missed() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(policy(8, 50, &[], 100));
-        let (res, _) = q.push(req(1), Priority::Normal, t0 + Duration::from_millis(10), t0);
-        assert!(res.is_ok());
+        assert!(q.push(req(1), Priority::Normal, t0 + Duration::from_millis(10), t0, false).refused.is_none());
         let due = t0 + Duration::from_millis(10) - DEADLINE_LEAD;
         assert_eq!(q.next(t0).0, Next::WaitUntil(due));
         // Woken at that instant, the request runs instead of expiring.
@@ -351,33 +372,34 @@ mod tests {
         let gone = r1.gone.clone();
         push(&mut q, r1, Priority::Normal, t0, 0);
         push(&mut q, req(2), Priority::Normal, t0, 0);
-        let (res, _) = q.push(req(3), Priority::High, t0 + LONG, t0);
-        assert_eq!(res.map_err(|Full(r)| r.id), Err(3));
+        let pushed = q.push(req(3), Priority::Normal, t0 + LONG, t0, false);
+        assert_eq!(pushed.refused.map(|Full(r)| r.id), Some(3));
         gone.set(true);
-        let (res, _) = q.push(req(3), Priority::High, t0 + LONG, t0);
-        assert!(res.is_ok());
+        assert!(q.push(req(3), Priority::Normal, t0 + LONG, t0, false).refused.is_none());
         assert_eq!(q.len(), 2);
     }
 
     #[test]
-    fn batching_off_means_batches_of_one() {
+    fn a_full_queue_evicts_the_newest_of_a_lower_class_for_a_higher_one() {
         let t0 = Instant::now();
-        let mut q = BatchQueue::new(policy(1, 5, &[], 100));
-        push(&mut q, req(1), Priority::Normal, t0, 0);
-        push(&mut q, req(2), Priority::Normal, t0, 0);
-        assert_eq!(ids(q.next(t0).0), vec![1]);
-        assert_eq!(ids(q.next(t0).0), vec![2]);
-        assert_eq!(q.next(t0).0, Next::Idle);
-    }
-
-    #[test]
-    fn drain_returns_everything_in_priority_order() {
-        let t0 = Instant::now();
-        let mut q = BatchQueue::new(policy(8, 5, &[], 100));
+        let mut q = BatchQueue::new(policy(8, 5, &[], 3));
         push(&mut q, req(1), Priority::Low, t0, 0);
-        push(&mut q, req(2), Priority::High, t0, 0);
-        let drained: Vec<u32> = q.drain().into_iter().map(|e| e.item.id).collect();
-        assert_eq!(drained, vec![2, 1]);
-        assert!(q.is_empty());
+        push(&mut q, req(2), Priority::Low, t0, 1);
+        push(&mut q, req(3), Priority::Normal, t0, 2);
+        // A low one cannot make room for itself; a normal one evicts the newest low.
+        assert!(q.push(req(4), Priority::Low, t0 + LONG, t0, false).refused.is_some());
+        let pushed = q.push(req(5), Priority::Normal, t0 + LONG, t0, false);
+        assert_eq!(pushed.evicted.map(|e| e.item.id), Some(2));
+        // A high one evicts the newest low first, then the newest normal.
+        assert_eq!(q.push(req(6), Priority::High, t0 + LONG, t0, false).evicted.map(|e| e.item.id), Some(1));
+        assert_eq!(q.push(req(7), Priority::High, t0 + LONG, t0, false).evicted.map(|e| e.item.id), Some(5));
+        assert_eq!(q.push(req(8), Priority::High, t0 + LONG, t0, false).evicted.map(|e| e.item.id), Some(3));
+        // All high now: another high is refused, but an urgent stop is not.
+        assert!(q.push(req(9), Priority::High, t0 + LONG, t0, false).refused.is_some());
+        let stop = q.push(req(10), Priority::Low, t0 + LONG, t0, true);
+        assert!(stop.refused.is_none());
+        assert_eq!(stop.evicted.map(|e| e.item.id), Some(8));
+        // The stop is served with the high class.
+        assert_eq!(ids(q.next(t0 + Duration::from_millis(5)).0), vec![6, 7, 10]);
     }
 }

@@ -1,16 +1,26 @@
 //! Store: the appliance's durable state in one sled database under `<data.dir>/store`.
 //!
 //! Holds the robot registry (below) and, in their own trees, the installed policies and the
-//! audit log ([`crate::policy`]). The robot registry is one record per robot (`robot/<id>`)
-//! and one per API key (`key/<key id>`), the latter with only a salt and a salted hash of the
-//! key's secret. Writes
-//! go through one mutex (read-modify-write of a robot and its key must not interleave with
-//! another admin call) and are applied as one atomic sled batch, then flushed before the caller
-//! is answered: a key the admin API handed out survives a power cut, and a revocation is never
-//! undone by one. Reads take no lock; a revocation is visible to the very next request.
+//! audit log ([`crate::policy`]) and the quota state ([`crate::quota`]). The robot registry is
+//! one record per robot (`robot/<id>`) and one per API key (`key/<key id>`), the latter with
+//! only a salt and a salted hash of the key's secret. Writes go through one mutex
+//! (read-modify-write of a robot and its key must not interleave with another admin call) and
+//! are applied as one atomic sled batch, then flushed before the caller is answered: a key the
+//! admin API handed out survives a power cut, and a revocation is never undone by one. Reads
+//! take no lock; a revocation is visible to the very next request.
+//!
+//! **Faults.** After an I/O error (a full disk, a file-size limit) sled fails every later write
+//! until the database is opened again; reads keep working. Whoever sees a write fail reports it
+//! ([`Store::fault`]); the store then says it is failing (`/health/detailed`,
+//! `vla_application_health{component="store"}`), and [`watch`] reopens it as soon as a probe
+//! shows that a write would succeed again: no restart. That is why nobody keeps a
+//! [`sled::Tree`] or [`sled::Db`] beyond one operation: every user asks [`Store::tree`] each
+//! time, so the old database's last handle is gone when it is reopened. During the reopen
+//! itself (milliseconds) the store answers [`StoreError::Unavailable`].
 
-use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +28,8 @@ use vla_api::Priority;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("store: being reopened after a write failure; retry")]
+    Unavailable,
     #[error(
         "store {path}: {source}. Is another appliance running on this data directory? If the store is \
          damaged, the appliance will not start on it or replace it: stop, move {path} aside (the robot \
@@ -55,13 +67,27 @@ pub struct KeyRecord {
     pub hash: [u8; 32],
 }
 
-/// The one sled database of the process.
+/// The one sled database of the process; see the module header for faults.
 #[derive(Debug)]
 pub struct Store {
-    db: sled::Db,
-    robots: sled::Tree,
+    path: PathBuf,
+    /// `None` only while it is being reopened.
+    db: RwLock<Option<sled::Db>>,
     /// Serialises writers; see the module header.
     write: Mutex<()>,
+    /// The write failure that made the store unhealthy, until it is reopened.
+    fault: Mutex<Option<String>>,
+    /// Times the database was reopened after a fault; readers of derived state (the audit
+    /// log's counts) compare it to notice.
+    generation: AtomicU64,
+}
+
+/// What `/health/detailed` says of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreHealth {
+    pub ok: bool,
+    pub problem: Option<String>,
+    pub reopened: u64,
 }
 
 /// What a write found that stops it.
@@ -72,17 +98,23 @@ pub enum WriteOutcome<T> {
     Conflict(String),
 }
 
+fn open_db(path: &Path) -> Result<sled::Db, sled::Error> {
+    sled::Config::new().path(path).mode(sled::Mode::LowSpace).open()
+}
+
 impl Store {
     /// Opens (creating) `<dir>/store`. sled locks the directory: a second process fails here.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.join("store");
-        let db = sled::Config::new()
-            .path(&path)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
-        let robots = db.open_tree("robots")?;
-        Ok(Store { db, robots, write: Mutex::new(()) })
+        let db = open_db(&path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        db.open_tree("robots")?;
+        Ok(Store {
+            path,
+            db: RwLock::new(Some(db)),
+            write: Mutex::new(()),
+            fault: Mutex::new(None),
+            generation: AtomicU64::new(0),
+        })
     }
 
     /// Waits, at most `limit`, until nothing of this process holds the store in `dir` open.
@@ -105,9 +137,91 @@ impl Store {
         }
     }
 
-    /// The database, for the stages that keep their own trees (policies, audit).
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// The database, for one operation (never kept: see the module header).
+    pub fn db(&self) -> Result<sled::Db, StoreError> {
+        self.db.read().unwrap_or_else(PoisonError::into_inner).clone().ok_or(StoreError::Unavailable)
+    }
+
+    /// Tree `name`, for one operation.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db()?.open_tree(name)?)
+    }
+
+    /// Records that a write failed with `e`: an I/O error makes the store unhealthy until it
+    /// is reopened. Returns `e` as the store's error.
+    pub fn fault(&self, e: sled::Error) -> StoreError {
+        if matches!(e, sled::Error::Io(_)) {
+            let mut fault = self.fault.lock().unwrap_or_else(PoisonError::into_inner);
+            if fault.is_none() {
+                tracing::error!("store: a write failed ({e}); writes are refused until it can be reopened");
+            }
+            *fault = Some(e.to_string());
+        }
+        StoreError::Sled(e)
+    }
+
+    pub fn health(&self) -> StoreHealth {
+        let problem = self.fault.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        StoreHealth { ok: problem.is_none(), problem, reopened: self.generation.load(Ordering::Relaxed) }
+    }
+
+    /// Times the database was reopened after a fault.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Whether a write of the size sled's files have now could succeed: a byte written at that
+    /// offset of a sparse probe file (a file-size limit refuses it, a full disk too).
+    fn probe(&self) -> bool {
+        use std::io::{Seek, Write};
+        let largest = std::fs::read_dir(&self.path)
+            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).max().unwrap_or(0))
+            .unwrap_or(0);
+        let probe = self.path.with_extension("probe");
+        let wrote = std::fs::File::create(&probe)
+            .and_then(|mut f| {
+                f.seek(std::io::SeekFrom::Start(largest + 64 * 1024))?;
+                f.write_all(&[0])?;
+                f.sync_all()
+            })
+            .is_ok();
+        let _ = std::fs::remove_file(&probe);
+        wrote
+    }
+
+    /// One check: a healthy store's pending writes are flushed (which is how a fault that no
+    /// write of ours saw yet shows); a failing store is reopened once the probe passes.
+    /// Blocking.
+    pub fn check(&self) {
+        if self.health().ok {
+            if let Ok(db) = self.db()
+                && let Err(e) = db.flush()
+            {
+                self.fault(e);
+            }
+            return;
+        }
+        if !self.probe() {
+            return;
+        }
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.db.write().unwrap_or_else(PoisonError::into_inner).take();
+        drop(old);
+        // Operations already under way finish with their own handles; sled lets its lock go
+        // with the last one.
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        if !Store::wait_closed(dir, Duration::from_secs(5)) {
+            tracing::warn!("store: still held 5 s after its reopen began; trying anyway");
+        }
+        match open_db(&self.path) {
+            Ok(db) => {
+                *self.db.write().unwrap_or_else(PoisonError::into_inner) = Some(db);
+                self.generation.fetch_add(1, Ordering::Relaxed);
+                *self.fault.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                tracing::info!("store: reopened; writes succeed again");
+            }
+            Err(e) => tracing::error!("store: reopening failed ({e}); trying again"),
+        }
     }
 
     pub fn robot(&self, robot_id: &str) -> Result<Option<RobotRecord>, StoreError> {
@@ -119,7 +233,7 @@ impl Store {
     }
 
     pub fn robots(&self) -> Result<Vec<RobotRecord>, StoreError> {
-        self.robots
+        self.tree("robots")?
             .scan_prefix(b"robot/")
             .map(|kv| {
                 let (k, v) = kv?;
@@ -190,13 +304,14 @@ impl Store {
     }
 
     fn commit(&self, batch: sled::Batch) -> Result<(), StoreError> {
-        self.robots.apply_batch(batch)?;
-        self.db.flush()?;
+        let db = self.db()?;
+        db.open_tree("robots")?.apply_batch(batch).map_err(|e| self.fault(e))?;
+        db.flush().map_err(|e| self.fault(e))?;
         Ok(())
     }
 
     fn get<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        self.robots.get(key.as_bytes())?.map(|v| decode(key, &v)).transpose()
+        self.tree("robots")?.get(key.as_bytes())?.map(|v| decode(key, &v)).transpose()
     }
 }
 
@@ -215,6 +330,20 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { key: key.into(), problem: e.to_string() })
+}
+
+/// Checks the store every `interval` (see [`Store::check`]) until it is dropped: holds it
+/// only while checking, so it never keeps the database open.
+pub fn watch(store: &Arc<Store>, interval: Duration) -> std::io::Result<()> {
+    let store: Weak<Store> = Arc::downgrade(store);
+    std::thread::Builder::new().name("store-watch".into()).spawn(move || {
+        loop {
+            std::thread::sleep(interval);
+            let Some(store) = store.upgrade() else { return };
+            store.check();
+        }
+    })?;
+    Ok(())
 }
 
 /// Lower-case hex of `bytes`.
@@ -254,7 +383,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert!(!Store::wait_closed(dir.path(), Duration::from_millis(50)), "sled holds its lock");
         // A handle still held elsewhere (a flush finishing on another thread) keeps it.
-        let late = store.db().clone();
+        let late = store.db().unwrap();
         drop(store);
         let holder = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));

@@ -123,20 +123,22 @@ async fn shipped_policies_clamp_and_deny_live_requests_and_every_decision_is_aud
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(json_of(response).await["denied_by"]["name"], "instruction-filter");
 
-    // The audit log has every deny and modify, newest first, with the actions.
+    // The audit log has every deny and modify, newest first, with the actions; the two denials
+    // in a row by the same policy with the same code are one record with a count.
     let log = audit(&app, "?robot_id=arm-1").await;
-    let decisions: Vec<(&str, &str)> = log.records.iter().map(|r| (r.policy.as_str(), r.decision.as_str())).collect();
+    let decisions: Vec<(&str, &str, u64)> =
+        log.records.iter().map(|r| (r.policy.as_str(), r.decision.as_str(), r.count)).collect();
     assert_eq!(
         decisions,
         [
-            ("instruction-filter", "deny"),
-            ("instruction-filter", "deny"),
-            ("joint-limits", "modify"),
-            ("instruction-filter", "deny"),
-            ("joint-limits", "modify")
+            ("instruction-filter", "deny", 2),
+            ("joint-limits", "modify", 1),
+            ("instruction-filter", "deny", 1),
+            ("joint-limits", "modify", 1)
         ]
     );
-    let modify = &log.records[4];
+    assert!(log.records[0].last_unix_ms.is_some());
+    let modify = &log.records[3];
     assert_eq!(modify.original_action.as_deref(), Some(&unchecked[..]));
     assert_eq!(modify.final_action.as_deref(), Some(&clamped[..]));
     assert!(modify.applied);

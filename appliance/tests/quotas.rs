@@ -60,7 +60,7 @@ async fn a_robot_limited_to_ten_per_minute_gets_429_on_the_eleventh_with_a_retry
     assert_eq!(body["denied_by"]["code"], "rate_limited");
     assert!(body["denied_by"]["reason"].as_str().unwrap().contains("arm-1"), "{body}");
 
-    // A stop always gets through, and is not charged.
+    // A stop always gets through (here nothing is left to charge).
     let mut stop = robot_request(1);
     stop.instruction = "stop".into();
     assert_eq!(app.infer(stop).await.status(), StatusCode::OK);
@@ -77,6 +77,36 @@ async fn a_robot_limited_to_ten_per_minute_gets_429_on_the_eleventh_with_a_retry
 }
 
 #[tokio::test]
+async fn a_stop_is_charged_like_any_request_but_never_refused_and_only_a_whole_stop_is_one() {
+    let app =
+        start(json!({"robot": {"rate": "1000/min"}, "exempt_instructions": ["stop", "halt", "emergency stop"]})).await;
+    app.robot_key("arm-1").await;
+    assert_eq!(put(&app, "arm-1", json!({"day": 2})).await.status(), StatusCode::OK);
+    let with = |instruction: &str| {
+        let mut r = robot_request(1);
+        r.instruction = instruction.into();
+        r
+    };
+    // While the day has room, a stop is charged like any request.
+    let r = app.infer(with("stop")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "ratelimit-remaining"), 1);
+    assert_eq!(app.infer(with("pick up the red block")).await.status(), StatusCode::OK);
+    // The day is used up: a stop still gets through, whatever its case and spacing ...
+    for stop in ["stop", "  STOP ", "Emergency Stop", "halt"] {
+        assert_eq!(app.infer(with(stop)).await.status(), StatusCode::OK, "`{stop}`");
+    }
+    // ... but an instruction that merely starts like one is charged and refused.
+    for other in ["stop and pick up the red block", "emergency stop then resume", "halt-and-catch-fire"] {
+        let r = app.infer(with(other)).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "`{other}`");
+        assert_eq!(r.json::<Value>().await.unwrap()["denied_by"]["code"], "quota_exhausted");
+    }
+    let day = quota(&app, "arm-1").await.buckets.into_iter().find(|b| b.scope == "robot" && b.bucket == "day").unwrap();
+    assert_eq!((day.used, day.remaining), (2, 0));
+}
+
+#[tokio::test]
 async fn sixty_four_concurrent_requests_of_one_robot_never_spend_a_request_twice() {
     let app = TestAppliance::start(|config, _| {
         config.policy.preload =
@@ -84,6 +114,8 @@ async fn sixty_four_concurrent_requests_of_one_robot_never_spend_a_request_twice
         // 64 calls at once on two cores (beside the other tests) can wait past the default
         // 20 ms wall-clock budget and fail closed; this test is about spending, not timing.
         config.policy.timeout_ms = 5_000;
+        // All 64 in flight at once, past the per-robot bound (tests/hostile.rs covers that).
+        config.limits.max_in_flight_per_robot = 64;
     })
     .await;
     app.robot_key("arm-2").await;

@@ -99,9 +99,9 @@ fn policy(c: &mut Criterion) {
 fn quota(c: &mut Criterion) {
     use appliance::quota::{Limits, Quotas, Rate, Scope};
     let dir = tempfile::tempdir().expect("temp dir");
-    let db = sled::Config::new().path(dir.path().join("store")).open().expect("sled");
+    let store = std::sync::Arc::new(appliance::store::Store::open(dir.path()).expect("store"));
     let config = appliance::config::QuotaConfig { durability: "interval:100".into(), ..Default::default() };
-    let quotas = Quotas::open(&db, &config).expect("quotas");
+    let quotas = Quotas::open(store, &config).expect("quotas");
     let limits = Limits {
         rate: Some(Rate { requests: u64::MAX / 4, period_ms: 1_000, burst: u64::MAX / 4 }),
         day: Some(u64::MAX / 4),

@@ -107,12 +107,12 @@ pub fn quota(concurrency: &[usize], seconds: f64, dist: &Path) -> anyhow::Result
     for durability in ["interval:100", "sync"] {
         for &robots in concurrency {
             let dir = tempfile::tempdir()?;
-            let db = sled::Config::new().path(dir.path().join("store")).mode(sled::Mode::LowSpace).open()?;
+            let store = Arc::new(appliance::store::Store::open(dir.path())?);
             let config = appliance::config::QuotaConfig {
                 durability: durability.into(),
                 ..appliance::config::QuotaConfig::default()
             };
-            let quotas = Arc::new(Quotas::open(&db, &config)?);
+            let quotas = Arc::new(Quotas::open(store.clone(), &config)?);
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let flushes_before = quotas.flushes();
             let started = Instant::now();
@@ -164,9 +164,9 @@ pub fn quota(concurrency: &[usize], seconds: f64, dist: &Path) -> anyhow::Result
     use appliance::policy::World;
     use appliance::policy::runtime::{Input, Runtime};
     let dir = tempfile::tempdir()?;
-    let db = sled::Config::new().path(dir.path().join("store")).open()?;
+    let store = Arc::new(appliance::store::Store::open(dir.path())?);
     let config = appliance::config::QuotaConfig { durability: "interval:100".into(), ..Default::default() };
-    let quotas = Arc::new(Quotas::open(&db, &config)?);
+    let quotas = Arc::new(Quotas::open(store.clone(), &config)?);
     let runtime = Runtime::new(&appliance::config::PolicyConfig::default(), dir.path()).map_err(anyhow::Error::msg)?;
     let keeper = tokio::runtime::Builder::new_current_thread().build()?;
     let path = dist.join("rate-limit.wasm");

@@ -144,6 +144,9 @@ pub struct ModelStats {
     pub batches: u64,
     /// Requests refused because the queue was full.
     pub rejected_queue_full: u64,
+    /// Requests evicted from a full queue by a more urgent one (a higher class, or a stop).
+    #[serde(default)]
+    pub evicted: u64,
     /// Requests whose deadline passed before their batch started; never computed.
     pub dropped_deadline: u64,
     /// Requests whose client went away before their batch started; never computed.
@@ -341,12 +344,76 @@ pub struct AuditRecord {
     pub code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The action the policy was shown (safety policies).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The action the policy was shown (safety policies). Non-finite values (which the host
+    /// never lets a policy or a robot see, but a record must survive) are the strings `NaN`,
+    /// `Infinity`, `-Infinity`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "floats")]
     pub original_action: Option<Vec<f32>>,
     /// The action after this policy: the replacement for `modify`, none for `deny`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "floats")]
     pub final_action: Option<Vec<f32>>,
+    /// How many identical decisions of this robot (policy, version, decision, code) this record
+    /// stands for: a burst of denials is folded into one record.
+    #[serde(default = "one")]
+    pub count: u64,
+    /// When the last of those was decided (with `count` > 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_unix_ms: Option<u64>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// Float lists whose non-finite values survive JSON: as the strings `NaN`, `Infinity` and
+/// `-Infinity` (JSON numbers cannot hold them).
+pub mod floats {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(f32),
+        Text(String),
+    }
+
+    fn to_value(v: f32) -> Value {
+        if v.is_finite() {
+            Value::Number(v)
+        } else if v.is_nan() {
+            Value::Text("NaN".into())
+        } else if v > 0.0 {
+            Value::Text("Infinity".into())
+        } else {
+            Value::Text("-Infinity".into())
+        }
+    }
+
+    pub fn serialize<S: Serializer>(values: &Option<Vec<f32>>, s: S) -> Result<S::Ok, S::Error> {
+        values.as_ref().map(|v| v.iter().map(|&x| to_value(x)).collect::<Vec<_>>()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<f32>>, D::Error> {
+        let values: Option<Vec<Option<Value>>> = Option::deserialize(d)?;
+        values
+            .map(|v| {
+                v.into_iter()
+                    .map(|x| match x {
+                        Some(Value::Number(n)) => Ok(n),
+                        // Older records wrote non-finite values as `null`.
+                        None => Ok(f32::NAN),
+                        Some(Value::Text(t)) => match t.as_str() {
+                            "NaN" => Ok(f32::NAN),
+                            "Infinity" => Ok(f32::INFINITY),
+                            "-Infinity" => Ok(f32::NEG_INFINITY),
+                            other => Err(D::Error::custom(format!("`{other}` is not a number"))),
+                        },
+                    })
+                    .collect()
+            })
+            .transpose()
+    }
 }
 
 /// `GET /admin/audit`, newest first.
@@ -478,4 +545,46 @@ pub struct QueueModel {
 pub struct ModelsStats {
     pub models: Vec<ModelInfo>,
     pub health: Vec<ModelHealth>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_records_with_non_finite_actions_round_trip() {
+        let record = AuditRecord {
+            seq: 1,
+            time_unix_ms: 2,
+            request_id: "r".into(),
+            robot_id: "arm".into(),
+            robot_type: "t".into(),
+            model: "m".into(),
+            policy: "p".into(),
+            version: 1,
+            world: "safety".into(),
+            mode: "enforce".into(),
+            decision: "deny".into(),
+            applied: true,
+            code: None,
+            reason: None,
+            original_action: Some(vec![0.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY]),
+            final_action: None,
+            count: 3,
+            last_unix_ms: Some(9),
+        };
+        let json = serde_json::to_string(&record).expect("serialises");
+        assert!(json.contains(r#"[0.5,"NaN","Infinity","-Infinity"]"#), "{json}");
+        let back: AuditRecord = serde_json::from_str(&json).expect("reads back");
+        let values = back.original_action.clone().expect("kept");
+        assert!(values[1].is_nan() && values[2] == f32::INFINITY && values[3] == f32::NEG_INFINITY);
+        assert_eq!((back.count, back.last_unix_ms), (3, Some(9)));
+        // What older appliances wrote (non-finite as null, no count) still reads.
+        let old = json
+            .replace(r#""NaN","Infinity","-Infinity""#, "null,null,null")
+            .replace(r#","count":3,"last_unix_ms":9"#, "");
+        let back: AuditRecord = serde_json::from_str(&old).expect("reads old records");
+        assert_eq!(back.count, 1);
+        assert!(back.original_action.expect("kept")[1].is_nan());
+    }
 }

@@ -8,18 +8,17 @@
 //! Store writes flush to disk and model loads warm up: both run on the blocking pool.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use vla_api::{RegisterRobot, Robot, RobotKey, RobotList};
 
-use super::state::{AppState, Params, blocking};
+use super::state::{AdminBody, AppState, Params, blocking};
 use crate::error::ApiError;
 
 /// `POST /admin/robots`.
-pub async fn register_robot(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn register_robot(State(app): State<AppState>, AdminBody(body): AdminBody) -> Result<Response, ApiError> {
     let request: RegisterRobot = crate::validate::parse_json(&body)?;
     let store = app.store.clone();
     let key = blocking(move || Ok(crate::robots::register(&store, &request)?)).await?;
@@ -73,7 +72,7 @@ struct IndexRequest {
 }
 
 /// `POST /v2/repository/index`: every model in the repository, `READY` or `UNAVAILABLE`.
-pub async fn repository_index(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn repository_index(State(app): State<AppState>, AdminBody(body): AdminBody) -> Result<Response, ApiError> {
     let request: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
         IndexRequest::default()
     } else {

@@ -21,9 +21,10 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::body::{self, BodyLimits};
+use super::body;
 use crate::config::{ClientAuth, Config};
 use crate::error::ApiError;
+use crate::fair::PerRobot;
 use crate::store::{RobotRecord, Store};
 use crate::tls::PeerIdentity;
 
@@ -78,7 +79,9 @@ pub struct Authenticator {
     client_names: BTreeMap<String, String>,
     client_auth: ClientAuth,
     /// How much of a refused request's body is read before answering (see [`guard`]).
-    drain: BodyLimits,
+    refused_body_bytes: usize,
+    /// Each robot's requests in flight (`limits.max_in_flight_per_robot`).
+    in_flight: Arc<PerRobot>,
 }
 
 impl Authenticator {
@@ -94,10 +97,8 @@ impl Authenticator {
             metrics_hash,
             client_names: config.tls.client_names.clone(),
             client_auth: config.tls.client_auth,
-            drain: BodyLimits {
-                max_bytes: config.server.body_limit_bytes,
-                timeout: std::time::Duration::from_millis(config.server.read_timeout_ms),
-            },
+            refused_body_bytes: config.server.refused_body_bytes,
+            in_flight: PerRobot::new(config.limits.max_in_flight_per_robot),
         }
     }
 
@@ -210,24 +211,44 @@ pub async fn guard(State(auth): State<Arc<Authenticator>>, mut request: Request,
     if access == Access::Public {
         return next.run(request).await;
     }
-    if access == Access::Metrics {
-        return match auth.may_scrape(request.headers()) {
-            Ok(()) => next.run(request).await,
-            Err(e) => e.into_response(),
-        };
-    }
-    let caller = auth.authenticate(request.headers(), request.extensions().get::<PeerIdentity>());
-    let refusal = match (access, caller) {
-        (_, Err(e)) => e,
-        (Access::Admin, Ok(Caller::Robot(_))) => ApiError::Forbidden("this endpoint needs the admin token".into()),
-        (_, Ok(caller)) => {
-            request.extensions_mut().insert(caller);
-            return next.run(request).await;
+    let refusal = if access == Access::Metrics {
+        match auth.may_scrape(request.headers()) {
+            Ok(()) => return next.run(request).await,
+            Err(e) => e,
+        }
+    } else {
+        match (access, auth.authenticate(request.headers(), request.extensions().get::<PeerIdentity>())) {
+            (_, Err(e)) => e,
+            (Access::Admin, Ok(Caller::Robot(_))) => ApiError::Forbidden("this endpoint needs the admin token".into()),
+            (_, Ok(Caller::Robot(robot))) => match auth.in_flight.enter(&robot.robot_id) {
+                // Counted in until the answer is ready.
+                Some(_entered) => {
+                    request.extensions_mut().insert(Caller::Robot(robot));
+                    return next.run(request).await;
+                }
+                None => ApiError::TooManyInFlight { robot: robot.robot_id.clone(), limit: auth.in_flight.max() },
+            },
+            (_, Ok(caller)) => {
+                request.extensions_mut().insert(caller);
+                return next.run(request).await;
+            }
         }
     };
-    // A client still sending its body would otherwise see a reset instead of this answer.
-    body::drain(request.into_body(), auth.drain).await;
-    refusal.into_response()
+    refuse(request, refusal, auth.refused_body_bytes).await
+}
+
+/// Answers a request refused before its handler: a small body is read first (a client still
+/// sending it would otherwise see a reset instead of the answer); a large one is left unread
+/// and the connection closed, so a refused request costs its sender, not the appliance.
+pub async fn refuse(request: Request, refusal: ApiError, refused_body_bytes: usize) -> Response {
+    let version = request.version();
+    let (parts, body) = request.into_parts();
+    let read = body::discard(&parts.headers, body, refused_body_bytes).await;
+    let mut response = refusal.into_response();
+    if !read {
+        body::close_after(version, &mut response);
+    }
+    response
 }
 
 #[cfg(test)]

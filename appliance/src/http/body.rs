@@ -45,10 +45,43 @@ async fn read_within(body: Body, headers: &HeaderMap, limit: usize) -> Result<By
     }
 }
 
-/// Reads and discards what is left of a refused request's body (up to `limits.max_bytes`, for
-/// at most `limits.timeout`), so an HTTP/1.1 client still sending it reads the answer.
-pub async fn drain(body: Body, limits: BodyLimits) {
-    let _ = tokio::time::timeout(limits.timeout, Limited::new(body, limits.max_bytes).collect()).await;
+/// How long a refused request's small body may take to arrive before the answer goes out.
+const REFUSED_BODY_WAIT: Duration = Duration::from_secs(1);
+
+/// Reads and discards a refused request's body when it is small (`max_bytes` at most, declared
+/// or seen, arriving within a second), so an HTTP/1.1 client still sending it reads the answer
+/// instead of a reset; nothing of it is kept. Returns `false` when the body was left unread:
+/// the caller then closes the connection after answering (see [`close_after`]); on HTTP/2
+/// only the stream is reset.
+pub async fn discard(headers: &HeaderMap, body: Body, max_bytes: usize) -> bool {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_bytes as u64) {
+        return false;
+    }
+    let read = async {
+        let mut body = body;
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Some(data) = frame.data_ref() {
+                seen += data.len();
+                if seen > max_bytes {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    tokio::time::timeout(REFUSED_BODY_WAIT, read).await.unwrap_or(false)
+}
+
+/// Marks an HTTP/1.1 answer as the connection's last (`Connection: close`); HTTP/2 needs nothing
+/// (an unread request body resets only its stream).
+pub fn close_after(version: axum::http::Version, response: &mut axum::response::Response) {
+    if version <= axum::http::Version::HTTP_11 {
+        response.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
 }
 
 /// JSON bodies only; a missing content type is taken as JSON (robots sending with `curl -d`

@@ -29,6 +29,6 @@ pub mod routes;
 pub mod state;
 pub mod v1;
 
-pub use listener::{serve, serve_plain};
+pub use listener::{ListenerLimits, serve, serve_plain};
 pub use routes::{plain_metrics_router, router, routes};
 pub use state::AppState;

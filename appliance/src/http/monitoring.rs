@@ -50,6 +50,7 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
             ("deadline", stats.dropped_deadline),
             ("disconnect", stats.dropped_disconnect),
             ("queue_full", stats.rejected_queue_full),
+            ("evicted", stats.evicted),
         ] {
             catch_up(&m.dropped.with_label_values(&[name, reason]), total);
         }
@@ -60,11 +61,10 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
         m.worker_utilization.with_label_values(&[name]).set(if wall > 0.0 { busy * 100.0 / wall } else { 0.0 });
     }
     catch_up(&m.store_flushes, app.quotas.flushes());
-    let store_size = app.store.db().size_on_disk();
-    if let Ok(bytes) = &store_size {
-        m.store_size.set(*bytes as i64);
+    if let Ok(bytes) = app.store.db().and_then(|db| Ok(db.size_on_disk()?)) {
+        m.store_size.set(bytes as i64);
     }
-    for (component, healthy) in components(app, store_size.is_ok()) {
+    for (component, healthy) in components(app) {
         m.health.with_label_values(&[component]).set(i64::from(healthy));
     }
     // Quotas of registered robots: bounded by the registry.
@@ -90,11 +90,11 @@ fn utilization_percent(s: &vla_api::ModelStats) -> f64 {
     if s.queue_capacity == 0 { 0.0 } else { s.queue_depth as f64 * 100.0 / s.queue_capacity as f64 }
 }
 
-/// Each component and whether it is healthy; `store_ok`: the store answered.
-fn components(app: &AppState, store_ok: bool) -> [(&'static str, bool); 4] {
+/// Each component and whether it is healthy.
+fn components(app: &AppState) -> [(&'static str, bool); 4] {
     let policies_ok = app.policies.list().iter().all(|p| p.state == "ready" || !p.enabled);
     [
-        ("store", store_ok),
+        ("store", app.store.health().ok),
         ("models", app.models.is_serving()),
         ("policy_engine", policies_ok),
         ("gpu", app.gpu.stats().available),
@@ -105,7 +105,8 @@ fn components(app: &AppState, store_ok: bool) -> [(&'static str, bool); 4] {
 pub async fn health_detailed(State(app): State<AppState>) -> Response {
     let gpu = app.gpu.stats();
     let policies = app.policies.list();
-    let components = components(&app, app.store.db().size_on_disk().is_ok());
+    let components = components(&app);
+    let store = app.store.health();
     let serving = app.models.is_serving();
     let body = json!({
         "status": if app.is_shutting_down() { "shutting_down" } else if !serving { "unavailable" }
@@ -113,7 +114,12 @@ pub async fn health_detailed(State(app): State<AppState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": app.started.elapsed().as_secs_f64(),
         "components": {
-            "store": {"status": if components[0].1 { "ok" } else { "failing" }, "quota_durability": app.quotas.durability().to_string()},
+            "store": {
+                "status": if store.ok { "ok" } else { "failing" },
+                "problem": store.problem,
+                "reopened_after_faults": store.reopened,
+                "quota_durability": app.quotas.durability().to_string(),
+            },
             "models": {"status": if serving { "ok" } else { "unavailable" }, "models": app.models.health()},
             "policy_engine": {
                 "status": if components[2].1 { "ok" } else { "degraded" },
@@ -150,7 +156,7 @@ pub async fn queue_stats(State(app): State<AppState>) -> Json<QueueStats> {
                 computed: s.computed,
                 batches: s.batches,
                 mean_batch_size: if s.batches == 0 { 0.0 } else { s.computed as f64 / s.batches as f64 },
-                rejected_queue_full: s.rejected_queue_full,
+                rejected_queue_full: s.rejected_queue_full + s.evicted,
                 dropped_deadline: s.dropped_deadline,
                 dropped_disconnect: s.dropped_disconnect,
                 failed: s.failed,

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use vla_api::{AuditList, PolicyList, PolicyPatch};
 
 use super::body;
-use super::state::{AppState, Params, blocking};
+use super::state::{AdminBody, AppState, Params, blocking};
 use crate::error::ApiError;
 use crate::names::clip;
 use crate::policy::audit::{self, DEFAULT_LIMIT, MAX_LIMIT};
@@ -140,7 +140,11 @@ fn short(s: &str) -> String {
     clip(s, 40)
 }
 
-pub async fn patch(State(app): State<AppState>, params: Params, body: Bytes) -> Result<Response, ApiError> {
+pub async fn patch(
+    State(app): State<AppState>,
+    params: Params,
+    AdminBody(body): AdminBody,
+) -> Result<Response, ApiError> {
     let patch: PolicyPatch = crate::validate::parse_json(&body)?;
     let name = params.get("name").to_string();
     let policies = app.policies.clone();

@@ -8,11 +8,10 @@
 //! pool.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use vla_api::{QuotaLimits, QuotaList, RobotQuota};
 
-use super::state::{AppState, Params, blocking};
+use super::state::{AdminBody, AppState, Params, blocking};
 use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::quota::{Limits, Scope, robot_view};
@@ -45,7 +44,11 @@ pub async fn show(State(app): State<AppState>, params: Params) -> Result<Json<Ro
 
 /// `PUT`: replaces the robot's override; `{}` clears it. A field left out falls through to the
 /// configuration and then to the policy's defaults.
-pub async fn put(State(app): State<AppState>, params: Params, body: Bytes) -> Result<Json<RobotQuota>, ApiError> {
+pub async fn put(
+    State(app): State<AppState>,
+    params: Params,
+    AdminBody(body): AdminBody,
+) -> Result<Json<RobotQuota>, ApiError> {
     let robot_id = params.get("robot_id").to_string();
     let wire: QuotaLimits = crate::validate::parse_json(&body)?;
     let limits =

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{Method, Uri};
-use axum::response::Response;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
+use tokio::sync::Semaphore;
 
 use super::state::AppState;
 use super::{admin, auth, body, monitoring, oip, policies, quotas, v1};
@@ -76,13 +75,16 @@ pub fn router(state: AppState) -> Router {
     for (path, method_router) in routes() {
         router = router.route(path, method_router);
     }
+    let in_flight = Arc::new(Semaphore::new(state.config.server.max_in_flight));
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        // Outermost, so it runs before routing's 404/405 as well: nothing answers unauthenticated.
+        // Before routing's 404/405 as well: nothing answers unauthenticated.
         .layer(axum::middleware::from_fn_with_state(auth, auth::guard))
-        // Around the guard, so refused requests are counted too.
+        // Before authentication: an overloaded appliance refuses without looking further.
+        .layer(axum::middleware::from_fn_with_state(in_flight, bound_in_flight))
+        // Outermost, so refused requests are counted too.
         .layer(axum::middleware::from_fn_with_state(metrics, record_http))
 }
 
@@ -99,23 +101,43 @@ async fn record_http(
     next: axum::middleware::Next,
 ) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
+    // A fixed set: a request with a made-up method must not create a series.
+    let method = crate::metrics::method_label(request.method().as_str());
     let endpoint = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
     let error = response.extensions().get::<ErrorCount>().copied();
-    metrics.http(method.as_str(), &endpoint, response.status().as_u16(), started.elapsed(), error);
+    metrics.http(method, &endpoint, response.status().as_u16(), started.elapsed(), error);
     response
 }
 
-async fn not_found(State(app): State<AppState>, uri: Uri, body: Body) -> ApiError {
-    body::drain(body, app.body_limits()).await;
-    ApiError::RouteNotFound(crate::names::clip(uri.path(), 200))
+async fn not_found(State(app): State<AppState>, request: Request) -> Response {
+    let refusal = ApiError::RouteNotFound(crate::names::clip(request.uri().path(), 200));
+    auth::refuse(request, refusal, app.config.server.refused_body_bytes).await
 }
 
-async fn method_not_allowed(State(app): State<AppState>, method: Method, body: Body) -> ApiError {
-    body::drain(body, app.body_limits()).await;
-    ApiError::MethodNotAllowed(method.to_string())
+async fn method_not_allowed(State(app): State<AppState>, request: Request) -> Response {
+    let refusal = ApiError::MethodNotAllowed(crate::names::clip(request.method().as_str(), 20));
+    auth::refuse(request, refusal, app.config.server.refused_body_bytes).await
+}
+
+/// At most `server.max_in_flight` requests are handled at once; one more is answered 503
+/// `overloaded` at once, before any other work (authentication included).
+async fn bound_in_flight(
+    State(slots): State<Arc<Semaphore>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match slots.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            let version = request.version();
+            let mut response = ApiError::Overloaded.into_response();
+            // The body (if any) is not read: the client is told to come back later.
+            body::close_after(version, &mut response);
+            response
+        }
+    }
 }

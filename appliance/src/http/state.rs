@@ -89,6 +89,21 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
     }
 }
 
+/// An admin request's body, read within `server.admin_body_limit_bytes` and
+/// `server.read_timeout_ms` (413 and 408 beyond them).
+#[derive(Debug)]
+pub struct AdminBody(pub axum::body::Bytes);
+
+impl axum::extract::FromRequest<AppState> for AdminBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, app: &AppState) -> Result<Self, ApiError> {
+        let limits = app.body_limits().with_max_bytes(app.config.server.admin_body_limit_bytes);
+        let (parts, body) = request.into_parts();
+        super::body::read(&parts.headers, body, limits).await.map(AdminBody)
+    }
+}
+
 /// Runs `f` on the blocking pool (store writes that flush, model loads, compiles).
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,

@@ -21,6 +21,11 @@ use crate::error::{ApiError, rate_limit_headers};
 use crate::infer::{Request, Row};
 use crate::repository::Model;
 
+/// Bodies up to this size are parsed where they arrive (well under a millisecond).
+const SMALL_BODY_BYTES: usize = 64 * 1024;
+/// A large body waits for a CPU slot to be parsed at most this long (then 504).
+const PARSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `GET /health`: 200 while at least one model serves, else 503; the body lists every model.
 pub async fn health(State(app): State<AppState>) -> Response {
     let (status, code) = if app.is_shutting_down() {
@@ -73,8 +78,18 @@ async fn robot_inference(
     let robot = caller.robot()?.clone();
     body::check_json_content_type(&headers)?;
     let parse_started = Instant::now();
-    let request = crate::validate::parse_request(&body)?;
-    drop(body);
+    // A large body (a camera frame in base64) is parsed on the blocking pool: milliseconds of
+    // CPU that must not stall the async workers, `/health` and other robots with them.
+    let request = if body.len() <= SMALL_BODY_BYTES {
+        crate::validate::parse_request(&body)?
+    } else {
+        let deadline = Instant::now() + PARSE_WAIT;
+        app.pipeline
+            .on_cpu(&robot.robot_id, deadline, PARSE_WAIT.as_millis() as u64, move || {
+                crate::validate::parse_request(&body)
+            })
+            .await?
+    };
     // A key acts only as its own robot; the answer is the same whether the other id exists.
     if request.robot_id != robot.robot_id {
         return Err(ApiError::Forbidden(format!(

@@ -112,7 +112,9 @@ pub fn run_chain(
         let enforce = record.mode == Mode::Enforce;
         let m = env.metrics;
         match &outcome {
-            Ok(Decision::Deny(d)) if enforce => m.cached(Family::Rejections, &[&record.name, &d.code]).inc(),
+            Ok(Decision::Deny(d)) if enforce => {
+                m.cached(Family::Rejections, &[&record.name, &policy.health.code_label(&d.code)]).inc()
+            }
             Ok(Decision::Modify(_)) if enforce => m.cached(Family::Modifications, &[&record.name]).inc(),
             Err(f) => m.cached(Family::PolicyFailures, &[&record.name, f.kind()]).inc(),
             _ => {}
@@ -139,6 +141,8 @@ pub fn run_chain(
                 reason: reason.clone(),
                 original_action: current.as_ref().map(|a| a.values.clone()),
                 final_action: replacement,
+                count: 1,
+                last_unix_ms: None,
             });
         }
         if !enforce {
@@ -281,6 +285,16 @@ mod tests {
         assert!(check_decision(World::Safety, modify(other_kind), Some(&shown)).is_err());
         let admission = check_decision(World::Admission, modify(action(vec![0.1; 3])), None);
         assert!(matches!(admission, Err(Failure::InvalidOutput(m)) if m.contains("only for safety")));
+    }
+
+    #[test]
+    fn a_policy_names_at_most_sixteen_denial_codes_in_its_metrics() {
+        let health = crate::policy::types::Health::default();
+        for i in 0..16 {
+            assert_eq!(health.code_label(&format!("code-{i}")), format!("code-{i}"));
+        }
+        assert_eq!(health.code_label("code-99"), "other");
+        assert_eq!(health.code_label("code-3"), "code-3", "a code already named keeps its series");
     }
 
     #[test]

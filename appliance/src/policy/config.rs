@@ -32,6 +32,11 @@ pub struct PolicyConfig {
     pub breaker_failures: u32,
     /// Audit records kept; the oldest are dropped beyond this.
     pub audit_retention: u64,
+    /// Of those, the most one robot's records take; its own oldest are dropped beyond this.
+    pub audit_retention_per_robot: u64,
+    /// A denial (or failure) identical to the robot's previous record within this many ms of
+    /// that record's first is folded into it (its `count` goes up); 0 folds nothing.
+    pub audit_fold_ms: u64,
     /// Base64 ed25519 public keys; when any is set, uploads must carry a valid `signature`.
     pub trusted_keys: Vec<String>,
     /// Policies installed at start when none of that name is stored yet (an operator's later
@@ -90,6 +95,8 @@ impl Default for PolicyConfig {
             max_component_bytes: 8 * 1024 * 1024,
             breaker_failures: 5,
             audit_retention: 100_000,
+            audit_retention_per_robot: 10_000,
+            audit_fold_ms: 60_000,
             trusted_keys: Vec::new(),
             preload: vec![
                 // First: a flood is refused before any other policy spends time on it.
@@ -98,7 +105,7 @@ impl Default for PolicyConfig {
                     "admission",
                     0,
                     serde_json::json!({
-                        "exempt_instructions": ["stop", "stop *", "halt", "emergency stop*"],
+                        "exempt_instructions": ["stop", "halt", "emergency stop"],
                         "robot": {"rate": "50/s", "burst": 50}
                     }),
                 ),
@@ -157,6 +164,12 @@ pub fn check(p: &PolicyConfig) -> Result<(), (String, String)> {
     }
     if p.audit_retention == 0 {
         return invalid("audit_retention", "must be greater than 0");
+    }
+    if !(1..=p.audit_retention).contains(&p.audit_retention_per_robot) {
+        return invalid("audit_retention_per_robot", "must be 1 to policy.audit_retention");
+    }
+    if p.audit_fold_ms > 3_600_000 {
+        return invalid("audit_fold_ms", "must be at most 3600000 (an hour)");
     }
     for (i, key) in p.trusted_keys.iter().enumerate() {
         if let Err(problem) = parse_public_key(key) {

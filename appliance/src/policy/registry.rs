@@ -97,7 +97,8 @@ pub struct Policies {
     config: PolicyConfig,
     trusted_keys: Vec<[u8; 32]>,
     dir: PathBuf,
-    tree: sled::Tree,
+    /// Tree `policies` is asked of it for each change, never kept (see [`crate::store`]).
+    store: Arc<Store>,
     audit: Audit,
     set: RwLock<Arc<PolicySet>>,
     /// Counters and breaker per name, kept across versions.
@@ -119,7 +120,7 @@ impl Policies {
     pub fn open(
         config: &PolicyConfig,
         data_dir: &Path,
-        store: &Store,
+        store: &Arc<Store>,
         quotas: Arc<Quotas>,
         metrics: Arc<Metrics>,
         model: Option<&ModelSpec>,
@@ -129,14 +130,19 @@ impl Policies {
         let dir = data_dir.join("policies");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let trusted_keys = config.trusted_keys.iter().map(|k| parse_public_key(k)).collect::<Result<_, _>>()?;
-        let tree = store.db().open_tree("policies").map_err(|e| format!("store: {e}"))?;
-        let audit = Audit::open(store.db(), config.audit_retention).map_err(|e| e.to_string())?;
+        store.tree("policies").map_err(|e| e.to_string())?;
+        let bounds = super::audit::Bounds {
+            retention: config.audit_retention,
+            per_robot: config.audit_retention_per_robot,
+            fold_ms: config.audit_fold_ms,
+        };
+        let audit = Audit::open(store.clone(), bounds).map_err(|e| e.to_string())?;
         let policies = Policies {
             runtime: Arc::new(runtime),
             config: config.clone(),
             trusted_keys,
             dir,
-            tree,
+            store: store.clone(),
             audit,
             set: RwLock::new(Arc::new(PolicySet::default())),
             health: Mutex::new(HashMap::new()),
@@ -418,8 +424,9 @@ impl Policies {
         if let Some(name) = remove {
             batch.remove(name.as_bytes());
         }
-        self.tree.apply_batch(batch).map_err(StoreError::from)?;
-        self.tree.flush().map_err(StoreError::from)?;
+        let tree = self.store.tree("policies")?;
+        tree.apply_batch(batch).map_err(|e| self.store.fault(e))?;
+        tree.flush().map_err(|e| self.store.fault(e))?;
 
         let current = self.snapshot();
         let replaced = install.as_ref().map(|p| p.record.name.as_str());
@@ -563,7 +570,7 @@ impl Policies {
     /// compiles is installed broken: it fails closed until an operator replaces or deletes it.
     fn restore(&self) -> Result<(), String> {
         let mut installed = Vec::new();
-        for kv in self.tree.iter() {
+        for kv in self.store.tree("policies").map_err(|e| e.to_string())?.iter() {
             let (key, value) = kv.map_err(|e| format!("store: {e}"))?;
             let record: PolicyRecord = serde_json::from_slice(&value)
                 .map_err(|e| format!("store: corrupt policy record `{}`: {e}", String::from_utf8_lossy(&key)))?;

@@ -115,9 +115,29 @@ pub struct Health {
     /// Open: the policy is not called and (enforcing) every request it would see is denied,
     /// until an operator changes the policy (any PATCH or a new upload).
     pub open: AtomicBool,
+    /// The denial codes this policy's metrics name, at most [`MAX_CODE_LABELS`].
+    pub codes: std::sync::Mutex<Vec<String>>,
 }
 
+/// Denial codes one policy may give its own metric series; further codes count as `other`,
+/// so a policy (or a robot provoking it) cannot create series without end.
+pub const MAX_CODE_LABELS: usize = 16;
+
 impl Health {
+    /// The `violation_type` label for `code`: itself while the policy has used fewer than
+    /// [`MAX_CODE_LABELS`] codes (or used it before), else `other`.
+    pub fn code_label(&self, code: &str) -> String {
+        let mut codes = self.codes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if codes.iter().any(|c| c == code) {
+            return code.to_string();
+        }
+        if codes.len() < MAX_CODE_LABELS {
+            codes.push(code.to_string());
+            return code.to_string();
+        }
+        "other".into()
+    }
+
     pub fn stats(&self) -> vla_api::PolicyStats {
         let evaluations = self.evaluations.load(Ordering::Relaxed);
         vla_api::PolicyStats {

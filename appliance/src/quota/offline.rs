@@ -99,12 +99,13 @@ mod tests {
     #[test]
     fn an_unreadable_record_stops_the_open_and_export_reset_import_recover() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path().join("store")).open().unwrap();
+        let store = std::sync::Arc::new(crate::store::Store::open(dir.path()).unwrap());
+        let db = store.db().unwrap();
         let config = QuotaConfig::default();
         let good = State::Count { period: 1, count: 3, limit: 9 };
         db.open_tree("quota_state").unwrap().insert(b"robot\0r2\0day", good.encode()).unwrap();
         db.open_tree("quota_state").unwrap().insert(b"robot\0r1\0rate", &b"garbage"[..]).unwrap();
-        let err = Quotas::open(&db, &config).unwrap_err().to_string();
+        let err = Quotas::open(store.clone(), &config).unwrap_err().to_string();
         assert!(err.contains("robot/r1/rate") && err.contains("appliance quota reset"), "{err}");
 
         let (exported, skipped) = export(&db).unwrap();
@@ -117,7 +118,7 @@ mod tests {
             .is_err()
         );
         assert_eq!(import(&db, &exported), Ok(1));
-        let quotas = Quotas::open(&db, &config).unwrap();
+        let quotas = Quotas::open(store.clone(), &config).unwrap();
         assert_eq!(quotas.stored(Scope::Robot, "r2")[&Bucket::Day], good);
     }
 }

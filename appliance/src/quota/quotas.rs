@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use super::bucket::{self, Bucket, Scope, State, Status};
 use super::config::QuotaConfig;
 use super::limits::{Durability, Limits, decode_limits, encode_limits};
+use crate::store::{Store, StoreError};
 
 /// Mutexes serialising charges; a scope's key picks one.
 pub const STRIPES: usize = 64;
@@ -30,6 +31,8 @@ pub enum QuotaError {
     Corrupt { tree: &'static str, key: String, problem: String },
     #[error("quota state could not be written to disk: {0}")]
     NotDurable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// What the flusher publishes: every write up to `seq` is on disk; `error` while flushing fails.
@@ -51,8 +54,8 @@ struct Stripe {
 /// the store closes the database.
 #[derive(Debug)]
 struct Shared {
-    db: sled::Db,
-    state: sled::Tree,
+    /// Trees are asked of it for each flush, never kept (see [`crate::store`], faults).
+    store: Arc<Store>,
     stripes: Vec<Mutex<Stripe>>,
     /// Sequence number of the last change made in memory.
     written: AtomicU64,
@@ -66,7 +69,7 @@ impl Shared {
     /// Writes every dirty bucket in one sled batch and flushes the database (one fsync);
     /// returns the sequence number now durable. `retry` holds a failed batch's changes, which
     /// go first so that newer ones win.
-    fn flush(&self, retry: &mut Vec<(Vec<u8>, Option<State>)>) -> Result<u64, sled::Error> {
+    fn flush(&self, retry: &mut Vec<(Vec<u8>, Option<State>)>) -> Result<u64, QuotaError> {
         // Every change numbered up to `target` was made in its stripe, under the stripe's lock,
         // before it was numbered: taking each stripe's dirty set after this load sees it.
         let target = self.written.load(Ordering::Acquire);
@@ -82,8 +85,9 @@ impl Shared {
             }
         }
         let started = std::time::Instant::now();
-        self.state.apply_batch(batch)?;
-        self.db.flush()?;
+        let db = self.store.db()?;
+        db.open_tree("quota_state")?.apply_batch(batch).map_err(|e| self.store.fault(e))?;
+        db.flush().map_err(|e| self.store.fault(e))?;
         retry.clear();
         self.flushes.fetch_add(1, Ordering::Relaxed);
         if let Some(h) = self.flush_duration.get() {
@@ -97,7 +101,6 @@ impl Shared {
 #[derive(Debug)]
 pub struct Quotas {
     shared: Arc<Shared>,
-    limits: sled::Tree,
     /// The admin API's overrides, as in `quota_limits` (read on every charge, so kept here).
     overrides: RwLock<HashMap<(Scope, String), Limits>>,
     /// Serialises override writes (memory and disk in the same order).
@@ -129,9 +132,9 @@ pub struct Consumed {
 
 impl Quotas {
     /// Reads and checks every record of both trees into memory, and starts the flusher.
-    pub fn open(db: &sled::Db, config: &QuotaConfig) -> Result<Quotas, QuotaError> {
-        let state = db.open_tree("quota_state")?;
-        let limits = db.open_tree("quota_limits")?;
+    pub fn open(store: Arc<Store>, config: &QuotaConfig) -> Result<Quotas, QuotaError> {
+        let state = store.tree("quota_state")?;
+        let limits = store.tree("quota_limits")?;
         let stripes: Vec<Mutex<Stripe>> = (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect();
         for kv in state.iter() {
             let (k, v) = kv?;
@@ -168,9 +171,9 @@ impl Quotas {
         }
         let durability = config.durability.parse().unwrap_or(Durability::Sync);
         let (durable, _) = watch::channel(Durable::default());
+        drop((state, limits));
         let shared = Arc::new(Shared {
-            db: db.clone(),
-            state,
+            store,
             stripes,
             written: AtomicU64::new(0),
             durable,
@@ -180,7 +183,6 @@ impl Quotas {
         let flusher = spawn_flusher(Arc::downgrade(&shared), durability)?;
         Ok(Quotas {
             shared,
-            limits,
             overrides: RwLock::new(overrides),
             override_write: Mutex::new(()),
             configured,
@@ -331,11 +333,15 @@ impl Quotas {
     pub fn set_override(&self, scope: Scope, key: &str, limits: Option<Limits>) -> Result<(), QuotaError> {
         let _w = self.override_write.lock().unwrap_or_else(PoisonError::into_inner);
         let limits = limits.filter(|l| !l.is_empty());
+        let store = &self.shared.store;
+        let db = store.db()?;
+        let tree = db.open_tree("quota_limits")?;
         match &limits {
-            Some(l) => self.limits.insert(limits_key(scope, key), encode_limits(l))?,
-            None => self.limits.remove(limits_key(scope, key))?,
-        };
-        self.shared.db.flush()?;
+            Some(l) => tree.insert(limits_key(scope, key), encode_limits(l)),
+            None => tree.remove(limits_key(scope, key)),
+        }
+        .map_err(|e| store.fault(e))?;
+        db.flush().map_err(|e| store.fault(e))?;
         let mut overrides = self.overrides.write().unwrap_or_else(PoisonError::into_inner);
         match limits {
             Some(l) => overrides.insert((scope, key.to_string()), l),
@@ -591,9 +597,9 @@ mod tests {
 
     fn open(durability: &str) -> (tempfile::TempDir, Arc<Quotas>) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path().join("store")).open().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
         let config = QuotaConfig { durability: durability.into(), ..Default::default() };
-        (dir, Arc::new(Quotas::open(&db, &config).unwrap()))
+        (dir, Arc::new(Quotas::open(store, &config).unwrap()))
     }
 
     #[test]

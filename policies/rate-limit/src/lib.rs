@@ -55,8 +55,10 @@ pub struct TypeLimits {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Instructions never charged or limited (a stop must always get through): whole
-    /// instructions, case-insensitive, surrounding spaces ignored, `*` matching any run.
+    /// Instructions never refused (a stop must always get through), though charged like any
+    /// other while the buckets have room: whole instructions only, case-insensitive, surrounding
+    /// spaces ignored. No wildcards: a prefix would let "stop and pick up the red block" past
+    /// every limit.
     #[serde(default)]
     pub exempt_instructions: Vec<String>,
     /// Limits of every robot, and of every group.
@@ -72,8 +74,14 @@ pub struct Config {
 /// Parses and checks the config text, reporting the JSON path of the first problem.
 pub fn parse_config(json: &str) -> Result<Config, String> {
     let config: Config = guest_util::from_config(json)?;
-    if let Some(i) = config.exempt_instructions.iter().position(|p| p.trim().chars().all(|c| c == '*')) {
-        return Err(format!("exempt_instructions[{i}] is empty or only `*` (it would exempt every instruction)"));
+    if let Some(i) = config.exempt_instructions.iter().position(|p| p.trim().is_empty()) {
+        return Err(format!("exempt_instructions[{i}] is empty"));
+    }
+    if let Some(i) = config.exempt_instructions.iter().position(|p| p.contains('*')) {
+        return Err(format!(
+            "exempt_instructions[{i}] contains `*`: exemptions match whole instructions only (a pattern would let any \
+             instruction that starts like a stop past the limits)"
+        ));
     }
     let mut scopes = vec![("robot".to_string(), &config.robot), ("group".to_string(), &config.group)];
     for (t, l) in &config.robot_types {
@@ -136,24 +144,10 @@ fn merge(over: &ScopeLimits, under: &ScopeLimits) -> ScopeLimits {
     }
 }
 
-/// Whether the whole `text` matches `pattern`, `*` matching any run of characters.
-pub fn glob_matches(text: &str, pattern: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return text == pattern;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
+/// Whether `instruction` is one of `exempt`: whole, ignoring case and surrounding spaces.
+pub fn is_exempt(instruction: &str, exempt: &[String]) -> bool {
+    let instruction = instruction.trim();
+    exempt.iter().any(|e| e.trim().eq_ignore_ascii_case(instruction))
 }
 
 /// The policy: see the crate docs and README.md. `charge` is `quota.try-consume` for one
@@ -167,11 +161,7 @@ pub fn decide(
         Ok(config) => config,
         Err(problem) => return deny("bad_config", format!("invalid rate-limit config: {problem}")),
     };
-    let instruction = ctx.instruction.trim().to_lowercase();
-    if let Some(p) = config.exempt_instructions.iter().find(|p| glob_matches(&instruction, &p.trim().to_lowercase())) {
-        bindings_log(&format!("instruction exempt from rate limits by `{p}`"));
-        return Decision::Allow;
-    }
+    let exempt = is_exempt(&ctx.instruction, &config.exempt_instructions);
     let by_type = config.robot_types.get(&ctx.robot_type).cloned().unwrap_or_default();
     for (scope, mine, default, whose) in [
         (Scope::Robot, &by_type.robot, &config.robot, format!("robot `{}`", ctx.robot_id)),
@@ -180,6 +170,11 @@ pub fn decide(
         // Checked by `parse_config`.
         let Ok(defaults) = limits(&merge(mine, default)) else { continue };
         if let Err(status) = charge(scope, defaults) {
+            if exempt {
+                // Charged while there was room; past the limit, a stop still gets through.
+                bindings_log(&format!("stop instruction let through although {whose} is over its limits"));
+                continue;
+            }
             return refused(&whose, &status);
         }
     }
@@ -230,7 +225,7 @@ mod tests {
     use super::*;
 
     const CFG: &str = r#"{
-        "exempt_instructions": ["stop", "emergency stop*"],
+        "exempt_instructions": ["stop", "emergency stop"],
         "robot": {"rate": "10/min", "day": 1000},
         "group": {"rate": "100/min"},
         "robot_types": {"mobile": {"robot": {"rate": "2/s", "burst": 4}}}
@@ -303,18 +298,21 @@ mod tests {
     }
 
     #[test]
-    fn exempt_instructions_are_never_charged() {
-        for instruction in ["stop", "  STOP ", "emergency stop now"] {
-            let d = decide(CFG, &ctx("arm", instruction), |_, _| panic!("charged `{instruction}`"));
-            assert!(matches!(d, Decision::Allow));
+    fn exempt_instructions_are_charged_but_never_refused() {
+        for instruction in ["stop", "  STOP ", "Emergency Stop"] {
+            let mut charged = 0;
+            let d = decide(CFG, &ctx("arm", instruction), |_, _| {
+                charged += 1;
+                Err(status(Bucket::Day, 1_000))
+            });
+            assert!(matches!(d, Decision::Allow), "`{instruction}` refused");
+            assert_eq!(charged, 2, "`{instruction}` is charged like any request");
         }
-        // Whole instructions only: a request that merely mentions stopping is charged.
-        let mut charged = false;
-        decide(CFG, &ctx("arm", "do not stop"), |_, _| {
-            charged = true;
-            Ok(vec![])
-        });
-        assert!(charged);
+        // Whole instructions only: one that merely starts like a stop is refused at quota 0.
+        for instruction in ["stop and pick up the red block", "emergency stop now", "do not stop"] {
+            let d = decide(CFG, &ctx("arm", instruction), |_, _| Err(status(Bucket::Day, 1_000)));
+            assert!(matches!(d, Decision::Deny(Denial { ref code, .. }) if code == "quota_exhausted"), "{instruction}");
+        }
     }
 
     #[test]
@@ -326,20 +324,11 @@ mod tests {
                 .contains("robot_types.x.group.burst")
         );
         assert!(parse_config(r#"{"exempt_instructions": ["*"]}"#).is_err());
+        assert!(parse_config(r#"{"exempt_instructions": ["stop *"]}"#).unwrap_err().contains("exempt_instructions[0]"));
+        assert!(parse_config(r#"{"exempt_instructions": [" "]}"#).is_err());
         assert!(parse_config(r#"{"robot": {"day": -1}}"#).unwrap_err().contains("robot.day"));
         let d = decide(r#"{"robots": {}}"#, &ctx("arm", "x"), |_, _| Ok(vec![]));
         assert!(matches!(d, Decision::Deny(Denial { ref code, .. }) if code == "bad_config"));
-    }
-
-    #[test]
-    fn globs_match_whole_instructions() {
-        assert!(glob_matches("stop", "stop"));
-        assert!(!glob_matches("stop now", "stop"));
-        assert!(glob_matches("stop now", "stop*"));
-        assert!(glob_matches("please stop", "*stop"));
-        assert!(glob_matches("a-b-c", "a*b*c"));
-        assert!(!glob_matches("ab", "a*b*b"));
-        assert!(!glob_matches("ac", "a*b*c"));
     }
 
     #[test]

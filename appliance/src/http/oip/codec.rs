@@ -256,7 +256,19 @@ pub fn parse(
     let outputs = match &request.outputs {
         None => (0..spec.outputs.len()).map(|i| (i, binary_default)).collect(),
         Some(requested) => {
-            let mut chosen = Vec::with_capacity(requested.len());
+            // Each output at most once: the answer's size is bounded by the model's outputs.
+            if requested.len() > spec.outputs.len() {
+                return Err(ApiError::InvalidField {
+                    field: "outputs".into(),
+                    problem: format!(
+                        "{} outputs requested; model `{}` has {}",
+                        requested.len(),
+                        spec.name,
+                        spec.outputs.len()
+                    ),
+                });
+            }
+            let mut chosen: Vec<(usize, bool)> = Vec::with_capacity(requested.len());
             for o in requested {
                 let idx = spec.outputs.iter().position(|t| t.name == o.name).ok_or_else(|| ApiError::InvalidField {
                     field: "outputs".into(),
@@ -269,6 +281,12 @@ pub fn parse(
                         problem: "must be true or false".into(),
                     })?,
                 };
+                if chosen.iter().any(|&(i, _)| i == idx) {
+                    return Err(ApiError::InvalidField {
+                        field: "outputs".into(),
+                        problem: format!("`{}` is requested more than once", clip(&o.name, 80)),
+                    });
+                }
                 chosen.push((idx, binary));
             }
             chosen
@@ -601,6 +619,16 @@ mod tests {
         let err =
             parse(&state_only(json!([0, 1, 2, 3, 4, 5, "x"])), None, &spec(), &LimitsConfig::default()).unwrap_err();
         assert!(err.to_string().contains("element 6 is not a number"), "{err}");
+    }
+
+    #[test]
+    fn an_output_requested_twice_is_refused() {
+        let mut request: Value = serde_json::from_slice(&state_only(json!([0, 1, 2, 3, 4, 5, 6]))).unwrap();
+        request["outputs"] = json!([{"name": "action"}, {"name": "action"}]);
+        let body = Bytes::from(serde_json::to_vec(&request).unwrap());
+        let err = parse(&body, None, &spec(), &LimitsConfig::default()).unwrap_err();
+        assert_eq!(err.code(), "invalid_field");
+        assert!(err.to_string().contains("outputs"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,9 @@ use crate::infer::Request;
 use crate::repository::Model;
 use crate::spec::PLATFORM;
 
+/// Answers with up to this many output bytes are built where they are answered.
+const SMALL_ANSWER_BYTES: usize = 16 * 1024;
+
 fn model_of(app: &AppState, params: &Params) -> Result<Arc<Model>, ApiError> {
     let version = Some(params.get("version")).filter(|v| !v.is_empty());
     Ok(app.models.resolve_version(params.get("model"), version)?)
@@ -149,7 +152,7 @@ async fn infer_rows(
     let parsed = {
         let (spec, limits) = (model.spec.clone(), app.config.limits.clone());
         app.pipeline
-            .on_cpu(received + Duration::from_millis(default_ms), default_ms, move || {
+            .on_cpu(&robot.robot_id, received + Duration::from_millis(default_ms), default_ms, move || {
                 codec::parse(&body, header_len, &spec, &limits)
             })
             .await?
@@ -161,9 +164,19 @@ async fn infer_rows(
         Some(us) => us.div_ceil(1000).min(app.config.limits.max_deadline_ms),
     };
     let codec::Parsed { id, rows, outputs, .. } = parsed;
+    let robot_id = robot.robot_id.clone();
     let answer = app.pipeline.run(Request { robot, model, rows, priority, deadline_ms, received, parsed_in }).await?;
-    let mut response = codec::respond(&answer.model.spec, id, &outputs, &answer.rows, &answer.timing);
-    if let Some(status) = answer.quota {
+    let quota = answer.quota;
+    // A large answer (many rows, large outputs, as JSON numbers) is built on the blocking pool.
+    let row_bytes: usize = outputs.iter().map(|&(i, _)| answer.rows.first().map_or(0, |r| r.outputs[i].len())).sum();
+    let mut response = if row_bytes * answer.rows.len() <= SMALL_ANSWER_BYTES {
+        codec::respond(&answer.model.spec, id, &outputs, &answer.rows, &answer.timing)
+    } else {
+        let wait = Instant::now() + Duration::from_secs(1);
+        let respond = move || Ok(codec::respond(&answer.model.spec, id, &outputs, &answer.rows, &answer.timing));
+        app.pipeline.on_cpu(&robot_id, wait, 1_000, respond).await?
+    };
+    if let Some(status) = quota {
         rate_limit_headers(response.headers_mut(), &status);
     }
     Ok(response)
