@@ -74,6 +74,12 @@ fn run() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        // A file-size limit reached (systemd's LimitFSIZE, a full quota) must fail the write,
+        // which the store reports and recovers from, not kill the process: listening for
+        // SIGXFSZ replaces its default action.
+        #[cfg(target_os = "linux")]
+        let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25))
+            .context("listening for SIGXFSZ")?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding server.listen = {}", config.server.listen))?;

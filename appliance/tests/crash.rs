@@ -11,24 +11,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{ChildAppliance, appliance_binary};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
-use vla_api::RobotQuota;
-
-/// The appliance as a child process.
-struct Appliance {
-    child: Child,
-    client: reqwest::Client,
-    base: String,
-    token: String,
-}
 
 fn write_config(data: &Path, durability: &str) -> PathBuf {
     let repo = data.join("models");
@@ -63,68 +54,6 @@ config = {{ robot = {{ rate = "100000/s" }} }}
     path
 }
 
-fn binary(config: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_appliance"));
-    cmd.arg("--config").arg(config).env("APPLIANCE_LOG", "info");
-    cmd
-}
-
-impl Appliance {
-    /// Starts the binary and waits for it to serve (its log names the address).
-    fn start(config: &Path, data: &Path) -> Appliance {
-        let mut child = binary(config).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if !sent && let Some(at) = line.find("serving on https://") {
-                    let addr = line[at + "serving on https://".len()..].split_whitespace().next().unwrap().to_string();
-                    let _ = tx.send(addr);
-                    sent = true;
-                }
-            }
-        });
-        let addr: std::net::SocketAddr =
-            rx.recv_timeout(Duration::from_secs(120)).expect("the appliance serves").parse().unwrap();
-        let client = common::https_client(&data.join("tls/cert.pem"), addr);
-        let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
-        Appliance { child, client, base: format!("https://localhost:{}", addr.port()), token }
-    }
-
-    fn admin(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.client.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
-    }
-
-    async fn register(&self, robot: &str) -> String {
-        let r = self
-            .admin(Method::POST, "/admin/robots")
-            .json(&json!({"robot_id": robot, "robot_type": "ur5e"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        r.json::<vla_api::RobotKey>().await.unwrap().api_key
-    }
-
-    async fn infer(&self, robot: &str, key: &str) -> Result<reqwest::Response, reqwest::Error> {
-        let mut request = common::robot_request(1);
-        request.robot_id = robot.into();
-        self.client.post(format!("{}/v1/inference", self.base)).header("x-api-key", key).json(&request).send().await
-    }
-
-    async fn quota(&self, robot: &str) -> RobotQuota {
-        self.admin(Method::GET, &format!("/admin/quotas/{robot}")).send().await.unwrap().json().await.unwrap()
-    }
-
-    /// SIGKILL: no shutdown, no flush, nothing.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
 /// Acknowledged requests, with when each was acknowledged.
 struct Load {
     sent: AtomicU64,
@@ -134,7 +63,7 @@ struct Load {
 
 /// Runs 8 robots' worth of concurrent requests (one identity, `load-1`) for `duration`, then
 /// kills the appliance while they are in flight. Returns the load and when the kill happened.
-async fn load_then_kill(app: Appliance, key: String, duration: Duration) -> (Arc<Load>, Instant) {
+async fn load_then_kill(app: ChildAppliance, key: String, duration: Duration) -> (Arc<Load>, Instant) {
     let load = Arc::new(Load { sent: AtomicU64::new(0), acked: Default::default(), stop: AtomicBool::new(false) });
     let pid = app.child.id();
     let app = Arc::new(app);
@@ -170,7 +99,7 @@ async fn load_then_kill(app: Appliance, key: String, duration: Duration) -> (Arc
 async fn sync_durability_keeps_every_acknowledged_charge_across_kill_9() {
     let data = tempfile::tempdir().unwrap();
     let config = write_config(data.path(), "sync");
-    let app = Appliance::start(&config, data.path());
+    let app = ChildAppliance::start(&config, data.path());
     let key = app.register("load-1").await;
 
     // A robot limited to 10 per minute uses them up.
@@ -190,7 +119,7 @@ async fn sync_durability_keeps_every_acknowledged_charge_across_kill_9() {
     let sent = load.sent.load(Ordering::Relaxed);
     assert!(acked > 20, "the load must have been served: {acked} acknowledged");
 
-    let app = Appliance::start(&config, data.path());
+    let app = ChildAppliance::start(&config, data.path());
     let restarted = killed.elapsed();
     let used = app.quota("load-1").await.buckets.iter().find(|b| b.bucket == "day").unwrap().used;
     eprintln!("sync: sent {sent}, acknowledged {acked}, persisted {used}");
@@ -208,7 +137,7 @@ async fn sync_durability_keeps_every_acknowledged_charge_across_kill_9() {
 async fn interval_durability_loses_at_most_the_last_window_and_a_corrupt_store_refuses_to_start() {
     let data = tempfile::tempdir().unwrap();
     let config = write_config(data.path(), "interval:200");
-    let app = Appliance::start(&config, data.path());
+    let app = ChildAppliance::start(&config, data.path());
     let key = app.register("load-1").await;
     let (load, killed) = load_then_kill(app, key, Duration::from_secs(4)).await;
     // The promise: a charge acknowledged more than one interval (plus a flush) before the
@@ -218,7 +147,7 @@ async fn interval_durability_loses_at_most_the_last_window_and_a_corrupt_store_r
     let sent = load.sent.load(Ordering::Relaxed);
     assert!(acked_before_window > 10, "the load must have run past the window: {acked_before_window}");
 
-    let app = Appliance::start(&config, data.path());
+    let app = ChildAppliance::start(&config, data.path());
     let used = app.quota("load-1").await.buckets.iter().find(|b| b.bucket == "day").unwrap().used;
     let acked = load.acked.lock().unwrap().len();
     eprintln!(
@@ -234,23 +163,23 @@ async fn interval_durability_loses_at_most_the_last_window_and_a_corrupt_store_r
         db.open_tree("quota_state").unwrap().insert(b"robot\0load-1\0rate", &b"\x07garbage"[..]).unwrap();
         db.flush().unwrap();
     }
-    let out = binary(&config).output().unwrap();
+    let out = appliance_binary(&config).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("robot/load-1/rate") && stderr.contains("appliance quota reset"), "{stderr}");
 
-    let out = binary(&config).args(["quota", "export"]).output().unwrap();
+    let out = appliance_binary(&config).args(["quota", "export"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("robot/load-1/rate"));
     let export = data.path().join("quota.json");
     std::fs::write(&export, &out.stdout).unwrap();
-    let out = binary(&config).args(["quota", "reset", "--keep-limits"]).output().unwrap();
+    let out = appliance_binary(&config).args(["quota", "reset", "--keep-limits"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = binary(&config).args(["quota", "import"]).arg(&export).output().unwrap();
+    let out = appliance_binary(&config).args(["quota", "import"]).arg(&export).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // The readable usage came back; the unreadable record is gone.
-    let app = Appliance::start(&config, data.path());
+    let app = ChildAppliance::start(&config, data.path());
     let day = app.quota("load-1").await.buckets.into_iter().find(|b| b.bucket == "day").unwrap();
     assert_eq!(day.used, used);
     app.kill();

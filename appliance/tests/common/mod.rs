@@ -3,8 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::io::Cursor;
+use std::io::{BufRead, BufReader, Cursor};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -268,6 +269,86 @@ impl TestAppliance {
 impl Drop for TestAppliance {
     fn drop(&mut self) {
         self.signal_shutdown();
+    }
+}
+
+/// The real appliance binary as a child process, started on a configuration file.
+pub struct ChildAppliance {
+    pub child: std::process::Child,
+    pub client: reqwest::Client,
+    pub base: String,
+    pub token: String,
+    pub addr: std::net::SocketAddr,
+}
+
+/// The real `appliance` binary with `--config config`.
+pub fn appliance_binary(config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_appliance"));
+    cmd.arg("--config").arg(config).env("APPLIANCE_LOG", "info");
+    cmd
+}
+
+impl ChildAppliance {
+    /// Starts the binary and waits for it to serve (its log names the address).
+    pub fn start(config: &Path, data: &Path) -> ChildAppliance {
+        let mut child = appliance_binary(config).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if !sent && let Some(at) = line.find("serving on https://") {
+                    let addr = line[at + "serving on https://".len()..].split_whitespace().next().unwrap().to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        });
+        let addr: std::net::SocketAddr =
+            rx.recv_timeout(Duration::from_secs(120)).expect("the appliance serves").parse().unwrap();
+        let client = https_client(&data.join("tls/cert.pem"), addr);
+        let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+        ChildAppliance { child, client, base: format!("https://localhost:{}", addr.port()), token, addr }
+    }
+
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
+    }
+
+    pub async fn register(&self, robot: &str) -> String {
+        let r = self
+            .admin(reqwest::Method::POST, "/admin/robots")
+            .json(&serde_json::json!({"robot_id": robot, "robot_type": "ur5e"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+        r.json::<vla_api::RobotKey>().await.unwrap().api_key
+    }
+
+    pub async fn infer(&self, robot: &str, key: &str) -> Result<reqwest::Response, reqwest::Error> {
+        let mut request = robot_request(1);
+        request.robot_id = robot.into();
+        self.client.post(format!("{}/v1/inference", self.base)).header("x-api-key", key).json(&request).send().await
+    }
+
+    pub async fn quota(&self, robot: &str) -> vla_api::RobotQuota {
+        self.admin(reqwest::Method::GET, &format!("/admin/quotas/{robot}")).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// SIGKILL: no shutdown, no flush, nothing.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ChildAppliance {
+    /// A test that fails must not leave the appliance running (holding the test's output).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
