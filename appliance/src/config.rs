@@ -165,9 +165,10 @@ pub struct LimitsConfig {
     /// Requests one robot may have in flight at once; more get 429 `too_many_in_flight`.
     pub max_in_flight_per_robot: usize,
     /// CPU slots for request work on the blocking pool (parsing large bodies, decoding
-    /// images); 0: twice the cores.
+    /// images, large answers); 0: one per core (the work is CPU-bound).
     pub cpu_slots: usize,
-    /// Of those, the most one robot holds at once; 0: half of them (at least one).
+    /// Of those, the most one robot holds at once; 0: all but one (at least one), so another
+    /// robot always finds one free.
     pub cpu_slots_per_robot: usize,
     /// Pixels being decoded at once, across all requests (each frame holds its width × height
     /// until its tensor is made); at least `max_image_pixels`.
@@ -278,9 +279,12 @@ impl LimitsConfig {
 
     /// The CPU slots in all, and the most one robot holds (see the keys).
     pub fn cpu_slots(&self, cores: usize) -> (usize, usize) {
-        let all = if self.cpu_slots == 0 { cores.max(1) * 2 } else { self.cpu_slots };
-        let per_robot =
-            if self.cpu_slots_per_robot == 0 { (all / 2).max(1) } else { self.cpu_slots_per_robot.min(all) };
+        let all = if self.cpu_slots == 0 { cores.max(1) } else { self.cpu_slots };
+        let per_robot = if self.cpu_slots_per_robot == 0 {
+            all.saturating_sub(1).max(1)
+        } else {
+            self.cpu_slots_per_robot.min(all)
+        };
         (all, per_robot)
     }
 }

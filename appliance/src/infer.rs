@@ -40,7 +40,7 @@ use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model::{SampleOutputs, TensorData};
-use crate::policy::{Action, Policies, action_kind};
+use crate::policy::{Action, Policies, Refusal, action_kind};
 use crate::quota::Status;
 use crate::repository::{Model, Models};
 use crate::spec::ModelSpec;
@@ -62,6 +62,8 @@ pub struct Pipeline {
     pixels: Arc<Semaphore>,
     /// Set when shutdown begins: a closed batcher then means shutdown, not a reload.
     shutting_down: Arc<AtomicBool>,
+    /// Robots refused by a quota bucket, until it refills.
+    refusals: Refusals,
 }
 
 /// One request, parsed and checked by its endpoint.
@@ -163,6 +165,7 @@ impl Pipeline {
             cpu_slots: FairSlots::new(slots, per_robot),
             pixels: Arc::new(Semaphore::new(pixels)),
             shutting_down,
+            refusals: Refusals::default(),
         }
     }
 
@@ -206,13 +209,28 @@ impl Pipeline {
         let mut pending = Vec::with_capacity(n);
         // A request with a stop in any row is never refused by a full queue.
         let urgent = rows.iter().any(|r| self.limits.is_stop(&r.instruction));
+        // A robot its quota refused is refused again, without running the chain, until the
+        // bucket refills (a stop still runs it).
+        let memo = Memo { set: Arc::as_ptr(&set) as usize, quota_changes: self.policies.quotas().changes() };
+        if !urgent && let Some(refusal) = self.refusals.check(&robot.robot_id, now, memo) {
+            self.refused_again(&robot, &model.spec.name, &request_id, now, &refusal);
+            return Err(ApiError::PolicyRefused(refusal));
+        }
         for (i, row) in rows.into_iter().enumerate() {
             let id = if n == 1 { request_id.clone() } else { format!("{request_id}/{i}") };
             let ctx = crate::policy::context(&id, &robot, &model.spec.name, row.instruction, row.state, now);
             // Waiting for a policy slot ends at the deadline, like everything before the batch.
-            let passed = tokio::time::timeout_at(deadline.into(), self.policies.admit(&set, &ctx, &robot.group))
-                .await
-                .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
+            let admit = self.policies.admit(&set, &ctx, &robot.group);
+            let passed = match tokio::time::timeout_at(deadline.into(), admit).await {
+                Err(_) => return Err(ApiError::DeadlineExceeded { deadline_ms }),
+                Ok(Ok(passed)) => passed,
+                Ok(Err(refusal)) => {
+                    if !urgent {
+                        self.refusals.remember(&robot.robot_id, now, memo, &refusal);
+                    }
+                    return Err(ApiError::PolicyRefused(refusal));
+                }
+            };
             admitted.push((ctx, passed));
             pending.push(row.inputs);
         }
@@ -339,6 +357,37 @@ impl Pipeline {
         Ok((model, done))
     }
 
+    /// Counts and audits a request refused from the memo, as the chain would have: its
+    /// identical denial folds into the robot's audit record.
+    fn refused_again(&self, robot: &RobotRecord, model: &str, request_id: &str, now: u64, refusal: &Refusal) {
+        use crate::metrics::Family;
+        let m = &self.metrics;
+        m.cached(Family::SafetyChecks, &["deny"]).inc();
+        if let Some(status) = &refusal.rate_limit {
+            m.cached(Family::RateLimitHits, &[&robot.robot_id, status.bucket.as_str()]).inc();
+        }
+        self.policies.audit().append(vec![vla_api::AuditRecord {
+            seq: 0,
+            time_unix_ms: now,
+            request_id: request_id.into(),
+            robot_id: robot.robot_id.clone(),
+            robot_type: robot.robot_type.clone(),
+            model: model.into(),
+            policy: refusal.policy.clone(),
+            version: refusal.version,
+            world: "admission".into(),
+            mode: "enforce".into(),
+            decision: "deny".into(),
+            applied: true,
+            code: Some(refusal.code.clone()),
+            reason: Some(refusal.reason.clone()),
+            original_action: None,
+            final_action: None,
+            count: 1,
+            last_unix_ms: None,
+        }]);
+    }
+
     /// Counts and audits a row whose output the host refused.
     fn output_rejected(
         &self,
@@ -398,6 +447,58 @@ impl Input {
             Input::Ready(t) => t,
             Input::Image(_) => TensorData::F32(Vec::new()),
         }
+    }
+}
+
+/// What a remembered refusal was decided under: the policy set in force and the operator's
+/// quota changes; either changed, it no longer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Memo {
+    set: usize,
+    quota_changes: u64,
+}
+
+/// Robots a quota bucket refused, with the refusal, until the bucket refills. Bounded by the
+/// registered robots (only they reach admission).
+#[derive(Debug, Default)]
+struct Refusals {
+    by_robot: std::sync::Mutex<std::collections::HashMap<String, Remembered>>,
+}
+
+/// A refusal, until when it holds, and under what.
+type Remembered = (u64, Memo, Box<Refusal>);
+
+impl Refusals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Remembered>> {
+        self.by_robot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Remembers `refusal` when a quota bucket made it (a denial on content, or a failure, is
+    /// decided anew each time).
+    fn remember(&self, robot: &str, now_ms: u64, memo: Memo, refusal: &Refusal) {
+        if refusal.failed {
+            return;
+        }
+        let Some(status) = refusal.rate_limit else { return };
+        if status.retry_after_ms == 0 {
+            return;
+        }
+        self.lock().insert(robot.to_string(), (now_ms + status.retry_after_ms, memo, Box::new(refusal.clone())));
+    }
+
+    /// The refusal `robot` still has at `now_ms` under `memo`, with its wait brought up to date.
+    fn check(&self, robot: &str, now_ms: u64, memo: Memo) -> Option<Box<Refusal>> {
+        let mut by_robot = self.lock();
+        let (until, seen, refusal) = by_robot.get(robot)?;
+        if *until <= now_ms || *seen != memo {
+            by_robot.remove(robot);
+            return None;
+        }
+        let mut refusal = refusal.clone();
+        if let Some(status) = &mut refusal.rate_limit {
+            status.retry_after_ms = until - now_ms;
+        }
+        Some(refusal)
     }
 }
 

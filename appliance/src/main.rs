@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
+/// jemalloc returns freed memory to the system (see the workspace's Cargo.toml); libtorch's own
+/// allocations stay with the C allocator.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Edge inference appliance for robot cells.
 #[derive(Debug, Parser)]
 #[command(version)]

@@ -3,6 +3,7 @@
 //! SVG charts) that puts the two side by side. `src/main.rs` is the command line;
 //! `benches/micro.rs` holds the criterion micro-benchmarks.
 
+pub mod attacks;
 pub mod baseline;
 pub mod charts;
 pub mod fixtures;
@@ -11,5 +12,6 @@ pub mod machine;
 pub mod parts;
 pub mod report;
 pub mod server;
+pub mod soak;
 pub mod stats;
 pub mod suite;

@@ -8,12 +8,19 @@
 //!   part for a moment (the test suite does).
 //! - `bench policy`, `bench quota`, `bench metrics` — per-call distributions of the policy
 //!   sandbox, quota decisions and metric recording (see `src/parts.rs`).
+//! - `bench soak` — a long run at a share of saturation: errors and memory over time.
+//! - `bench attacks` — each hostile-client attack beside a 10 Hz victim robot (see
+//!   `src/attacks.rs`).
 //! - `bench serve` — the appliance itself, as the suite starts it (not for people).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+/// The appliance's allocator, so that `bench serve` runs it as the `appliance` binary does.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks of the appliance on this machine")]
@@ -82,6 +89,36 @@ enum Command {
         #[arg(long, default_value = "policies/dist")]
         dist: PathBuf,
     },
+    /// Each hostile-client attack for a few seconds beside a 10 Hz victim robot: the victim's
+    /// and `/health`'s p99, errors and the appliance's memory; writes attacks.json and
+    /// attacks.md.
+    Attacks {
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Seconds each attack runs.
+        #[arg(long, default_value = "4")]
+        seconds: f64,
+        /// Seconds of quiet after the last attack before the memory is read again.
+        #[arg(long, default_value = "60")]
+        settle: f64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// The shipped appliance at a share of its measured saturation for many minutes, open loop:
+    /// errors, latency and resident memory every minute; writes soak.json and soak.md.
+    Soak {
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        #[arg(long, default_value = "30")]
+        minutes: u64,
+        /// Share of the saturation throughput.
+        #[arg(long, default_value = "0.8")]
+        share: f64,
+        #[arg(long, default_value = "16")]
+        robots: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Runs the appliance with this configuration; prints `listening ADDR`, stops when stdin
     /// closes.
     #[command(hide = true)]
@@ -129,6 +166,16 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Serve { config } => return serve(&config),
+        Command::Soak { out, minutes, share, robots, device } => {
+            let report = bench::soak::run(&bench::soak::Options { out, minutes, share, robots, device })?;
+            println!("{}", report.markdown());
+            return Ok(());
+        }
+        Command::Attacks { out, seconds, settle, device } => {
+            let report = bench::attacks::run(&bench::attacks::Options { out, seconds, settle, device })?;
+            println!("{}", report.markdown());
+            return Ok(());
+        }
         Command::Policy { calls, dist } => bench::parts::policy(calls, &dist)?,
         Command::Quota { concurrency, seconds, dist } => bench::parts::quota(&concurrency, seconds, &dist)?,
         Command::Metrics { requests } => bench::parts::metrics(requests)?,

@@ -206,6 +206,19 @@ impl Appliance {
         Ok(())
     }
 
+    /// The appliance's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A request with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        let token_file = self.data.path().join("admin.token");
+        let token =
+            std::fs::read_to_string(&token_file).with_context(|| format!("reading {}", token_file.display()))?;
+        Ok(self.admin_client()?.request(method, self.url(path)).bearer_auth(token.trim()))
+    }
+
     /// CPU time the appliance has used so far, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
         crate::machine::cpu_seconds(Some(self.child.id()))

@@ -41,14 +41,19 @@ pub async fn upload(State(app): State<AppState>, request: Request) -> Result<Res
     let (parts, body) = request.into_parts();
     let limit = app.config.policy.max_component_bytes + UPLOAD_OVERHEAD_BYTES;
     let body = body::read(&parts.headers, body, app.body_limits().with_max_bytes(limit)).await?;
-    let multipart = Multipart::from_request(Request::from_parts(parts, Body::from(body)), &())
-        .await
-        .map_err(|e| ApiError::InvalidField { field: "body".into(), problem: e.body_text() })?;
-    let upload = read_upload(multipart).await?;
+    let upload = parse_upload(parts, body).await?;
     let policies = app.policies.clone();
     let (info, created) = blocking(move || Ok(policies.upload(upload)?)).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(info)).into_response())
+}
+
+/// The upload in a multipart body already read whole (`parts` carries its content type).
+pub async fn parse_upload(parts: axum::http::request::Parts, body: Bytes) -> Result<Upload, ApiError> {
+    let multipart = Multipart::from_request(Request::from_parts(parts, Body::from(body)), &())
+        .await
+        .map_err(|e| ApiError::InvalidField { field: "body".into(), problem: e.body_text() })?;
+    read_upload(multipart).await
 }
 
 async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {

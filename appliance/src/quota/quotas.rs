@@ -108,6 +108,9 @@ pub struct Quotas {
     configured: HashMap<(Scope, String), Limits>,
     durability: Durability,
     flusher: std::thread::Thread,
+    /// Counts operator changes (overrides set, usage reset): what was refused before one may
+    /// not be refused after it.
+    changes: AtomicU64,
 }
 
 /// A charge made for one request, to give back if the request is refused or fails.
@@ -188,11 +191,17 @@ impl Quotas {
             configured,
             durability,
             flusher,
+            changes: AtomicU64::new(0),
         })
     }
 
     pub fn durability(&self) -> Durability {
         self.durability
+    }
+
+    /// Operator changes so far (see the field).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     /// Observes every flush's duration into `histogram` from now on.
@@ -332,6 +341,7 @@ impl Quotas {
     /// Sets (or with `None` or empty limits, clears) the admin override; on disk before return.
     pub fn set_override(&self, scope: Scope, key: &str, limits: Option<Limits>) -> Result<(), QuotaError> {
         let _w = self.override_write.lock().unwrap_or_else(PoisonError::into_inner);
+        self.changes.fetch_add(1, Ordering::Relaxed);
         let limits = limits.filter(|l| !l.is_empty());
         let store = &self.shared.store;
         let db = store.db()?;
@@ -352,6 +362,7 @@ impl Quotas {
 
     /// Forgets the usage of `scope`/`key` (every bucket full); on disk before return.
     pub fn reset(&self, scope: Scope, key: &str) -> Result<(), QuotaError> {
+        self.changes.fetch_add(1, Ordering::Relaxed);
         let seq = {
             let mut stripe = self.lock(scope, key);
             for bucket in Bucket::ALL {

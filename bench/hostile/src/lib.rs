@@ -135,6 +135,62 @@ pub async fn closed_within<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// The connection attacks [`hold`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// TCP connected, nothing sent.
+    Silent,
+    /// TLS done, half the HTTP/2 preface sent.
+    HalfPreface,
+    /// HTTP/2 set up, then PINGs only.
+    PingOnly,
+}
+
+/// Keeps `n` connections of `kind` from [`ATTACKER`] open for `duration`, opening another
+/// whenever the appliance closes (or refuses) one. Returns how many it closed or refused.
+pub async fn hold(target: &Target, kind: Hold, n: usize, duration: Duration) -> u64 {
+    let until = Instant::now() + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let target = target.clone();
+        tasks.spawn(async move {
+            let mut closed = 0u64;
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                let ended = match kind {
+                    Hold::Silent => match target.tcp(ATTACKER).await {
+                        Ok(mut s) => closed_within(&mut s, left, false).await,
+                        Err(_) => Some(Duration::ZERO),
+                    },
+                    Hold::HalfPreface => match target.half_preface(ATTACKER).await {
+                        Ok(mut s) => closed_within(&mut s, left, false).await,
+                        Err(_) => Some(Duration::ZERO),
+                    },
+                    Hold::PingOnly => match target.ping_only(ATTACKER).await {
+                        Ok(mut s) => closed_within(&mut s, left, true).await,
+                        Err(_) => Some(Duration::ZERO),
+                    },
+                };
+                match ended {
+                    Some(after) => {
+                        closed += 1;
+                        // Refused at once: do not spin.
+                        if after < Duration::from_millis(10) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            closed
+        });
+    }
+    let mut closed = 0;
+    while let Some(c) = tasks.join_next().await {
+        closed += c.unwrap_or(0);
+    }
+    closed
+}
+
 /// Answers counted by status and error code (`200`, `429 rate_limited`, `error: …`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tally(pub BTreeMap<String, u64>);

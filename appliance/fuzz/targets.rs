@@ -1,0 +1,73 @@
+//! What each fuzz target does with its input, shared by the fuzz targets (`cargo fuzz`, see
+//! README.md here) and by `tests/fuzz_corpus.rs`, which replays the corpus and every input the
+//! fuzzers found on stable Rust in `cargo test`. None of these may panic, whatever the bytes.
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use appliance::config::LimitsConfig;
+use appliance::spec::ModelSpec;
+
+fn spec() -> &'static ModelSpec {
+    static SPEC: OnceLock<ModelSpec> = OnceLock::new();
+    SPEC.get_or_init(|| ModelSpec::parse(appliance::demo::MODEL_TOML, appliance::demo::NAME).expect("the demo spec"))
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().expect("a runtime"))
+}
+
+/// A `/v1/inference` body: parsed, checked against the demo model, its image decoded.
+pub fn v1_body(data: &[u8]) {
+    let limits = LimitsConfig::default();
+    let Ok(request) = appliance::validate::parse_request(data) else { return };
+    if appliance::validate::check_request(&request, spec(), &limits, vla_api::Priority::Normal).is_err() {
+        return;
+    }
+    if let Ok(file) = appliance::preprocess::base64_file(&request.image, &limits) {
+        image(&file);
+    }
+}
+
+/// An OIP infer body: the first two bytes say where the JSON header ends (the binary tensor
+/// extension; `0xffff`: no binary part), the rest is the body.
+pub fn oip_request(data: &[u8]) {
+    let Some((len, body)) = data.split_first_chunk::<2>() else { return };
+    let len = u16::from_le_bytes(*len);
+    let header_len = (len != u16::MAX).then_some(usize::from(len));
+    let body = bytes::Bytes::copy_from_slice(body);
+    let Ok(header_len) =
+        appliance::http::oip::codec::header_length(header_len.map(axum::http::HeaderValue::from).as_ref(), body.len())
+    else {
+        return;
+    };
+    let _ = appliance::http::oip::codec::parse(&body, header_len, spec(), &LimitsConfig::default());
+}
+
+/// A policy upload's multipart body (boundary `fuzz`).
+pub fn multipart_upload(data: &[u8]) {
+    let request = axum::http::Request::builder()
+        .method("POST")
+        .uri("/admin/policies")
+        .header("content-type", "multipart/form-data; boundary=fuzz")
+        .body(())
+        .expect("a request");
+    let (parts, ()) = request.into_parts();
+    let body = bytes::Bytes::copy_from_slice(data);
+    let _ = runtime().block_on(appliance::http::policies::parse_upload(parts, body));
+}
+
+/// An encoded camera frame: its header read within the limits, then decoded and normalised
+/// when it is small enough to be quick.
+pub fn image(data: &[u8]) {
+    let limits = LimitsConfig::default();
+    let Ok(probe) = appliance::preprocess::probe(data, &limits) else { return };
+    if probe.pixels() > 1 << 20 {
+        return;
+    }
+    if let Ok(decoded) = appliance::preprocess::decode_probed(data, &probe) {
+        let _ = appliance::preprocess::image_tensor(&decoded, &spec().preprocess.image);
+    }
+}
