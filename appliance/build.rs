@@ -5,8 +5,9 @@
 //! `libtorch_cuda` as a needed library even though no symbol of it is referenced directly:
 //! without it the CUDA backend is never registered and a GPU would go unused.
 //!
-//! It also compiles `cuda/memory.cpp` against that libtorch's headers: the CUDA caching
-//! allocator's statistics, which tch does not expose (see `src/cuda_memory.rs`).
+//! It also compiles two C++ shims against that libtorch's headers: `cuda/memory.cpp`, the CUDA
+//! caching allocator's statistics, which tch does not expose (see `src/cuda_memory.rs`), and
+//! `aoti/package.cpp`, AOTInductor packages, which tch does not load (see `src/aoti.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -19,12 +20,37 @@ fn main() {
     // The bench shares this script for the search path; the appliance's library brings the shim.
     if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("appliance") {
         compile_cuda_memory(&lib);
+        compile_aoti(&lib);
     }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// A C++ build against the venv's libtorch headers, with the ABI its wheel was built with.
+fn libtorch_cpp(lib: &Path) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .include(lib.join("../include"))
+        .include(lib.join("../include/torch/csrc/api/include"))
+        // The ABI every PyPI torch wheel since 2.7 is built with (we pin 2.11).
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        // libtorch's own headers trip these.
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations");
+    build
+}
+
+/// `aoti/package.cpp`: AOTInductor packages, which tch does not load (see `src/aoti.rs`).
+fn compile_aoti(lib: &Path) {
+    println!("cargo:rerun-if-changed=aoti/package.cpp");
+    libtorch_cpp(lib).file("aoti/package.cpp").compile("vla_aoti");
 }
 
 fn compile_cuda_memory(lib: &Path) {

@@ -5,6 +5,8 @@
 #     requirements.txt
 #   - the wasm32-unknown-unknown and wasm32-wasip2 Rust targets (policy crates)
 #   - the policy components in policies/dist (policies/build.sh; incremental)
+#   - the second demo model, tiny-pi, exported into models/build (models/export.py; again only
+#     when its sources change)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -24,7 +26,7 @@ fi
 
 python="${PYTHON:-python3}"
 if ! .venv/bin/python - <<'PY' 2>/dev/null
-import sys, torch, tritonclient.http
+import sys, tokenizers, torch, tritonclient.http
 sys.exit(0 if torch.__version__.split("+")[0] == "2.11.0" else 1)
 PY
 then
@@ -44,3 +46,13 @@ done
 
 echo "setup: building the policy components (policies/build.sh)"
 policies/build.sh
+
+# tiny-pi: trained tokenizer, AOTInductor package and TorchScript module, checked against
+# PyTorch by the export itself (a minute or two, once).
+stamp="$(cat models/export.py models/tiny_pi.py scripts/requirements.txt | sha256sum | cut -d' ' -f1)"
+if [ "$(cat models/build/.source 2>/dev/null)" != "$stamp" ]; then
+    echo "setup: exporting the tiny-pi demo model (models/export.py models/tiny_pi.py models/build)"
+    rm -rf models/build
+    .venv/bin/python models/export.py models/tiny_pi.py models/build
+    echo "$stamp" > models/build/.source
+fi

@@ -14,6 +14,13 @@ fn spec() -> &'static ModelSpec {
     SPEC.get_or_init(|| ModelSpec::parse(appliance::demo::MODEL_TOML, appliance::demo::NAME).expect("the demo spec"))
 }
 
+fn text() -> &'static appliance::text::TextEncoder {
+    static TEXT: OnceLock<appliance::text::TextEncoder> = OnceLock::new();
+    TEXT.get_or_init(|| {
+        appliance::text::TextEncoder::load(std::path::Path::new("."), spec()).expect("the demo encoder")
+    })
+}
+
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().expect("a runtime"))
@@ -26,9 +33,16 @@ pub fn v1_body(data: &[u8]) {
     if appliance::validate::check_request(&request, spec(), &limits, vla_api::Priority::Normal).is_err() {
         return;
     }
-    if let Ok(file) = appliance::preprocess::base64_file(&request.image, &limits) {
-        image(&file);
+    let frames = request.images.values().filter_map(|f| match f {
+        vla_api::FrameWire::Encoded(b64) => Some(b64.as_str()),
+        vla_api::FrameWire::Raw { .. } => None,
+    });
+    for field in request.image.as_deref().into_iter().chain(frames) {
+        if let Ok(file) = appliance::preprocess::base64_file(field, &limits) {
+            image(&file);
+        }
     }
+    let _ = text().encode(&request.instruction);
 }
 
 /// An OIP infer body: the first two bytes say where the JSON header ends (the binary tensor
@@ -43,7 +57,7 @@ pub fn oip_request(data: &[u8]) {
     else {
         return;
     };
-    let _ = appliance::http::oip::codec::parse(&body, header_len, spec(), &LimitsConfig::default());
+    let _ = appliance::http::oip::codec::parse(&body, header_len, spec(), text(), &LimitsConfig::default());
 }
 
 /// A policy upload's multipart body (boundary `fuzz`).
@@ -68,6 +82,6 @@ pub fn image(data: &[u8]) {
         return;
     }
     if let Ok(decoded) = appliance::preprocess::decode_probed(data, &probe) {
-        let _ = appliance::preprocess::image_tensor(&decoded, &spec().preprocess.image);
+        let _ = appliance::preprocess::image_tensor(&decoded, &spec().cameras[0]);
     }
 }

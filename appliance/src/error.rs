@@ -12,10 +12,12 @@ use crate::batcher::JobError;
 use crate::clock::Throttle;
 use crate::metrics::ErrorCount;
 use crate::policy::{ChangeError, Refusal};
+use crate::preprocess::FrameError;
 use crate::quota::{QuotaError, Status};
 use crate::repository::ResolveError;
 use crate::robots::RegistryError;
 use crate::store::StoreError;
+use crate::text::TextError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -31,16 +33,20 @@ pub enum ApiError {
     BodyRead(String),
     #[error("the request body did not arrive within {timeout_ms} ms")]
     BodyTimeout { timeout_ms: u64 },
-    #[error("field `image`: the image is {bytes} bytes, more than the limit of {limit} bytes")]
-    ImageTooLarge { bytes: usize, limit: usize },
-    #[error("field `image`: the image is {width}x{height} pixels, more than the limit of {limit} pixels")]
-    ImageDimensionsTooLarge { width: u32, height: u32, limit: u64 },
-    #[error("field `image`: not valid base64: {0}")]
-    InvalidBase64(String),
-    #[error("field `image`: not a JPEG or PNG image")]
-    UnsupportedImageFormat,
-    #[error("field `image`: the {format} image could not be decoded: {reason}")]
-    ImageDecode { format: &'static str, reason: String },
+    #[error("field `{field}`: the image is {bytes} bytes, more than the limit of {limit} bytes")]
+    ImageTooLarge { field: String, bytes: usize, limit: usize },
+    #[error("field `{field}`: the image is {width}x{height} pixels, more than the limit of {limit} pixels")]
+    ImageDimensionsTooLarge { field: String, width: u32, height: u32, limit: u64 },
+    #[error("field `{field}`: not valid base64: {reason}")]
+    InvalidBase64 { field: String, reason: String },
+    #[error("field `{field}`: not a JPEG or PNG image")]
+    UnsupportedImageFormat { field: String },
+    #[error("field `{field}`: {reason}")]
+    ImageDecode { field: String, reason: String },
+    #[error("field `images.{camera}`: model `{model}` needs a frame from camera `{camera}`")]
+    CameraMissing { model: String, camera: String },
+    #[error("field `{field}`: {reason}")]
+    InstructionTooLong { field: String, reason: String },
     #[error("field `state`: model `{model}` expects {expected} values, got {got}")]
     StateLength { model: String, expected: usize, got: usize },
     #[error("field `{field}`: {problem}")]
@@ -119,8 +125,10 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::ImageTooLarge { .. } => "image_too_large",
             ApiError::ImageDimensionsTooLarge { .. } => "image_dimensions_too_large",
-            ApiError::InvalidBase64(_) => "invalid_base64",
-            ApiError::UnsupportedImageFormat => "unsupported_image_format",
+            ApiError::InvalidBase64 { .. } => "invalid_base64",
+            ApiError::UnsupportedImageFormat { .. } => "unsupported_image_format",
+            ApiError::CameraMissing { .. } => "camera_missing",
+            ApiError::InstructionTooLong { .. } => "instruction_too_long",
             ApiError::ImageDecode { .. } => "image_decode_failed",
             ApiError::StateLength { .. } => "state_length_mismatch",
             ApiError::InvalidValue { .. } => "invalid_value",
@@ -174,9 +182,11 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::BodyTooLarge { .. } | ApiError::ImageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::ImageDimensionsTooLarge { .. }
-            | ApiError::InvalidBase64(_)
-            | ApiError::UnsupportedImageFormat
+            | ApiError::InvalidBase64 { .. }
+            | ApiError::UnsupportedImageFormat { .. }
             | ApiError::ImageDecode { .. }
+            | ApiError::CameraMissing { .. }
+            | ApiError::InstructionTooLong { .. }
             | ApiError::StateLength { .. }
             | ApiError::InvalidValue { .. }
             | ApiError::PolicyRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -227,6 +237,8 @@ impl ApiError {
                 | ApiError::InvalidValue { .. }
                 | ApiError::InvalidTensor { .. }
                 | ApiError::InferenceHeader(_)
+                | ApiError::CameraMissing { .. }
+                | ApiError::InstructionTooLong { .. }
         ) || self.is_image()
     }
 
@@ -236,8 +248,8 @@ impl ApiError {
             self,
             ApiError::ImageTooLarge { .. }
                 | ApiError::ImageDimensionsTooLarge { .. }
-                | ApiError::InvalidBase64(_)
-                | ApiError::UnsupportedImageFormat
+                | ApiError::InvalidBase64 { .. }
+                | ApiError::UnsupportedImageFormat { .. }
                 | ApiError::ImageDecode { .. }
         )
     }
@@ -245,6 +257,30 @@ impl ApiError {
     /// What the metrics count this answer as.
     pub fn counts(&self) -> ErrorCount {
         ErrorCount { code: self.code(), validation: self.is_validation(), image: self.is_image() }
+    }
+
+    /// A frame's problem, named by the field it came in (`image`, `images.wrist`, an OIP input).
+    pub fn from_frame(field: &str, e: FrameError) -> ApiError {
+        let field = field.to_string();
+        match e {
+            FrameError::TooLarge { bytes, limit } => ApiError::ImageTooLarge { field, bytes, limit },
+            FrameError::TooManyPixels { width, height, limit } => {
+                ApiError::ImageDimensionsTooLarge { field, width, height, limit }
+            }
+            FrameError::Base64(reason) => ApiError::InvalidBase64 { field, reason },
+            FrameError::Format => ApiError::UnsupportedImageFormat { field },
+            e @ (FrameError::Decode { .. } | FrameError::Raw(_)) => {
+                ApiError::ImageDecode { field, reason: e.to_string() }
+            }
+        }
+    }
+
+    /// An instruction that has no tokens, named by its field.
+    pub fn from_text(field: &str, e: TextError) -> ApiError {
+        match e {
+            TextError::TooLong { .. } => ApiError::InstructionTooLong { field: field.into(), reason: e.to_string() },
+            TextError::Tokenizer(reason) => ApiError::InvalidValue { field: field.into(), problem: reason },
+        }
     }
 
     /// A batcher's answer for a request to `model` with a deadline of `deadline_ms`.
@@ -406,7 +442,7 @@ mod tests {
 
     #[test]
     fn categories_come_from_the_variant() {
-        let image = ApiError::UnsupportedImageFormat;
+        let image = ApiError::UnsupportedImageFormat { field: "image".into() };
         assert!(image.is_image() && image.is_validation());
         assert_eq!(image.request_status(), "invalid");
         let full = ApiError::QueueFull { model: "m".into(), capacity: 1, retry_after_s: 1 };

@@ -86,39 +86,236 @@ pub struct Request {
 #[derive(Debug)]
 pub struct Row {
     pub instruction: String,
+    /// As the robot sent it (the model's input is normalised).
     pub state: Vec<f32>,
     pub inputs: Vec<Input>,
+    /// The noise seed the robot asked for; else the pipeline picks one.
+    pub seed: Option<u64>,
 }
 
-/// One input of a row: a tensor ready for the batch, or an encoded camera image to decode.
+/// One input of a row: a tensor ready for the batch, a camera frame to decode, or noise the
+/// host makes from the row's seed.
 #[derive(Debug)]
 pub enum Input {
     Ready(TensorData),
-    Image(Encoded),
+    Frame { camera: usize, field: String, frame: Frame },
+    Noise,
 }
 
-/// An encoded JPEG or PNG as it arrived.
+/// A camera frame as it arrived.
 #[derive(Debug)]
-pub enum Encoded {
-    /// Base64 text, optionally a `data:image/…;base64,` URL (JSON bodies).
+pub enum Frame {
+    /// An encoded JPEG or PNG as base64 text, optionally a `data:image/…;base64,` URL (JSON).
     Base64(String),
-    /// The file's bytes (binary OIP tensors): a slice of the request body, not a copy.
-    Raw(Bytes),
+    /// An encoded file's bytes (binary OIP tensors): a slice of the request body, not a copy.
+    File(Bytes),
+    /// Raw RGB pixels, base64 text (`"encoding": "rgb8"`).
+    Rgb8 { width: u32, height: u32, base64: String },
+}
+
+impl Frame {
+    /// The frame a robot's JSON sent (`"<base64>"` or `{"encoding": "rgb8", …}`).
+    pub fn from_wire(wire: vla_api::FrameWire, field: &str) -> Result<Frame, ApiError> {
+        match wire {
+            vla_api::FrameWire::Encoded(text) => Ok(Frame::Base64(text)),
+            vla_api::FrameWire::Raw { encoding, width, height, data } if encoding == "rgb8" => {
+                Ok(Frame::Rgb8 { width, height, base64: data })
+            }
+            vla_api::FrameWire::Raw { encoding, .. } => Err(ApiError::InvalidField {
+                field: format!("{field}.encoding"),
+                problem: format!(
+                    "`{}` is not served; send `rgb8`, or the JPEG/PNG file as base64",
+                    crate::names::clip(&encoding, 40)
+                ),
+            }),
+        }
+    }
+}
+
+/// What a robot sent for one row, before it is checked against the model.
+#[derive(Debug)]
+pub struct RobotRow {
+    /// `image` (the one-camera models' field), if sent.
+    pub image: Option<String>,
+    /// `images`, by camera name.
+    pub images: std::collections::BTreeMap<String, vla_api::FrameWire>,
+    pub instruction: String,
+    pub state: Vec<f32>,
+    /// `extra`, by extra input name.
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
+    pub seed: Option<u64>,
 }
 
 impl Row {
-    /// A robot endpoint row: the image to decode, the instruction as the model's tokens, the
-    /// state as sent.
-    pub fn robot(spec: &ModelSpec, image: String, instruction: String, state: Vec<f32>) -> Row {
-        let pos = spec.robot_inputs();
-        let mut inputs: Vec<Input> =
-            (0..spec.inputs.len()).map(|_| Input::Ready(TensorData::F32(Vec::new()))).collect();
-        inputs[pos.image] = Input::Image(Encoded::Base64(image));
-        inputs[pos.instruction] =
-            Input::Ready(TensorData::I64(crate::preprocess::instruction_tokens(&instruction, spec.instruction_len())));
-        inputs[pos.state] = Input::Ready(TensorData::F32(state.clone()));
-        Row { instruction, state, inputs }
+    /// A robot's row, checked against `model` (cameras, instruction tokens, state, extra
+    /// inputs), every input but the frames and the noise ready for the batch. Cheap: nothing
+    /// is decoded.
+    pub fn robot(model: &Model, sent: RobotRow) -> Result<Row, ApiError> {
+        use crate::spec::Feed;
+        let spec = &model.spec;
+        let RobotRow { image, mut images, instruction, state, mut extra, seed } = sent;
+        if let Some(image) = image {
+            let camera = match spec.cameras.len() {
+                1 => &spec.cameras[0],
+                _ => {
+                    return Err(ApiError::InvalidField {
+                        field: "image".into(),
+                        problem: format!(
+                            "model `{}` has {} cameras ({}): send `images` by camera name",
+                            spec.name,
+                            spec.cameras.len(),
+                            camera_names(spec)
+                        ),
+                    });
+                }
+            };
+            if images.contains_key(&camera.name) {
+                return Err(ApiError::InvalidField {
+                    field: "image".into(),
+                    problem: format!("camera `{}` is also in `images`: send it once", camera.name),
+                });
+            }
+            images.insert(camera.name.clone(), vla_api::FrameWire::Encoded(image));
+        }
+        if let Some(unknown) = images.keys().find(|n| !spec.cameras.iter().any(|c| &&c.name == n)) {
+            return Err(ApiError::InvalidField {
+                field: format!("images.{}", crate::names::clip(unknown, 40)),
+                problem: format!("not a camera of model `{}` (cameras: {})", spec.name, camera_names(spec)),
+            });
+        }
+        if let Some(unknown) = extra.keys().find(|n| !spec.extra_inputs.iter().any(|e| &&e.name == n)) {
+            return Err(ApiError::InvalidField {
+                field: format!("extra.{}", crate::names::clip(unknown, 40)),
+                problem: format!("not an extra input of model `{}`", spec.name),
+            });
+        }
+        let tokens = model.text.encode(&instruction).map_err(|e| ApiError::from_text("instruction", e))?;
+        let mut inputs = Vec::with_capacity(spec.inputs.len());
+        for (i, feed) in spec.feeds.iter().enumerate() {
+            let t = &spec.inputs[i];
+            inputs.push(match *feed {
+                Feed::Camera(c) => {
+                    let camera = &spec.cameras[c];
+                    let field = if spec.cameras.len() == 1 && !images.contains_key(&camera.name) {
+                        "image".to_string()
+                    } else {
+                        format!("images.{}", camera.name)
+                    };
+                    match images.remove(&camera.name) {
+                        Some(wire) => Input::Frame { camera: c, frame: Frame::from_wire(wire, &field)?, field },
+                        None if camera.required => {
+                            return Err(ApiError::CameraMissing {
+                                model: spec.name.clone(),
+                                camera: camera.name.clone(),
+                            });
+                        }
+                        None => Input::Ready(crate::preprocess::blank_frame(camera)),
+                    }
+                }
+                Feed::TokenIds => Input::Ready(TensorData::ints(t.dtype, tokens.ids.clone())),
+                Feed::TokenMask => Input::Ready(TensorData::ints(t.dtype, tokens.mask.clone())),
+                Feed::State => Input::Ready(TensorData::F32(crate::preprocess::normalise_state(spec, &state))),
+                Feed::Noise(_) => Input::Noise,
+                Feed::Extra(e) => {
+                    let x = &spec.extra_inputs[e];
+                    match extra.remove(&x.name) {
+                        Some(value) => Input::Ready(extra_tensor(&format!("extra.{}", x.name), t, &value)?),
+                        None if x.required => {
+                            return Err(ApiError::InvalidValue {
+                                field: format!("extra.{}", x.name),
+                                problem: format!(
+                                    "required by model `{}` ({} {:?})",
+                                    spec.name,
+                                    t.dtype.as_str(),
+                                    &t.dims[1..]
+                                ),
+                            });
+                        }
+                        None => Input::Ready(TensorData::zeros(t.dtype, t.sample_len())),
+                    }
+                }
+            });
+        }
+        Ok(Row { instruction, state, inputs, seed })
     }
+}
+
+fn camera_names(spec: &ModelSpec) -> String {
+    spec.cameras.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// A robot-supplied extra input (a number, or nested lists of them) as tensor `t`'s sample.
+fn extra_tensor(field: &str, t: &crate::spec::TensorSpec, value: &serde_json::Value) -> Result<TensorData, ApiError> {
+    use crate::spec::DataType;
+    let mut flat = Vec::new();
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Array(items) => stack.extend(items.iter().rev()),
+            serde_json::Value::Bool(b) if t.dtype == DataType::Bool => flat.push(f64::from(u8::from(*b))),
+            serde_json::Value::Number(n) => flat.push(n.as_f64().unwrap_or(f64::NAN)),
+            _ => {
+                return Err(ApiError::InvalidValue {
+                    field: field.into(),
+                    problem: format!(
+                        "must be numbers ({} {:?}), got {}",
+                        t.dtype.as_str(),
+                        &t.dims[1..],
+                        crate::names::clip(&v.to_string(), 40)
+                    ),
+                });
+            }
+        }
+        if flat.len() > t.sample_len() {
+            break;
+        }
+    }
+    if flat.len() != t.sample_len() {
+        return Err(ApiError::InvalidValue {
+            field: field.into(),
+            problem: format!(
+                "needs {} values ({:?}), got {}",
+                t.sample_len(),
+                &t.dims[1..],
+                if flat.len() > t.sample_len() { "more".to_string() } else { flat.len().to_string() }
+            ),
+        });
+    }
+    let bad = |i: usize, what: &str| ApiError::InvalidValue { field: format!("{field}[{i}]"), problem: what.into() };
+    Ok(match t.dtype {
+        DataType::Fp32 => TensorData::F32(
+            flat.iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    if (x as f32).is_finite() {
+                        Ok(x as f32)
+                    } else {
+                        Err(bad(i, "must be a finite number within f32 range"))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        DataType::Bool => TensorData::Bool(flat.iter().map(|&x| x != 0.0).collect()),
+        dtype => {
+            let (lo, hi) = match dtype {
+                DataType::Uint8 => (0.0, 255.0),
+                DataType::Int32 => (f64::from(i32::MIN), f64::from(i32::MAX)),
+                _ => (-(2f64.powi(53)), 2f64.powi(53)),
+            };
+            let ints = flat
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    if x.fract() == 0.0 && (lo..=hi).contains(&x) {
+                        Ok(x as i64)
+                    } else {
+                        Err(bad(i, &format!("must be a whole number in {lo}..={hi}")))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            TensorData::ints(dtype, ints)
+        }
+    })
 }
 
 /// The pipeline's answer.
@@ -144,6 +341,8 @@ pub struct RowAnswer {
     pub action: Vec<f32>,
     /// The row's decision chain: admission and safety.
     pub policy: PolicyTrace,
+    /// The noise seed the row ran with (models with `[[noise]]` inputs).
+    pub seed: Option<u64>,
 }
 
 impl Pipeline {
@@ -207,6 +406,10 @@ impl Pipeline {
         let n = rows.len();
         let mut admitted = Vec::with_capacity(n);
         let mut pending = Vec::with_capacity(n);
+        // Each row's noise seed: the robot's, else a fresh one (it goes into the audit record,
+        // so that the decision can be replayed).
+        let noisy = !model.spec.noise.is_empty();
+        let seeds: Vec<u64> = rows.iter().map(|r| r.seed.unwrap_or_else(crate::noise::fresh_seed)).collect();
         // A request with a stop in any row is never refused by a full queue.
         let urgent = rows.iter().any(|r| self.limits.is_stop(&r.instruction));
         // A robot its quota refused is refused again, without running the chain, until the
@@ -219,8 +422,9 @@ impl Pipeline {
         for (i, row) in rows.into_iter().enumerate() {
             let id = if n == 1 { request_id.clone() } else { format!("{request_id}/{i}") };
             let ctx = crate::policy::context(&id, &robot, &model.spec.name, row.instruction, row.state, now);
+            let seed = noisy.then_some(seeds[i]);
             // Waiting for a policy slot ends at the deadline, like everything before the batch.
-            let admit = self.policies.admit(&set, &ctx, &robot.group);
+            let admit = self.policies.admit(&set, &ctx, &robot.group, seed);
             let passed = match tokio::time::timeout_at(deadline.into(), admit).await {
                 Err(_) => return Err(ApiError::DeadlineExceeded { deadline_ms }),
                 Ok(Ok(passed)) => passed,
@@ -237,7 +441,7 @@ impl Pipeline {
 
         // 2. Bounded decode.
         let decode_started = Instant::now();
-        let samples = if pending.iter().flatten().any(|i| matches!(i, Input::Image(_))) {
+        let pending = if pending.iter().flatten().any(|i| matches!(i, Input::Frame { .. })) {
             let (spec, limits) = (model.spec.clone(), self.limits.clone());
             let budget = PixelBudget {
                 pixels: self.pixels.clone(),
@@ -246,12 +450,14 @@ impl Pipeline {
                 deadline_ms,
             };
             let decode = move || decode_rows(&spec, pending, &limits, &budget);
-            let samples = self.on_cpu(&robot.robot_id, deadline, deadline_ms, decode).await?;
+            let decoded = self.on_cpu(&robot.robot_id, deadline, deadline_ms, decode).await?;
             model.metrics.image_decode.observe(decode_started.elapsed().as_secs_f64());
-            samples
+            decoded
         } else {
-            pending.into_iter().map(|inputs| inputs.into_iter().map(Input::into_ready).collect()).collect()
+            pending
         };
+        let samples: Vec<Vec<TensorData>> =
+            pending.into_iter().zip(&seeds).map(|(inputs, &seed)| fill_noise(&model.spec, inputs, seed)).collect();
         let preprocess = parsed_in + decode_started.elapsed();
 
         // 3. Submit and wait.
@@ -271,7 +477,7 @@ impl Pipeline {
 
         // 5. Safety, on the outputs of the model that computed.
         let spec = &model.spec;
-        let action_output = spec.robot_inputs().action_output;
+        let action_output = spec.action_output;
         let expected = spec.action.dof * spec.action.horizon;
         let timing = Timing {
             total_ms: 0.0,
@@ -281,11 +487,21 @@ impl Pipeline {
             batch_size: done.first().map_or(0, |d| d.batch_size),
         };
         let mut answers = Vec::with_capacity(n);
-        for ((ctx, passed), Done { mut outputs, .. }) in admitted.into_iter().zip(done) {
+        for (r, ((ctx, passed), Done { mut outputs, .. })) in admitted.into_iter().zip(done).enumerate() {
+            let seed = noisy.then_some(seeds[r]);
+            // The action in the robot's units: the shipped statistics undone, every step.
+            if let (Some(mean), Some(std)) = (&spec.action.mean, &spec.action.std) {
+                let mut values = crate::model::f32s(&outputs[action_output]);
+                for (k, v) in values.iter_mut().enumerate() {
+                    let d = k % spec.action.dof;
+                    *v = *v * std[d] + mean[d];
+                }
+                outputs[action_output] = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            }
             // The host checks the model's output before any policy sees it: a non-finite value
             // is never shown to a policy nor sent to a robot.
             if let Err(problem) = check_outputs(spec, &outputs) {
-                self.output_rejected(&model, &ctx, &outputs, &problem);
+                self.output_rejected(&model, &ctx, &outputs, &problem, seed);
                 return Err(ApiError::Inference { model: spec.name.clone(), reason: problem.to_string() });
             }
             let values = crate::model::f32s(&outputs[action_output]);
@@ -302,12 +518,12 @@ impl Pipeline {
                 horizon: spec.action.horizon as u32,
                 values,
             };
-            let safety = self.policies.check_action(&set, ctx, &passed, proposed);
+            let safety = self.policies.check_action(&set, ctx, &passed, proposed, seed);
             let (action, policy) = tokio::time::timeout_at(after.into(), safety)
                 .await
                 .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
             outputs[action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
-            answers.push(RowAnswer { outputs, action, policy });
+            answers.push(RowAnswer { outputs, action, policy, seed });
         }
 
         // 6. Timing.
@@ -333,7 +549,7 @@ impl Pipeline {
         let mut model = model;
         if model.batcher.is_closed() && !self.is_shutting_down() {
             let current = self.models.resolve(Some(&model.spec.name))?;
-            if current.spec.inputs != model.spec.inputs || current.spec.preprocess != model.spec.preprocess {
+            if !current.spec.same_inputs(&model.spec) {
                 return Err(ApiError::ModelChanged(model.spec.name.clone()));
             }
             model = current;
@@ -385,6 +601,7 @@ impl Pipeline {
             final_action: None,
             count: 1,
             last_unix_ms: None,
+            seed: None,
         }]);
     }
 
@@ -395,9 +612,10 @@ impl Pipeline {
         ctx: &crate::policy::RequestContext,
         outputs: &SampleOutputs,
         problem: &OutputProblem,
+        seed: Option<u64>,
     ) {
         self.metrics.output_rejected.with_label_values(&[&model.spec.name, problem.kind()]).inc();
-        let action_output = model.spec.robot_inputs().action_output;
+        let action_output = model.spec.action_output;
         self.policies.audit().append(vec![vla_api::AuditRecord {
             seq: 0,
             time_unix_ms: ctx.time_ms,
@@ -417,6 +635,7 @@ impl Pipeline {
             final_action: None,
             count: 1,
             last_unix_ms: None,
+            seed,
         }]);
     }
 
@@ -435,17 +654,6 @@ impl Pipeline {
                 m.metrics.duration.observe(received.elapsed().as_secs_f64());
             }
             None => self.metrics.request("none", robot_type, status),
-        }
-    }
-}
-
-impl Input {
-    /// The tensor of an input that needs no decoding (an image input here is a bug upstream:
-    /// [`Pipeline::run`] decodes whenever a row has one).
-    fn into_ready(self) -> TensorData {
-        match self {
-            Input::Ready(t) => t,
-            Input::Image(_) => TensorData::F32(Vec::new()),
         }
     }
 }
@@ -521,7 +729,7 @@ impl OutputProblem {
 /// Every floating-point output finite (the shapes were checked when the batch was split).
 pub fn check_outputs(spec: &ModelSpec, outputs: &SampleOutputs) -> Result<(), OutputProblem> {
     use crate::spec::DataType;
-    let action_output = spec.robot_inputs().action_output;
+    let action_output = spec.action_output;
     for (i, (t, bytes)) in spec.outputs.iter().zip(outputs).enumerate() {
         let bad = match t.dtype {
             DataType::Fp32 => bytes
@@ -574,36 +782,99 @@ impl PixelBudget {
     }
 }
 
-/// Decodes every row's images into the model's image tensor, each frame holding its pixels
-/// from the budget while it is decoded. Blocking.
+/// Decodes every row's frames into their cameras' tensors, each frame holding its pixels from
+/// the budget while it is decoded. Blocking.
 fn decode_rows(
     spec: &ModelSpec,
     rows: Vec<Vec<Input>>,
     limits: &LimitsConfig,
     budget: &PixelBudget,
-) -> Result<Vec<Vec<TensorData>>, ApiError> {
+) -> Result<Vec<Vec<Input>>, ApiError> {
     rows.into_iter()
         .map(|inputs| {
             inputs
                 .into_iter()
                 .map(|input| match input {
-                    Input::Ready(t) => Ok(t),
-                    Input::Image(encoded) => {
-                        let decoded;
-                        let bytes: &[u8] = match &encoded {
-                            Encoded::Base64(text) => {
-                                decoded = crate::preprocess::base64_file(text, limits)?;
-                                &decoded
-                            }
-                            Encoded::Raw(bytes) => bytes,
-                        };
-                        let probe = crate::preprocess::probe(bytes, limits)?;
-                        let _pixels = budget.take(probe.pixels())?;
-                        let image = crate::preprocess::decode_probed(bytes, &probe)?;
-                        Ok(TensorData::F32(crate::preprocess::image_tensor(&image, &spec.preprocess.image)))
+                    Input::Frame { camera, field, frame } => {
+                        let cam = &spec.cameras[camera];
+                        decode_frame(frame, cam, limits, budget).map(Input::Ready).map_err(|e| e.named(&field))
                     }
+                    other => Ok(other),
                 })
                 .collect()
+        })
+        .collect()
+}
+
+/// Why a frame was not decoded: the frame's own problem (named by its field), or a wait.
+enum Decode {
+    Frame(crate::preprocess::FrameError),
+    Wait(ApiError),
+}
+
+impl Decode {
+    fn named(self, field: &str) -> ApiError {
+        match self {
+            Decode::Frame(e) => ApiError::from_frame(field, e),
+            Decode::Wait(e) => e,
+        }
+    }
+}
+
+fn decode_frame(
+    frame: Frame,
+    cam: &crate::spec::CameraSpec,
+    limits: &LimitsConfig,
+    budget: &PixelBudget,
+) -> Result<TensorData, Decode> {
+    use crate::preprocess as pre;
+    let frame_err = Decode::Frame;
+    match frame {
+        Frame::Rgb8 { width, height, base64 } => {
+            let _pixels = budget.take(u64::from(width) * u64::from(height)).map_err(Decode::Wait)?;
+            // Raw pixels are three bytes each, not a compressed file: bounded by the pixels.
+            let raw_limits = LimitsConfig {
+                max_image_bytes: (limits.max_image_pixels as usize).saturating_mul(3),
+                ..limits.clone()
+            };
+            let data = pre::base64_file(&base64, &raw_limits).map_err(frame_err)?;
+            let rgb = pre::rgb8(width, height, data, limits).map_err(frame_err)?;
+            Ok(pre::frame_tensor(&rgb, cam))
+        }
+        Frame::Base64(text) => {
+            let bytes = pre::base64_file(&text, limits).map_err(frame_err)?;
+            let probe = pre::probe(&bytes, limits).map_err(frame_err)?;
+            let _pixels = budget.take(probe.pixels()).map_err(Decode::Wait)?;
+            let image = pre::decode_probed(&bytes, &probe).map_err(frame_err)?;
+            Ok(pre::image_tensor(&image, cam))
+        }
+        Frame::File(bytes) => {
+            let probe = pre::probe(&bytes, limits).map_err(frame_err)?;
+            let _pixels = budget.take(probe.pixels()).map_err(Decode::Wait)?;
+            let image = pre::decode_probed(&bytes, &probe).map_err(frame_err)?;
+            Ok(pre::image_tensor(&image, cam))
+        }
+    }
+}
+
+/// Each noise input of a row, from its seed (see [`crate::noise`]): the values continue
+/// across the row's noise inputs, in input order.
+fn fill_noise(spec: &ModelSpec, inputs: Vec<Input>, seed: u64) -> Vec<TensorData> {
+    let count: usize = inputs
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| matches!(i, Input::Noise))
+        .map(|(k, _)| spec.inputs[k].sample_len())
+        .sum();
+    let mut noise = crate::noise::normal(seed, count).into_iter();
+    inputs
+        .into_iter()
+        .enumerate()
+        .map(|(k, input)| match input {
+            Input::Ready(t) => t,
+            Input::Noise => TensorData::F32(noise.by_ref().take(spec.inputs[k].sample_len()).collect()),
+            // Decoded before this runs: a frame left here is an empty tensor the batch refuses.
+            Input::Frame { .. } => TensorData::F32(Vec::new()),
         })
         .collect()
 }

@@ -1,6 +1,6 @@
 //! The edge inference appliance: serves vision-language-action models to the robots of one
-//! cell over HTTPS, batching their requests, with operator policies on what may be asked and
-//! what may leave the box.
+//! cell over HTTPS (camera frames, an instruction, the joint state → an action chunk), batching
+//! their requests, with operator policies on what may be asked and what may leave the box.
 //!
 //! A request passes these stages, each in its own file (dependencies point down the table:
 //! the edge uses the pipeline, the pipeline the stages, the stages the domain, and everything
@@ -11,11 +11,12 @@
 //! | edge | [`http`] | listener (TLS, client certificates, HTTP/1.1 and HTTP/2, shutdown), routes, auth, bodies, one file per resource: `/v1`, OIP, admin, policies, quotas, monitoring |
 //! | pipeline | [`infer`] | the stages every inference request passes, in order: admission → bounded decode → batcher → keep charges → safety |
 //! | stage | [`validate`] | the robot endpoint's JSON → a checked request; errors name the field |
-//! | stage | [`preprocess`] | base64 JPEG/PNG → normalised tensor, instruction → tokens (blocking pool) |
+//! | stage | [`preprocess`] | each camera's frame (base64 JPEG/PNG or raw RGB) → the camera's tensor, the state normalised (blocking pool) |
+//! | stage | [`text`] | instruction → token ids and mask: a Hugging Face `tokenizer.json`, or UTF-8 bytes |
 //! | stage | [`repository`] | the model repository: loading, reloading, resolving a request's model |
 //! | stage | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
 //! | stage | [`batcher`] | executor threads take batches, run them, answer each request |
-//! | stage | [`model`] | TorchScript module on CPU or CUDA: stack, forward, split ([`cuda_memory`]: the memory a batch needed) |
+//! | stage | [`model`] | TorchScript module or AOTInductor package ([`aoti`]) on CPU or CUDA: stack, forward, split ([`cuda_memory`]: the memory a batch needed) |
 //! | domain | [`policy`] | operator-uploaded WebAssembly policies: admission (with [`quota`]) and safety; the audit log |
 //! | domain | [`quota`] | durable rate limits and quotas in sled, charged by admission policies |
 //! | domain | [`robots`] | the robot registry: keys issued, checked, rotated, revoked; token files |
@@ -24,11 +25,12 @@
 //! | root | [`config`] | the one configuration tree (its policy and quota sections live with them) |
 //! | root | [`error`] | the HTTP boundary's error type: status, stable code and metric categories per variant, and every conversion from a domain error |
 //! | domain | [`fair`] | fair shares among robots: CPU slots, requests in flight |
-//! | leaf | [`clock`], [`names`] | time in ms and a log throttle; the name rules |
+//! | leaf | [`clock`], [`names`], [`noise`] | time in ms and a log throttle; the name rules; seeded normal noise |
 //!
 //! The library reads no environment: the binary loads [`Config`], binds the listener and
 //! calls [`run`].
 
+pub mod aoti;
 pub mod batcher;
 pub mod clock;
 pub mod config;
@@ -42,6 +44,7 @@ pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod noise;
 pub mod policy;
 pub mod preprocess;
 pub mod queue;
@@ -50,6 +53,7 @@ pub mod repository;
 pub mod robots;
 pub mod spec;
 pub mod store;
+pub mod text;
 pub mod tls;
 pub mod validate;
 

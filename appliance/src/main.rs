@@ -26,6 +26,12 @@ struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Generate the demo model `tiny-vla` into a model repository and exit.
+    Demo {
+        /// The repository; the configured one (`models.repository`) when absent.
+        #[arg(long)]
+        into: Option<PathBuf>,
+    },
     /// Maintain the quota store offline (stop the appliance first).
     Quota {
         #[command(subcommand)]
@@ -70,8 +76,16 @@ fn run() -> anyhow::Result<()> {
         println!("{}", toml::to_string_pretty(&config).context("printing the configuration")?);
         return Ok(());
     }
-    if let Some(Command::Quota { action }) = args.command {
-        return quota(&config, action);
+    match args.command {
+        Some(Command::Quota { action }) => return quota(&config, action),
+        Some(Command::Demo { into }) => {
+            let repository = into.unwrap_or_else(|| config.model_repository());
+            std::fs::create_dir_all(&repository).with_context(|| format!("creating {}", repository.display()))?;
+            appliance::demo::generate(&repository)?;
+            eprintln!("generated {}", repository.join(appliance::demo::NAME).display());
+            return Ok(());
+        }
+        None => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

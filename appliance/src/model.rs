@@ -1,4 +1,5 @@
-//! The model stage: a TorchScript module loaded with libtorch, run on stacked batches.
+//! The model stage: a TorchScript module (`model.pt`) or an AOTInductor package
+//! (`model.pt2`, through [`crate::aoti`]) loaded with libtorch, run on stacked batches.
 //!
 //! A [`LoadedModel`] is created, warmed up and used on one executor thread only: libtorch's
 //! CPU thread pool (OpenMP) belongs to the thread that first ran it, and a module served from a
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use crate::spec::{DataType, DeviceSpec, ModelSpec};
+use crate::spec::{DataType, DeviceSpec, ModelSpec, Platform};
 
 /// The libtorch the appliance is built against (tch 0.24 pins it; see the root Cargo.toml).
 pub const LIBTORCH_VERSION: &str = "2.11.0";
@@ -18,8 +19,8 @@ pub const LIBTORCH_VERSION: &str = "2.11.0";
 pub enum ModelError {
     #[error("device {0}: {1}")]
     Device(DeviceSpec, String),
-    #[error("{}: cannot be loaded as TorchScript: {reason}", path.display())]
-    Load { path: std::path::PathBuf, reason: String },
+    #[error("{}: cannot be loaded as {platform}: {reason}", path.display())]
+    Load { path: std::path::PathBuf, platform: &'static str, reason: String },
     #[error("forward failed: {0}")]
     Forward(String),
     #[error("output: {0}")]
@@ -57,16 +58,69 @@ pub fn device_name(device: Device) -> String {
 pub enum TensorData {
     F32(Vec<f32>),
     I64(Vec<i64>),
+    I32(Vec<i32>),
+    U8(Vec<u8>),
+    Bool(Vec<bool>),
+}
+
+impl TensorData {
+    /// Zeros of `dtype`, `len` of them (an optional input nobody sent).
+    pub fn zeros(dtype: DataType, len: usize) -> TensorData {
+        match dtype {
+            DataType::Int64 => TensorData::I64(vec![0; len]),
+            DataType::Int32 => TensorData::I32(vec![0; len]),
+            DataType::Uint8 => TensorData::U8(vec![0; len]),
+            DataType::Bool => TensorData::Bool(vec![false; len]),
+            _ => TensorData::F32(vec![0.0; len]),
+        }
+    }
+
+    /// The values as little-endian bytes (OIP's binary tensors).
+    pub fn le_bytes(&self) -> Vec<u8> {
+        match self {
+            TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::U8(v) => v.clone(),
+            TensorData::Bool(v) => v.iter().map(|&b| u8::from(b)).collect(),
+        }
+    }
+
+    /// Integer values as `INT64` or `INT32` (token ids, masks).
+    pub fn ints(dtype: DataType, values: Vec<i64>) -> TensorData {
+        match dtype {
+            DataType::Int32 => TensorData::I32(values.into_iter().map(|v| v as i32).collect()),
+            DataType::Bool => TensorData::Bool(values.into_iter().map(|v| v != 0).collect()),
+            DataType::Uint8 => TensorData::U8(values.into_iter().map(|v| v as u8).collect()),
+            DataType::Fp32 => TensorData::F32(values.into_iter().map(|v| v as f32).collect()),
+            _ => TensorData::I64(values),
+        }
+    }
 }
 
 /// One sample's outputs, in the model's output order: each output's values as little-endian
 /// bytes of its declared datatype.
 pub type SampleOutputs = Vec<Vec<u8>>;
 
-/// A loaded TorchScript module and what it needs to run a batch.
+/// What runs the forward.
+enum Backend {
+    TorchScript(CModule),
+    Aoti(crate::aoti::AotiModel),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::TorchScript(_) => "TorchScript",
+            Backend::Aoti(_) => "AOTInductor",
+        })
+    }
+}
+
+/// A loaded model and what it needs to run a batch.
 #[derive(Debug)]
 pub struct LoadedModel {
-    module: CModule,
+    backend: Backend,
     device: Device,
     /// Per input: the dims after the batch dimension.
     input_dims: Vec<Vec<i64>>,
@@ -77,14 +131,26 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads `<dir>/model.pt` onto `device` in inference mode.
+    /// Loads `<dir>/model.pt` (TorchScript) or `<dir>/model.pt2` (AOTInductor) onto `device`
+    /// in inference mode.
     pub fn load(dir: &Path, spec: &ModelSpec, device: Device) -> Result<Self, ModelError> {
-        let path = dir.join("model.pt");
-        let mut module = CModule::load_on_device(&path, device)
-            .map_err(|e| ModelError::Load { path: path.clone(), reason: first_line(&e.to_string()) })?;
-        module.set_eval();
+        let path = dir.join(spec.platform.file());
+        let backend = match spec.platform {
+            Platform::TorchScript => {
+                let mut module = CModule::load_on_device(&path, device).map_err(|e| ModelError::Load {
+                    path: path.clone(),
+                    platform: "TorchScript",
+                    reason: first_line(&e.to_string()),
+                })?;
+                module.set_eval();
+                Backend::TorchScript(module)
+            }
+            Platform::Aoti => Backend::Aoti(crate::aoti::AotiModel::load(&path, device).map_err(|reason| {
+                ModelError::Load { path: path.clone(), platform: "an AOTInductor package", reason }
+            })?),
+        };
         Ok(LoadedModel {
-            module,
+            backend,
             device,
             input_dims: spec.inputs.iter().map(|t| t.dims[1..].to_vec()).collect(),
             input_kinds: spec.inputs.iter().map(|t| kind_of(t.dtype)).collect(),
@@ -97,12 +163,21 @@ impl LoadedModel {
     }
 
     /// Bytes of the module's parameters (what one loaded copy holds on its device). A frozen
-    /// TorchScript module keeps its weights as constants, which libtorch does not enumerate:
-    /// then the size of `model.pt`, which is essentially those weights.
+    /// TorchScript module keeps its weights as constants, which libtorch does not enumerate,
+    /// and an AOTInductor package embeds them: then the size of the weights file.
     pub fn weight_bytes(&self, dir: &Path) -> u64 {
-        let params = self.module.named_parameters().unwrap_or_default();
-        let bytes: u64 = params.iter().map(|(_, t)| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum();
-        if bytes > 0 { bytes } else { std::fs::metadata(dir.join("model.pt")).map_or(0, |m| m.len()) }
+        let bytes: u64 = match &self.backend {
+            Backend::TorchScript(module) => {
+                let params = module.named_parameters().unwrap_or_default();
+                params.iter().map(|(_, t)| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum()
+            }
+            Backend::Aoti(_) => 0,
+        };
+        let file = match &self.backend {
+            Backend::TorchScript(_) => "model.pt",
+            Backend::Aoti(_) => "model.pt2",
+        };
+        if bytes > 0 { bytes } else { std::fs::metadata(dir.join(file)).map_or(0, |m| m.len()) }
     }
 
     /// Runs zero-filled batches at each size, checking the action output's shape, so that the
@@ -132,31 +207,33 @@ impl LoadedModel {
     /// validate requests before they reach a batch, so that would be the appliance's own bug.
     pub fn stack(&self, samples: &[&[TensorData]]) -> Result<Vec<Tensor>, ModelError> {
         let n = samples.len() as i64;
-        let mismatch = |i: usize, what: &str| ModelError::Forward(format!("input {i}: sample {what}"));
+        let mismatch =
+            |i: usize| ModelError::Forward(format!("input {i}: a sample is not of the declared type and size"));
         if samples.iter().any(|s| s.len() != self.input_dims.len()) {
-            return Err(mismatch(0, "has the wrong number of inputs"));
+            return Err(ModelError::Forward("a sample has the wrong number of inputs".into()));
         }
         (0..self.input_dims.len())
             .map(|i| {
                 let mut shape = vec![n];
                 shape.extend(&self.input_dims[i]);
                 let len: usize = self.input_dims[i].iter().map(|&d| d as usize).product();
-                let tensor = if self.input_kinds[i] == Kind::Int64 {
-                    Tensor::from_slice(
-                        &concat(samples, i, len, |d| match d {
-                            TensorData::I64(v) => Some(v),
-                            TensorData::F32(_) => None,
-                        })
-                        .ok_or_else(|| mismatch(i, "is not INT64 of the declared size"))?,
-                    )
-                } else {
-                    Tensor::from_slice(
-                        &concat(samples, i, len, |d| match d {
-                            TensorData::F32(v) => Some(v),
-                            TensorData::I64(_) => None,
-                        })
-                        .ok_or_else(|| mismatch(i, "is not FP32 of the declared size"))?,
-                    )
+                macro_rules! flat {
+                    ($variant:ident) => {
+                        Tensor::from_slice(
+                            &concat(samples, i, len, |d| match d {
+                                TensorData::$variant(v) => Some(v),
+                                _ => None,
+                            })
+                            .ok_or_else(|| mismatch(i))?,
+                        )
+                    };
+                }
+                let tensor = match self.input_kinds[i] {
+                    Kind::Int64 => flat!(I64),
+                    Kind::Int => flat!(I32),
+                    Kind::Uint8 => flat!(U8),
+                    Kind::Bool => flat!(Bool),
+                    _ => flat!(F32),
                 };
                 tensor
                     .f_view(shape.as_slice())
@@ -170,29 +247,43 @@ impl LoadedModel {
     /// sample, each output's values as little-endian bytes of the output's declared datatype.
     pub fn forward_outputs(&self, inputs: &[Tensor], n: usize) -> Result<Vec<SampleOutputs>, ModelError> {
         let _guard = tch::no_grad_guard();
-        let tensors = if self.outputs.len() == 1 {
-            vec![self.module.forward_ts(inputs).map_err(|e| ModelError::Forward(first_line(&e.to_string())))?]
-        } else {
-            let ivalues: Vec<IValue> = inputs.iter().map(|t| IValue::Tensor(t.shallow_clone())).collect();
-            match self.module.forward_is(&ivalues) {
-                Ok(IValue::Tuple(outs)) if outs.len() == self.outputs.len() => outs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, v)| match v {
-                        IValue::Tensor(t) => Ok(t),
-                        other => {
-                            Err(ModelError::Output(format!("output {i} is not a tensor: {}", ivalue_kind(&other))))
-                        }
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-                Ok(other) => {
+        let tensors = match &self.backend {
+            Backend::Aoti(model) => {
+                let outs = model.run(inputs).map_err(ModelError::Forward)?;
+                if outs.len() != self.outputs.len() {
                     return Err(ModelError::Output(format!(
-                        "expected a tuple of {} tensors, got {}",
+                        "expected {} outputs, the package returned {}",
                         self.outputs.len(),
-                        ivalue_kind(&other)
+                        outs.len()
                     )));
                 }
-                Err(e) => return Err(ModelError::Forward(first_line(&e.to_string()))),
+                outs
+            }
+            Backend::TorchScript(module) if self.outputs.len() == 1 => {
+                vec![module.forward_ts(inputs).map_err(|e| ModelError::Forward(first_line(&e.to_string())))?]
+            }
+            Backend::TorchScript(module) => {
+                let ivalues: Vec<IValue> = inputs.iter().map(|t| IValue::Tensor(t.shallow_clone())).collect();
+                match module.forward_is(&ivalues) {
+                    Ok(IValue::Tuple(outs)) if outs.len() == self.outputs.len() => outs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, v)| match v {
+                            IValue::Tensor(t) => Ok(t),
+                            other => {
+                                Err(ModelError::Output(format!("output {i} is not a tensor: {}", ivalue_kind(&other))))
+                            }
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                    Ok(other) => {
+                        return Err(ModelError::Output(format!(
+                            "expected a tuple of {} tensors, got {}",
+                            self.outputs.len(),
+                            ivalue_kind(&other)
+                        )));
+                    }
+                    Err(e) => return Err(ModelError::Forward(first_line(&e.to_string()))),
+                }
             }
         };
         self.split(&tensors, n)
@@ -226,6 +317,23 @@ impl LoadedModel {
         // The copy of the outputs to the host waits for the device, so the time is the batch's.
         let outputs = self.forward_outputs(&inputs, samples.len())?;
         Ok((outputs, start.elapsed()))
+    }
+}
+
+/// Little-endian bytes of `dtype` as numbers (booleans as 0 and 1).
+pub fn values(dtype: DataType, bytes: &[u8]) -> Vec<f64> {
+    fn each<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
+        bytes.chunks_exact(N).map(|c| f(c.try_into().unwrap_or([0; N]))).collect()
+    }
+    match dtype {
+        DataType::Bool | DataType::Uint8 => bytes.iter().map(|&b| f64::from(b)).collect(),
+        DataType::Int8 => bytes.iter().map(|&b| f64::from(b as i8)).collect(),
+        DataType::Int16 => each(bytes, |b| f64::from(i16::from_le_bytes(b))),
+        DataType::Int32 => each(bytes, |b| f64::from(i32::from_le_bytes(b))),
+        DataType::Int64 => each(bytes, |b| i64::from_le_bytes(b) as f64),
+        DataType::Fp16 => each(bytes, |b| f64::from(half::f16::from_le_bytes(b).to_f32())),
+        DataType::Fp32 => each(bytes, |b| f64::from(f32::from_le_bytes(b))),
+        DataType::Fp64 => each(bytes, f64::from_le_bytes),
     }
 }
 

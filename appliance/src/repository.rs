@@ -24,6 +24,8 @@ pub struct Model {
     pub batcher: Batcher,
     /// This model's metric handles, shared with its batcher.
     pub metrics: ModelMetrics,
+    /// Its tokenizer (loaded with it).
+    pub text: Arc<crate::text::TextEncoder>,
     /// When it finished loading (for the worker utilization gauge).
     pub loaded_at: std::time::Instant,
 }
@@ -41,6 +43,10 @@ impl Model {
             action_dof: spec.action.dof,
             action_horizon: spec.action.horizon,
             action_kind: spec.action.kind.as_str().into(),
+            platform: spec.platform.as_str().into(),
+            cameras: spec.cameras.iter().map(|c| c.name.clone()).collect(),
+            tokenizer: spec.tokenizer_label(),
+            dt_ms: spec.action.dt_ms,
             stats: self.batcher.stats(),
         }
     }
@@ -301,11 +307,17 @@ fn dir_name(dir: &Path) -> String {
 }
 
 fn log_loaded(model: &Model) {
+    let s = &model.spec;
     tracing::info!(
-        model = %model.spec.name,
-        version = %model.spec.version,
+        model = %s.name,
+        version = %s.version,
+        platform = s.platform.as_str(),
         device = %device_name(model.device),
-        max_batch_size = model.spec.effective_max_batch(),
+        max_batch_size = s.effective_max_batch(),
+        cameras = %s.cameras.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(","),
+        tokenizer = %s.tokenizer_label(),
+        horizon = s.action.horizon,
+        dof = s.action.dof,
         "model loaded and warmed up"
     );
 }
@@ -326,6 +338,7 @@ fn model_dirs(root: &Path) -> std::io::Result<Vec<PathBuf>> {
 fn load_one(dir: &Path, cpu_threads: usize, metrics: &Metrics) -> Result<Model, String> {
     let started = std::time::Instant::now();
     let spec = ModelSpec::load(dir).map_err(|e| e.to_string())?;
+    let text = Arc::new(crate::text::TextEncoder::load(dir, &spec)?);
     let device = resolve_device(spec.device).map_err(|e| format!("{}: {e}", dir.join("model.toml").display()))?;
     let model_metrics = match device {
         Device::Cuda(_) => metrics.for_cuda_model(&spec.name),
@@ -335,5 +348,12 @@ fn load_one(dir: &Path, cpu_threads: usize, metrics: &Metrics) -> Result<Model, 
     model_metrics.memory.set(0);
     let batcher = Batcher::start(dir, &spec, device, cpu_threads, model_metrics.clone()).map_err(|e| e.to_string())?;
     metrics.model_load_duration.with_label_values(&[&spec.name]).observe(started.elapsed().as_secs_f64());
-    Ok(Model { spec: Arc::new(spec), device, batcher, metrics: model_metrics, loaded_at: std::time::Instant::now() })
+    Ok(Model {
+        spec: Arc::new(spec),
+        device,
+        batcher,
+        metrics: model_metrics,
+        text,
+        loaded_at: std::time::Instant::now(),
+    })
 }

@@ -127,8 +127,11 @@ mod tests {
             robot_type: None,
             model: None,
             instruction: "go".into(),
-            image: String::new(),
+            image: None,
+            images: Default::default(),
             state: vec![0.0; 7],
+            extra: Default::default(),
+            seed: None,
             deadline_ms: None,
             priority: None,
         }

@@ -199,6 +199,7 @@ async fn an_operator_watches_uploads_promotes_and_audits_from_the_console() {
 
     // A refused change shows the appliance's own message and breaks nothing.
     tmux.keys(&["u"]);
+    tmux.wait_for("the upload form", |s| s.contains("Upload policy")).await;
     tmux.type_text("/nonexistent/policy.wasm");
     tmux.keys(&["Enter"]);
     tmux.wait_for("the confirmation", |s| s.contains("Confirm")).await;

@@ -318,7 +318,7 @@ async fn a_deadline_that_passes_in_the_queue_gets_504_and_is_never_computed() {
     // Decoding and resizing a 1280×960 camera image alone takes longer than 1 ms, so the
     // deadline has passed by the time the request reaches the queue.
     let mut request = robot_request(1);
-    request.image = b64(&jpeg(1280, 960, 1));
+    request.image = Some(b64(&jpeg(1280, 960, 1)));
     request.deadline_ms = Some(1);
     let msg = expect_error(app.infer(request.clone()).await, StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded").await;
     assert!(msg.contains("1 ms"), "{msg}");

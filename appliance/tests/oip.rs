@@ -14,14 +14,17 @@ const MODEL: &str = "/v2/models/tiny-vla";
 
 /// The demo model's inputs for `robot_request(seed)`, preprocessed exactly as `/v1` does.
 fn tensors(seed: u8) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
+    use appliance::preprocess::*;
     let spec = appliance::spec::ModelSpec::parse(appliance::demo::MODEL_TOML, "tiny-vla").unwrap();
     let r = robot_request(seed);
-    let sample =
-        appliance::preprocess::robot_sample(&spec, &r.image, &r.instruction, &r.state, &Default::default()).unwrap();
-    use appliance::model::TensorData::*;
-    match (&sample[0], &sample[1], &sample[2]) {
-        (F32(i), I64(t), F32(s)) => (i.clone(), t.clone(), s.clone()),
-        other => panic!("unexpected sample {other:?}"),
+    let limits = Default::default();
+    let bytes = base64_file(r.image.as_deref().unwrap(), &limits).unwrap();
+    let image = image_tensor(&decode_image_bytes(&bytes, &limits).unwrap(), &spec.cameras[0]);
+    match image {
+        appliance::model::TensorData::F32(pixels) => {
+            (pixels, instruction_tokens(&r.instruction, 32), normalise_state(&spec, &r.state))
+        }
+        other => panic!("unexpected image tensor {other:?}"),
     }
 }
 
@@ -354,7 +357,7 @@ async fn every_client_mistake_gets_a_4xx_with_an_error_naming_it() {
             None,
             StatusCode::BAD_REQUEST,
             "invalid_tensor",
-            "element 0 is 1000; utf8-bytes tokens are 0-255",
+            "element 0 is 1000; token ids are 0-255",
         ),
         (
             "binary data without its header length",

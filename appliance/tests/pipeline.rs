@@ -106,7 +106,7 @@ async fn a_request_refused_by_its_quota_decodes_no_image_on_either_endpoint() {
     let mut request = robot_request(1);
     request.robot_id = "spent".into();
     request.robot_type = None;
-    request.image = b64(b"not an image at all");
+    request.image = Some(b64(b"not an image at all"));
     let r = app.infer(request).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let mut request = robot_request(2);
@@ -116,7 +116,7 @@ async fn a_request_refused_by_its_quota_decodes_no_image_on_either_endpoint() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(decodes(&app).await, before + 2);
     // An admitted robot's undecodable frame is refused by the decoder, and its charge given back.
-    request.image = b64(b"not an image at all");
+    request.image = Some(b64(b"not an image at all"));
     let r = app.infer(request).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "unsupported_image_format");

@@ -6,35 +6,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use appliance::model::{LoadedModel, TensorData};
-use appliance::spec::ModelSpec;
 use bench::fixtures;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 fn preprocess(c: &mut Criterion) {
-    let spec = ModelSpec::parse(appliance::demo::MODEL_TOML, appliance::demo::NAME).expect("demo model.toml");
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let work = fixtures::Workload::load(&fixtures::demo_model(tmp.path()).expect("demo model")).expect("loads");
     let limits = appliance::config::LimitsConfig::default();
     let mut group = c.benchmark_group("preprocess");
     for (w, h) in [(320, 240), (640, 480)] {
         let jpeg = fixtures::jpeg(w, h, 1);
-        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &jpeg);
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::new("decode+resize+normalise", format!("{w}x{h}")), &jpeg, |b, jpeg| {
             b.iter(|| {
                 let image = appliance::preprocess::decode_image_bytes(jpeg, &limits).expect("decodes");
-                appliance::preprocess::image_tensor(&image, &spec.preprocess.image)
+                appliance::preprocess::image_tensor(&image, &work.spec.cameras[0])
             })
         });
-        // What `/v1/inference` does per request: base64, decode, preprocess, tokens, state.
-        group.bench_with_input(
-            BenchmarkId::new("robot_sample (base64 JSON field)", format!("{w}x{h}")),
-            &b64,
-            |b, b64| {
-                b.iter(|| {
-                    appliance::preprocess::robot_sample(&spec, b64, fixtures::INSTRUCTION, &fixtures::state(1), &limits)
-                        .expect("valid")
-                })
-            },
-        );
+        // A robot's whole row: decode, preprocess, tokens, state.
+        group.bench_with_input(BenchmarkId::new("robot row", format!("{w}x{h}")), &jpeg, |b, jpeg| {
+            b.iter(|| work.robot_sample(&[jpeg.as_slice()], 1, &limits).expect("valid"))
+        });
     }
     group.finish();
 }
@@ -42,13 +34,9 @@ fn preprocess(c: &mut Criterion) {
 fn batch(c: &mut Criterion) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = fixtures::demo_model(tmp.path()).expect("demo model");
-    let spec = ModelSpec::load(&dir).expect("model.toml");
-    let model = LoadedModel::load(&dir, &spec, tch::Device::Cpu).expect("loads");
-    let pos = spec.robot_inputs();
-    let mut sample = vec![TensorData::F32(Vec::new()); spec.inputs.len()];
-    sample[pos.image] = TensorData::F32(fixtures::image_tensor(0));
-    sample[pos.instruction] = TensorData::I64(appliance::preprocess::instruction_tokens(fixtures::INSTRUCTION, 32));
-    sample[pos.state] = TensorData::F32(fixtures::state(0));
+    let work = fixtures::Workload::load(&dir).expect("loads");
+    let model = LoadedModel::load(&dir, &work.spec, tch::Device::Cpu).expect("loads");
+    let sample = work.sample(0);
     let mut group = c.benchmark_group("batch");
     for n in [1usize, 8, 32] {
         let samples: Vec<&[TensorData]> = (0..n).map(|_| sample.as_slice()).collect();

@@ -4,18 +4,18 @@
 //! - [`forward`]: the forward alone at each batch size (preprocessed tensors, as OIP binary
 //!   requests bring them);
 //! - [`pipeline`]: what a robot's request needs done without the server: JPEG decode,
-//!   resize and normalisation (spread over every core, as the appliance does), instruction
-//!   tokens, batch assembly, the forward and the split of the actions.
+//!   resize and normalisation of every camera (spread over every core, as the appliance
+//!   does), instruction tokens, state normalisation, noise, batch assembly, the forward and
+//!   the split of the outputs.
 //!
 //! Both warm up and run on the calling thread (libtorch's threads stay the same team).
 
 use std::time::Instant;
 
 use appliance::model::{LoadedModel, TensorData};
-use appliance::spec::ModelSpec;
 use serde::Serialize;
 
-use crate::fixtures;
+use crate::fixtures::Workload;
 
 /// One batch size's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -59,13 +59,8 @@ fn time(n: usize, seconds: f64, mut run: impl FnMut() -> anyhow::Result<()>) -> 
 
 /// The forward alone, batch by batch: inputs stacked once, then the forward and the copy of
 /// the actions back to the host (which waits for a GPU to finish).
-pub fn forward(model: &LoadedModel, spec: &ModelSpec, batch_sizes: &[usize], seconds: f64) -> anyhow::Result<Vec<Row>> {
-    let pos = spec.robot_inputs();
-    let mut sample = vec![TensorData::F32(Vec::new()); spec.inputs.len()];
-    sample[pos.image] = TensorData::F32(fixtures::image_tensor(0));
-    sample[pos.instruction] =
-        TensorData::I64(appliance::preprocess::instruction_tokens(fixtures::INSTRUCTION, spec.instruction_len()));
-    sample[pos.state] = TensorData::F32(fixtures::state(0));
+pub fn forward(model: &LoadedModel, work: &Workload, batch_sizes: &[usize], seconds: f64) -> anyhow::Result<Vec<Row>> {
+    let sample = work.sample(0);
     batch_sizes
         .iter()
         .map(|&n| {
@@ -79,26 +74,21 @@ pub fn forward(model: &LoadedModel, spec: &ModelSpec, batch_sizes: &[usize], sec
         .collect()
 }
 
-/// The whole robot pipeline without the server, batch by batch, from JPEG bytes to each
-/// robot's action.
+/// The whole robot pipeline without the server, batch by batch, from JPEG bytes (one per
+/// camera) to each robot's action.
 pub fn pipeline(
     model: &LoadedModel,
-    spec: &ModelSpec,
+    work: &Workload,
     frames: &[Vec<u8>],
     batch_sizes: &[usize],
     seconds: f64,
 ) -> anyhow::Result<Vec<Row>> {
     let limits = appliance::config::LimitsConfig::default();
-    let pos = spec.robot_inputs();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cams = work.cameras();
     let preprocess = |i: usize| -> anyhow::Result<Vec<TensorData>> {
-        let image = appliance::preprocess::decode_image_bytes(&frames[i % frames.len()], &limits)?;
-        let mut inputs = vec![TensorData::F32(Vec::new()); spec.inputs.len()];
-        inputs[pos.image] = TensorData::F32(appliance::preprocess::image_tensor(&image, &spec.preprocess.image));
-        inputs[pos.instruction] =
-            TensorData::I64(appliance::preprocess::instruction_tokens(fixtures::INSTRUCTION, spec.instruction_len()));
-        inputs[pos.state] = TensorData::F32(fixtures::state(i as u32));
-        Ok(inputs)
+        let jpegs: Vec<&[u8]> = (0..cams).map(|c| frames[(i * cams + c) % frames.len()].as_slice()).collect();
+        work.robot_sample(&jpegs, i as u32, &limits)
     };
     batch_sizes
         .iter()

@@ -3,9 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+use appliance::config::LimitsConfig;
+use appliance::model::TensorData;
+use appliance::spec::{Feed, ModelSpec};
+use appliance::text::TextEncoder;
 use base64::Engine;
 use serde_json::json;
-use vla_api::InferenceRequest;
+use vla_api::{FrameWire, InferenceRequest};
 
 /// The instruction every simulated robot sends (realistic length; no policy matches it).
 pub const INSTRUCTION: &str = "pick up the red block and place it in the left bin";
@@ -22,60 +26,170 @@ pub fn jpeg(width: u32, height: u32, seed: u32) -> Vec<u8> {
     bytes
 }
 
-/// A 7-joint state that differs per `seed`.
-pub fn state(seed: u32) -> Vec<f32> {
-    (0..7).map(|j| ((seed + j) % 20) as f32 * 0.05 - 0.5).collect()
+/// A state of `dim` joints that differs per `seed`.
+pub fn state(seed: u32, dim: usize) -> Vec<f32> {
+    (0..dim as u32).map(|j| ((seed + j) % 20) as f32 * 0.05 - 0.5).collect()
 }
 
-/// `/v1/inference` bodies for `robot_id`, one per frame.
-pub fn v1_bodies(robot_id: &str, frames: &[Vec<u8>]) -> Vec<bytes::Bytes> {
-    frames
-        .iter()
-        .enumerate()
-        .map(|(i, frame)| {
-            let request = InferenceRequest {
-                robot_id: robot_id.into(),
-                robot_type: None,
-                model: None,
-                instruction: INSTRUCTION.into(),
-                image: base64::engine::general_purpose::STANDARD.encode(frame),
-                state: state(i as u32),
-                deadline_ms: Some(30_000),
-                priority: None,
-            };
-            serde_json::to_vec(&request).expect("serialising a request").into()
-        })
-        .collect()
+/// A model the benchmarks drive: its spec and tokenizer, and what its robots send it.
+#[derive(Debug)]
+pub struct Workload {
+    pub dir: PathBuf,
+    pub spec: ModelSpec,
+    pub text: TextEncoder,
 }
 
-/// A preprocessed image input as the model takes it: FP32 `[3, 224, 224]`, normalised.
-pub fn image_tensor(seed: u32) -> Vec<f32> {
-    (0..3 * 224 * 224).map(|i| ((i as u32 + seed * 31) % 255) as f32 / 127.0 - 1.0).collect()
-}
-
-/// An OIP v2 infer body with binary tensors (the binary tensor extension): the JSON header,
-/// then the image (FP32 `[1,3,224,224]`), instruction tokens (INT64 `[1,32]`) and state (FP32
-/// `[1,7]`) as little-endian bytes; the action comes back binary too. Returns the body and the
-/// header's length (`Inference-Header-Content-Length`).
-pub fn oip_body(seed: u32) -> (bytes::Bytes, usize) {
-    let image: Vec<u8> = image_tensor(seed).iter().flat_map(|v| v.to_le_bytes()).collect();
-    let tokens: Vec<u8> =
-        appliance::preprocess::instruction_tokens(INSTRUCTION, 32).iter().flat_map(|v| v.to_le_bytes()).collect();
-    let state: Vec<u8> = state(seed).iter().flat_map(|v| v.to_le_bytes()).collect();
-    let header = json!({
-        "inputs": [
-            {"name": "image", "datatype": "FP32", "shape": [1, 3, 224, 224], "parameters": {"binary_data_size": image.len()}},
-            {"name": "instruction", "datatype": "INT64", "shape": [1, 32], "parameters": {"binary_data_size": tokens.len()}},
-            {"name": "state", "datatype": "FP32", "shape": [1, 7], "parameters": {"binary_data_size": state.len()}},
-        ],
-        "parameters": {"binary_data_output": true},
-    });
-    let mut body = serde_json::to_vec(&header).expect("serialising a header");
-    let header_len = body.len();
-    for part in [image, tokens, state] {
-        body.extend(part);
+impl Workload {
+    /// The model in `dir` (a directory with `model.toml`).
+    pub fn load(dir: &Path) -> anyhow::Result<Workload> {
+        let spec = ModelSpec::load(dir)?;
+        let text = TextEncoder::load(dir, &spec).map_err(anyhow::Error::msg)?;
+        Ok(Workload { dir: dir.to_path_buf(), spec, text })
     }
-    (body.into(), header_len)
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Camera frames each request carries.
+    pub fn cameras(&self) -> usize {
+        self.spec.cameras.len()
+    }
+
+    /// `/v1/inference` bodies for `robot_id`: body `j` takes `cameras()` frames in turn from
+    /// `frames` (one body per `cameras()` frames, at least one).
+    pub fn v1_bodies(&self, robot_id: &str, frames: &[Vec<u8>]) -> Vec<bytes::Bytes> {
+        let cams = self.cameras().max(1);
+        let encode = |f: &Vec<u8>| base64::engine::general_purpose::STANDARD.encode(f);
+        (0..(frames.len() / cams).max(1))
+            .map(|j| {
+                let frame = |c: usize| &frames[(j * cams + c) % frames.len()];
+                let mut request = InferenceRequest {
+                    robot_id: robot_id.into(),
+                    model: Some(self.spec.name.clone()),
+                    instruction: INSTRUCTION.into(),
+                    state: state(j as u32, self.spec.state_dim()),
+                    deadline_ms: Some(30_000),
+                    ..InferenceRequest::default()
+                };
+                match self.spec.cameras.as_slice() {
+                    [_] => request.image = Some(encode(frame(0))),
+                    cams => {
+                        request.images = cams
+                            .iter()
+                            .enumerate()
+                            .map(|(c, cam)| (cam.name.clone(), FrameWire::Encoded(encode(frame(c)))))
+                            .collect();
+                    }
+                }
+                serde_json::to_vec(&request).expect("serialising a request").into()
+            })
+            .collect()
+    }
+
+    /// One row of inputs ready for the forward, every camera a synthetic frame already
+    /// preprocessed (as OIP binary requests bring them), the noise from `seed`.
+    pub fn sample(&self, seed: u32) -> Vec<TensorData> {
+        let frames: Vec<TensorData> = self
+            .spec
+            .cameras
+            .iter()
+            .enumerate()
+            .map(|(c, cam)| {
+                appliance::preprocess::frame_tensor(&raw_frame(cam.width, cam.height, seed + c as u32), cam)
+            })
+            .collect();
+        self.row(frames, seed, true)
+    }
+
+    /// What a robot's request needs done without the server: each camera's JPEG decoded,
+    /// resized and normalised, the instruction tokenized, the state normalised, the noise made.
+    pub fn robot_sample(&self, jpegs: &[&[u8]], seed: u32, limits: &LimitsConfig) -> anyhow::Result<Vec<TensorData>> {
+        let frames = self
+            .spec
+            .cameras
+            .iter()
+            .zip(jpegs)
+            .map(|(cam, jpeg)| {
+                let image = appliance::preprocess::decode_image_bytes(jpeg, limits)?;
+                Ok(appliance::preprocess::image_tensor(&image, cam))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(self.row(frames, seed, true))
+    }
+
+    /// The row from its camera tensors; noise made when `noise`, else left out.
+    fn row(&self, mut frames: Vec<TensorData>, seed: u32, noise: bool) -> Vec<TensorData> {
+        let spec = &self.spec;
+        let tokens = self.text.encode(INSTRUCTION).expect("the bench instruction fits every model");
+        let mut noise_values = appliance::noise::normal(
+            u64::from(seed),
+            spec.feeds
+                .iter()
+                .zip(&spec.inputs)
+                .filter(|(f, _)| matches!(f, Feed::Noise(_)))
+                .map(|(_, t)| t.sample_len())
+                .sum(),
+        )
+        .into_iter();
+        let mut row = Vec::with_capacity(spec.inputs.len());
+        for (feed, t) in spec.feeds.iter().zip(&spec.inputs) {
+            row.push(match *feed {
+                Feed::Camera(c) => std::mem::replace(&mut frames[c], TensorData::F32(Vec::new())),
+                Feed::TokenIds => TensorData::ints(t.dtype, tokens.ids.clone()),
+                Feed::TokenMask => TensorData::ints(t.dtype, tokens.mask.clone()),
+                Feed::State => {
+                    TensorData::F32(appliance::preprocess::normalise_state(spec, &state(seed, spec.state_dim())))
+                }
+                Feed::Noise(_) if noise => TensorData::F32(noise_values.by_ref().take(t.sample_len()).collect()),
+                Feed::Noise(_) => continue,
+                Feed::Extra(_) => TensorData::zeros(t.dtype, t.sample_len()),
+            });
+        }
+        row
+    }
+
+    /// An OIP v2 infer body with binary tensors (the binary tensor extension): the JSON
+    /// header, then every input but the noise (the host makes it) as little-endian bytes,
+    /// cameras preprocessed as the model takes them; outputs come back binary too. Returns the
+    /// body and the header's length (`Inference-Header-Content-Length`).
+    pub fn oip_body(&self, seed: u32) -> (bytes::Bytes, usize) {
+        let spec = &self.spec;
+        let frames: Vec<TensorData> = spec
+            .cameras
+            .iter()
+            .enumerate()
+            .map(|(c, cam)| {
+                appliance::preprocess::frame_tensor(&raw_frame(cam.width, cam.height, seed + c as u32), cam)
+            })
+            .collect();
+        let row = self.row(frames, seed, false);
+        let sent = spec.feeds.iter().zip(&spec.inputs).filter(|(f, _)| !matches!(f, Feed::Noise(_)));
+        let blobs: Vec<Vec<u8>> = row.iter().map(TensorData::le_bytes).collect();
+        let inputs: Vec<serde_json::Value> = sent
+            .zip(&blobs)
+            .map(|((_, t), blob)| {
+                let mut shape = t.dims.clone();
+                shape[0] = 1;
+                json!({"name": t.name, "datatype": t.dtype.as_str(), "shape": shape, "parameters": {"binary_data_size": blob.len()}})
+            })
+            .collect();
+        let header = json!({"inputs": inputs, "parameters": {"binary_data_output": true}});
+        let mut body = serde_json::to_vec(&header).expect("serialising a header");
+        let header_len = body.len();
+        for blob in blobs {
+            body.extend(blob);
+        }
+        (body.into(), header_len)
+    }
+}
+
+/// A synthetic raw frame of `width`×`height`, different per `seed`.
+fn raw_frame(width: u32, height: u32, seed: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x + seed * 13) as u8, (y + seed * 7) as u8, ((x ^ y) + seed) as u8])
+    })
 }
 
 /// Generates the demo model (`tiny-vla`) into `dir` and returns its directory.
@@ -111,7 +225,9 @@ mod tests {
 
     #[test]
     fn oip_body_sizes_match_its_header() {
-        let (body, header_len) = oip_body(3);
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let work = Workload::load(&demo_model(tmp.path()).expect("demo model")).expect("loads");
+        let (body, header_len) = work.oip_body(3);
         let header: serde_json::Value = serde_json::from_slice(&body[..header_len]).expect("JSON header");
         let declared: u64 = header["inputs"]
             .as_array()

@@ -60,6 +60,10 @@ enum Command {
         /// Camera frames for `/v1/inference`, WIDTHxHEIGHT.
         #[arg(long, value_parser = parse_image)]
         image: Option<(u32, u32)>,
+        /// The model directory to serve (e.g. `models/build/tiny-pi`); the generated
+        /// `tiny-vla` when absent.
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// One policy call (fresh instance included) for each shipped policy, through the
     /// appliance's sandbox; p50/p99 per call.
@@ -149,7 +153,7 @@ fn parse_image(s: &str) -> Result<(u32, u32), String> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let report = match args.command {
-        Command::Suite { out, smoke, sweep, compare_at, open, seconds, device, image } => {
+        Command::Suite { out, smoke, sweep, compare_at, open, seconds, device, image, model } => {
             let base = if smoke { bench::suite::Options::smoke(out) } else { bench::suite::Options::standard(out) };
             let options = bench::suite::Options {
                 sweep: sweep.unwrap_or(base.sweep.clone()),
@@ -158,6 +162,7 @@ fn main() -> anyhow::Result<()> {
                 seconds: seconds.unwrap_or(base.seconds),
                 device: device.unwrap_or(base.device.clone()),
                 image: image.unwrap_or(base.image),
+                model,
                 ..base
             };
             let report = bench::suite::run(&options)?;

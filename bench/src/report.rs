@@ -135,8 +135,14 @@ impl Point {
 /// How the suite ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
+    /// The model served.
+    pub model: String,
+    /// Camera frames per request.
+    pub cameras: usize,
     /// Camera frames sent to `/v1/inference`, `WIDTHxHEIGHT` JPEG.
     pub image: String,
+    /// Bytes of one OIP binary request (preprocessed tensors).
+    pub oip_bytes: usize,
     pub jpeg_bytes: usize,
     pub seconds_per_point: f64,
     pub warmup_s: f64,
@@ -264,11 +270,14 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "- Load: {} s per point after {} s of warm-up; `/v1/inference` sends {} camera JPEGs ({} bytes); OIP sends preprocessed binary tensors (602 KB). The load generator and the appliance share the machine.{}\n",
+            "- Model `{}`, {} camera(s) per request. Load: {} s per point after {} s of warm-up; `/v1/inference` sends {} camera JPEGs ({} bytes each); OIP sends preprocessed binary tensors ({} KB). The load generator and the appliance share the machine.{}\n",
+            s.model,
+            s.cameras,
             s.seconds_per_point,
             s.warmup_s,
             s.image,
             s.jpeg_bytes,
+            s.oip_bytes / 1000,
             if s.smoke { " **Smoke run: too short for its figures to mean anything.**" } else { "" }
         );
 

@@ -98,18 +98,24 @@ impl Appliance {
                 QuotaLimits { rate: Some("1000000/s".into()), burst: Some(1_000_000), ..Default::default() };
             config.quota.robots.insert(robot_id(i), unlimited);
         }
-        let repo = config.model_repository().join(appliance::demo::NAME);
+        let name = model_dir.file_name().context("the model directory's name")?;
+        let repo = config.model_repository().join(name);
         std::fs::create_dir_all(&repo)?;
-        std::fs::copy(model_dir.join("model.pt"), repo.join("model.pt"))?;
-        let batching = if variant.batching {
-            // The demo model's own settings; a queue that holds every client of the sweep.
-            "enabled = true\nmax_queue_delay_us = 2000\npreferred_batch_sizes = [4, 8, 16]\nqueue_capacity = 1024\n"
-        } else {
-            "enabled = false\nqueue_capacity = 1024\n"
-        };
-        let model_toml = appliance::demo::model_toml_with_batching(appliance::demo::NAME, batching)
-            .replace("device = \"auto\"", &format!("device = \"{device}\""));
-        std::fs::write(repo.join("model.toml"), model_toml)?;
+        for file in std::fs::read_dir(model_dir)? {
+            let file = file?;
+            if file.file_type()?.is_file() {
+                std::fs::copy(file.path(), repo.join(file.file_name()))?;
+            }
+        }
+        // The model's own settings but a queue that holds every client of the sweep, on `device`.
+        let toml_path = repo.join("model.toml");
+        let mut model_toml: toml::Table = std::fs::read_to_string(&toml_path)?.parse()?;
+        let batching = model_toml.entry("batching").or_insert_with(|| toml::Table::new().into());
+        let batching = batching.as_table_mut().context("[batching] in model.toml")?;
+        batching.insert("enabled".into(), variant.batching.into());
+        batching.insert("queue_capacity".into(), 1024.into());
+        model_toml.insert("device".into(), device.into());
+        std::fs::write(&toml_path, toml::to_string(&model_toml)?)?;
         let config_path = data.path().join("appliance.toml");
         std::fs::write(&config_path, toml::to_string(&config).context("writing the appliance's configuration")?)?;
 

@@ -58,6 +58,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
     let exe = std::env::current_exe()?;
     let tmp = tempfile::tempdir()?;
     let model_dir = fixtures::demo_model(tmp.path())?;
+    let work = fixtures::Workload::load(&model_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let log = o.out.join("soak-appliance.log");
     let machine = Machine::read(o.device.clone());
@@ -73,10 +74,8 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
                 .enumerate()
                 .map(|(i, (id, key))| {
                     let mine: Vec<Vec<u8>> = (0..4).map(|j| frames[(i * 4 + j) % frames.len()].clone()).collect();
-                    let bodies: Arc<[Body]> = fixtures::v1_bodies(id, &mine)
-                        .into_iter()
-                        .map(|bytes| Body { bytes, header_len: None })
-                        .collect();
+                    let bodies: Arc<[Body]> =
+                        work.v1_bodies(id, &mine).into_iter().map(|bytes| Body { bytes, header_len: None }).collect();
                     Robot::new(id, key, &ca, app.addr, Endpoint::V1, bodies)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use appliance::model::LoadedModel;
-use appliance::spec::ModelSpec;
 
 use crate::load::{self, Body, Endpoint, Robot};
 use crate::machine::{self, Machine, Versions};
@@ -40,6 +39,8 @@ pub struct Options {
     pub image: (u32, u32),
     /// `auto` (CUDA when usable), `cpu` or `cuda:N`, for the appliance and the baselines.
     pub device: String,
+    /// The model directory to serve; the generated demo (`tiny-vla`) when absent.
+    pub model: Option<PathBuf>,
     pub smoke: bool,
 }
 
@@ -58,6 +59,7 @@ impl Options {
             baseline_seconds: 1.0,
             image: (320, 240),
             device: "auto".into(),
+            model: None,
             smoke: false,
         }
     }
@@ -123,24 +125,29 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let exe = std::env::current_exe().context("finding the bench binary (it serves the appliance too)")?;
     let tmp = tempfile::tempdir()?;
-    let model_dir = fixtures::demo_model(tmp.path())?;
-    let spec = ModelSpec::load(&model_dir)?;
+    let model_dir = match &o.model {
+        Some(dir) => dir.clone(),
+        None => fixtures::demo_model(tmp.path())?,
+    };
+    let work = fixtures::Workload::load(&model_dir)?;
     let device_spec: appliance::spec::DeviceSpec = o.device.parse().map_err(anyhow::Error::msg)?;
     let device = appliance::model::resolve_device(device_spec)?;
     let (w, h) = o.image;
-    let frames: Vec<Vec<u8>> = (0..16).map(|i| fixtures::jpeg(w, h, i)).collect();
+    let cams = work.cameras().max(1);
+    let frames: Vec<Vec<u8>> = (0..16 * cams as u32).map(|i| fixtures::jpeg(w, h, i)).collect();
 
     // The model's own limits first, on this thread, with nothing else running.
     eprintln!(
-        "baselines: the model alone at batch sizes {:?} on {}",
+        "baselines: {} alone at batch sizes {:?} on {}",
+        work.name(),
         o.batch_sizes,
         appliance::model::device_name(device)
     );
     let (forward, pipeline) = {
-        let model = LoadedModel::load(&model_dir, &spec, device)?;
+        let model = LoadedModel::load(&model_dir, &work.spec, device)?;
         model.warm_up(&o.batch_sizes, 2)?;
-        let forward = baseline::forward(&model, &spec, &o.batch_sizes, o.baseline_seconds)?;
-        let pipeline = baseline::pipeline(&model, &spec, &frames, &o.batch_sizes, o.baseline_seconds)?;
+        let forward = baseline::forward(&model, &work, &o.batch_sizes, o.baseline_seconds)?;
+        let pipeline = baseline::pipeline(&model, &work, &frames, &o.batch_sizes, o.baseline_seconds)?;
         (forward, pipeline)
     };
 
@@ -149,7 +156,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
     let robots =
         plans.iter().flat_map(|p| p.closed.iter().copied().chain(p.open.iter().map(|&(n, _)| n))).max().unwrap_or(1);
     let oip_bodies: Arc<[Body]> =
-        (0..4).map(fixtures::oip_body).map(|(bytes, n)| Body { bytes, header_len: Some(n) }).collect();
+        (0..4).map(|i| work.oip_body(i)).map(|(bytes, n)| Body { bytes, header_len: Some(n) }).collect();
     let mut points = Vec::new();
     for plan in &plans {
         let v = &plan.variant;
@@ -169,8 +176,8 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
                         let bodies: Arc<[Body]> = match endpoint {
                             Endpoint::V1 => {
                                 let mine: Vec<Vec<u8>> =
-                                    (0..4).map(|j| frames[(i * 4 + j) % frames.len()].clone()).collect();
-                                fixtures::v1_bodies(id, &mine)
+                                    (0..4 * cams).map(|j| frames[(i * 4 * cams + j) % frames.len()].clone()).collect();
+                                work.v1_bodies(id, &mine)
                                     .into_iter()
                                     .map(|bytes| Body { bytes, header_len: None })
                                     .collect()
@@ -219,7 +226,10 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
         machine: Machine::read(appliance::model::device_name(device)),
         versions: Versions::current(),
         settings: Settings {
+            model: work.name().to_string(),
+            cameras: work.cameras(),
             image: format!("{w}x{h}"),
+            oip_bytes: oip_bodies.first().map_or(0, |b| b.bytes.len()),
             jpeg_bytes,
             seconds_per_point: o.seconds,
             warmup_s: o.warmup,

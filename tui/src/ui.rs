@@ -451,6 +451,7 @@ fn models(frame: &mut Frame, app: &App, area: Rect) {
         frame.render_widget(Paragraph::new("waiting for data").block(Block::bordered().title(" Models ")), area);
         return;
     };
+    let [table_area, detail] = Layout::vertical([Constraint::Min(5), Constraint::Length(5)]).areas(area);
     let rows: Vec<Row> = stats
         .health
         .iter()
@@ -466,19 +467,22 @@ fn models(frame: &mut Frame, app: &App, area: Rect) {
                 Cell::from(h.device.clone().unwrap_or_default()),
                 state,
                 Cell::from(info.map_or(String::new(), |m| m.max_batch_size.to_string())),
+                Cell::from(info.map_or(String::new(), |m| m.cameras.len().to_string())),
                 Cell::from(info.map_or(String::new(), |m| format!("{}×{}", m.action_horizon, m.action_dof))),
                 Cell::from(info.map_or(String::new(), |m| compact(m.stats.computed))),
                 Cell::from(h.error.clone().unwrap_or_default()).style(Style::new().fg(Color::Red)),
             ])
         })
         .collect();
-    let header = Row::new(["model", "version", "device", "state", "batch", "action", "served", "error"]).style(HEADER);
+    let header =
+        Row::new(["model", "version", "device", "state", "batch", "cams", "action", "served", "error"]).style(HEADER);
     let widths = [
         Constraint::Length(14),
         Constraint::Length(8),
         Constraint::Length(7),
         Constraint::Length(8),
         Constraint::Length(5),
+        Constraint::Length(4),
         Constraint::Length(6),
         Constraint::Length(7),
         Constraint::Min(10),
@@ -487,10 +491,46 @@ fn models(frame: &mut Frame, app: &App, area: Rect) {
         .header(header)
         .row_highlight_style(SELECTED)
         .block(Block::bordered().title(" Models "));
-    frame.render_stateful_widget(
-        table,
-        area,
-        &mut TableState::default().with_selected(Some(app.selected[Tab::Models.index()])),
+    let selected = app.selected[Tab::Models.index()];
+    frame.render_stateful_widget(table, table_area, &mut TableState::default().with_selected(Some(selected)));
+    let health = stats.health.get(selected);
+    let text = match health.and_then(|h| stats.models.iter().find(|m| m.name == h.name)) {
+        Some(m) => vec![
+            Line::from(format!(
+                "{} v{}  {} on {}  max batch {}{}",
+                m.name,
+                m.version,
+                if m.platform.is_empty() { "pytorch_torchscript" } else { &m.platform },
+                m.device,
+                m.max_batch_size,
+                if m.batching { ", batching" } else { "" }
+            )),
+            Line::from(format!(
+                "cameras {}  tokenizer {}  state {}",
+                if m.cameras.is_empty() { "–".to_string() } else { m.cameras.join(", ") },
+                if m.tokenizer.is_empty() { "–" } else { &m.tokenizer },
+                m.state_dim
+            )),
+            Line::from(format!(
+                "action {} · {} step{} × {} dof{}",
+                m.action_kind,
+                m.action_horizon,
+                if m.action_horizon == 1 { "" } else { "s" },
+                m.action_dof,
+                m.dt_ms.map_or(String::new(), |dt| format!(" every {dt} ms"))
+            )),
+        ],
+        None => match health {
+            Some(h) => vec![Line::styled(
+                format!("{}: {}", h.name, h.error.clone().unwrap_or_else(|| h.state.clone())),
+                Style::new().fg(Color::Red),
+            )],
+            None => vec![Line::styled("no models", DIM)],
+        },
+    };
+    frame.render_widget(
+        Paragraph::new(text).wrap(Wrap { trim: true }).block(Block::bordered().title(" Selected ")),
+        detail,
     );
 }
 

@@ -87,6 +87,7 @@ fn snapshot(poll: u64, gpu: bool) -> Snapshot {
                   "mean_batch_size": 4.0, "rejected_queue_full": 0, "dropped_deadline": 2, "dropped_disconnect": 1, "failed": 0}]},
         "models": {"models": [{"name": "tiny-vla", "version": "1", "device": "cpu", "max_batch_size": 8, "batching": true,
                    "state_dim": 7, "action_dof": 7, "action_horizon": 4, "action_kind": "delta",
+                   "platform": "pytorch_aoti", "cameras": ["base", "wrist"], "tokenizer": "tokenizer.json", "dt_ms": 20.0,
                    "stats": {"queue_depth": 0, "queue_capacity": 256, "computed": 1200, "batches": 300, "rejected_queue_full": 0,
                              "dropped_deadline": 2, "dropped_disconnect": 1, "failed": 0}}],
                    "health": [{"name": "tiny-vla", "version": "1", "state": "serving", "device": "cpu"},

@@ -30,10 +30,10 @@ impl Priority {
 }
 
 /// `POST /v1/inference`: one robot asks for its next action.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceRequest {
-    /// Who is asking; used for per-robot settings (priority) and, later, identity and quotas.
+    /// Who is asking; must be the robot of the credentials.
     pub robot_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robot_type: Option<String>,
@@ -42,15 +42,40 @@ pub struct InferenceRequest {
     pub model: Option<String>,
     /// Natural-language instruction, UTF-8.
     pub instruction: String,
-    /// Camera image: base64 of a JPEG or PNG file (a `data:image/...;base64,` prefix is accepted).
-    pub image: String,
+    /// The frame of a one-camera model: base64 of a JPEG or PNG file (a
+    /// `data:image/...;base64,` prefix is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Frames by camera name (`base`, `wrist`, …), for models with several cameras.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub images: std::collections::BTreeMap<String, FrameWire>,
     /// Joint state; its length must match the model's state input.
     pub state: Vec<f32>,
+    /// The model's extra inputs by name (a number or nested lists of numbers each).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The noise seed (models with noise inputs): the same seed, the same decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// Time budget from arrival until the batch starts computing, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+}
+
+/// One camera frame: base64 of a JPEG or PNG file, or raw pixels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FrameWire {
+    Encoded(String),
+    /// `{"encoding": "rgb8", "width": W, "height": H, "data": "<base64 of W×H×3 bytes>"}`.
+    Raw {
+        encoding: String,
+        width: u32,
+        height: u32,
+        data: String,
+    },
 }
 
 /// Answer to [`InferenceRequest`].
@@ -59,9 +84,22 @@ pub struct InferenceResponse {
     pub request_id: String,
     pub model: String,
     pub model_version: String,
+    /// The first step of the action chunk (`dof` values).
     pub action: Vec<f32>,
+    /// The whole chunk: `horizon` steps of `dof` values, in the robot's units.
+    #[serde(default)]
+    pub actions: Vec<Vec<f32>>,
+    /// The control period of one step, ms (when the model declares it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dt_ms: Option<f64>,
+    /// The model's other outputs, by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub outputs: std::collections::BTreeMap<String, Vec<f64>>,
+    /// The noise seed the request ran with (models with noise inputs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     pub timing: Timing,
-    /// What the policies decided; `action` is the final one, after any `modify`.
+    /// What the policies decided; `actions` are the final ones, after any `modify`.
     #[serde(default)]
     pub policy: PolicyTrace,
 }
@@ -130,6 +168,18 @@ pub struct ModelInfo {
     pub action_dof: usize,
     pub action_horizon: usize,
     pub action_kind: String,
+    /// `pytorch_torchscript` or `pytorch_aoti`.
+    #[serde(default)]
+    pub platform: String,
+    /// The cameras robots send frames of, by name.
+    #[serde(default)]
+    pub cameras: Vec<String>,
+    /// `utf8-bytes`, or the tokenizer file.
+    #[serde(default)]
+    pub tokenizer: String,
+    /// The control period of an action step, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dt_ms: Option<f64>,
     pub stats: ModelStats,
 }
 
@@ -359,6 +409,9 @@ pub struct AuditRecord {
     /// When the last of those was decided (with `count` > 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_unix_ms: Option<u64>,
+    /// The noise seed the request ran with (models with noise inputs), to replay it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 fn one() -> u64 {
@@ -572,6 +625,7 @@ mod tests {
             final_action: None,
             count: 3,
             last_unix_ms: Some(9),
+            seed: Some(5),
         };
         let json = serde_json::to_string(&record).expect("serialises");
         assert!(json.contains(r#"[0.5,"NaN","Infinity","-Infinity"]"#), "{json}");

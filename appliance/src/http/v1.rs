@@ -18,7 +18,7 @@ use super::auth::Caller;
 use super::body;
 use super::state::AppState;
 use crate::error::{ApiError, rate_limit_headers};
-use crate::infer::{Request, Row};
+use crate::infer::{Request, RobotRow, Row};
 use crate::repository::Model;
 
 /// Bodies up to this size are parsed where they arrive (well under a millisecond).
@@ -110,8 +110,8 @@ async fn robot_inference(
     let model = app.models.resolve(request.model.as_deref())?;
     *resolved = Some(model.clone());
     let checked = crate::validate::check_request(&request, &model.spec, &app.config.limits, robot.priority)?;
-    let vla_api::InferenceRequest { image, instruction, state, .. } = request;
-    let row = Row::robot(&model.spec, image, instruction, state);
+    let vla_api::InferenceRequest { image, images, instruction, state, extra, seed, .. } = request;
+    let row = Row::robot(&model, RobotRow { image, images, instruction, state, extra, seed })?;
     let answer = app
         .pipeline
         .run(Request {
@@ -125,11 +125,24 @@ async fn robot_inference(
         })
         .await?;
     let row = answer.rows.into_iter().next().ok_or_else(|| ApiError::Internal("no result".into()))?;
+    let spec = &answer.model.spec;
+    let actions: Vec<Vec<f32>> = row.action.chunks(spec.action.dof).map(<[f32]>::to_vec).collect();
+    let outputs = spec
+        .outputs
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != spec.action_output)
+        .map(|(i, t)| (t.name.clone(), crate::model::values(t.dtype, &row.outputs[i])))
+        .collect();
     let response = InferenceResponse {
         request_id: answer.request_id,
-        model: answer.model.spec.name.clone(),
-        model_version: answer.model.spec.version.clone(),
-        action: row.action,
+        model: spec.name.clone(),
+        model_version: spec.version.clone(),
+        action: actions.first().cloned().unwrap_or_default(),
+        actions,
+        dt_ms: spec.action.dt_ms,
+        outputs,
+        seed: row.seed,
         policy: row.policy,
         timing: answer.timing,
     };

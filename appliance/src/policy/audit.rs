@@ -298,6 +298,7 @@ mod tests {
             final_action: None,
             count: 1,
             last_unix_ms: None,
+            seed: None,
         }
     }
 

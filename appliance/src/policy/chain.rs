@@ -143,6 +143,7 @@ pub fn run_chain(
                 final_action: replacement,
                 count: 1,
                 last_unix_ms: None,
+                seed: None,
             });
         }
         if !enforce {

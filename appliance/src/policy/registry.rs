@@ -188,7 +188,7 @@ impl Policies {
     }
 
     /// Runs `chain` off the async workers, holding one of the sandbox's slots, and records what
-    /// it decided in the audit log.
+    /// it decided in the audit log (with the request's noise `seed`, to replay it).
     pub async fn run(
         self: &Arc<Self>,
         set: &Arc<PolicySet>,
@@ -196,6 +196,7 @@ impl Policies {
         ctx: RequestContext,
         group: String,
         action: Option<Action>,
+        seed: Option<u64>,
     ) -> Result<Passed, Box<Refusal>> {
         let chain = match world {
             World::Admission => &set.admission,
@@ -229,7 +230,10 @@ impl Policies {
             };
             let session = (world == World::Admission)
                 .then(|| Session::new(policies.quotas.clone(), &ctx.robot_id, &group, ctx.time_ms));
-            let (outcome, audit) = run_chain(policies.env(), chain, &ctx, action, session);
+            let (outcome, mut audit) = run_chain(policies.env(), chain, &ctx, action, session);
+            for record in &mut audit {
+                record.seed = seed;
+            }
             policies.audit.append(audit);
             outcome.map_err(Box::new)
         })
@@ -244,8 +248,9 @@ impl Policies {
         set: &Arc<PolicySet>,
         ctx: &RequestContext,
         group: &str,
+        seed: Option<u64>,
     ) -> Result<Passed, Box<Refusal>> {
-        self.run(set, World::Admission, ctx.clone(), group.into(), None).await
+        self.run(set, World::Admission, ctx.clone(), group.into(), None, seed).await
     }
 
     /// The safety chain on `proposed` (the model's action, checked by the host: its shape is
@@ -257,8 +262,9 @@ impl Policies {
         ctx: RequestContext,
         admitted: &Passed,
         proposed: Action,
+        seed: Option<u64>,
     ) -> Result<(Vec<f32>, PolicyTrace), Box<Refusal>> {
-        match self.run(set, World::Safety, ctx, String::new(), Some(proposed)).await {
+        match self.run(set, World::Safety, ctx, String::new(), Some(proposed), seed).await {
             Ok(passed) => {
                 let trace = trace(admitted, &passed);
                 Ok((passed.action.map(|a| a.values).unwrap_or_default(), trace))

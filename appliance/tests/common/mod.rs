@@ -391,9 +391,8 @@ pub fn robot_request(seed: u8) -> InferenceRequest {
         robot_type: Some("ur5e".into()),
         model: None,
         instruction: format!("pick up the red block number {seed}"),
-        image: b64(&jpeg(320, 240, seed)),
+        image: Some(b64(&jpeg(320, 240, seed))),
         state: (0..7).map(|i| f32::from(seed) * 0.01 + i as f32 * 0.1).collect(),
-        deadline_ms: None,
-        priority: None,
+        ..InferenceRequest::default()
     }
 }

@@ -16,10 +16,11 @@ use vla_api::{PolicyTrace, Priority, Timing};
 
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
-use crate::infer::{Encoded, Input, Row, RowAnswer};
+use crate::infer::{Frame, Input, Row, RowAnswer};
 use crate::model::TensorData;
 use crate::names::clip;
-use crate::spec::{DataType, ModelSpec};
+use crate::spec::{DataType, Feed, ModelSpec};
+use crate::text::TextEncoder;
 
 /// The binary tensor extension's header: the length of the JSON part of a body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -65,11 +66,12 @@ pub struct Parsed {
     pub outputs: Vec<(usize, bool)>,
 }
 
-/// One input tensor of `n` rows, converted: each row's input, and for a `BYTES` instruction
-/// each row's text (what the policies see).
+/// One input tensor of `n` rows, converted: each row's input, for a `BYTES` instruction each
+/// row's text, and for the state each row's values as sent (what the policies see).
 struct Column {
     inputs: Vec<Input>,
     texts: Option<Vec<String>>,
+    states: Option<Vec<Vec<f32>>>,
 }
 
 fn invalid(name: &str, problem: impl Into<String>) -> ApiError {
@@ -121,6 +123,7 @@ pub fn parse(
     body: &Bytes,
     header_len: Option<usize>,
     spec: &ModelSpec,
+    text: &TextEncoder,
     limits: &LimitsConfig,
 ) -> Result<Parsed, ApiError> {
     let split = header_len.map_or(body.len(), |n| n.min(body.len()));
@@ -136,6 +139,10 @@ pub fn parse(
     let timeout_us = match request.parameters.get("timeout") {
         None => None,
         Some(v) => Some(v.as_u64().ok_or_else(|| bad_parameter("timeout", "must be a whole number of microseconds"))?),
+    };
+    let seed = match request.parameters.get("seed") {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| bad_parameter("seed", "must be a whole number (the noise seed)"))?),
     };
     let binary_default = match request.parameters.get("binary_data_output") {
         None => false,
@@ -208,7 +215,7 @@ pub fn parse(
             }
             _ => batch = Some(n),
         }
-        columns[idx] = Some(convert(input, raw, spec, idx, n, limits)?);
+        columns[idx] = Some(convert(input, raw, spec, text, idx, n, limits)?);
     }
     if !binary.is_empty() {
         return Err(ApiError::InferenceHeader(format!(
@@ -217,41 +224,7 @@ pub fn parse(
         )));
     }
     let n = batch.unwrap_or(1);
-    let pos = spec.robot_inputs();
-    let mut inputs: Vec<Vec<Input>> = (0..n).map(|_| Vec::with_capacity(columns.len())).collect();
-    let mut texts = None;
-    for (i, column) in columns.into_iter().enumerate() {
-        let column = column.ok_or_else(|| invalid(&spec.inputs[i].name, "is missing"))?;
-        if i == pos.instruction {
-            texts = column.texts;
-        }
-        for (row, input) in inputs.iter_mut().zip(column.inputs) {
-            row.push(input);
-        }
-    }
-    let rows = inputs
-        .into_iter()
-        .enumerate()
-        .map(|(r, inputs)| {
-            // What the policies see: the instruction as sent (`BYTES`), or its UTF-8 tokens up
-            // to the trailing padding (checked to be 0-255 below): every byte the model sees,
-            // NULs included.
-            let instruction = match (&texts, &inputs[pos.instruction]) {
-                (Some(texts), _) => texts[r].clone(),
-                (None, Input::Ready(TensorData::I64(tokens))) => {
-                    let len = tokens.iter().rposition(|&t| t != 0).map_or(0, |i| i + 1);
-                    let bytes: Vec<u8> = tokens[..len].iter().map(|&t| t as u8).collect();
-                    String::from_utf8_lossy(&bytes).into_owned()
-                }
-                _ => String::new(),
-            };
-            let state = match &inputs[pos.state] {
-                Input::Ready(TensorData::F32(values)) => values.clone(),
-                _ => Vec::new(),
-            };
-            Row { instruction, state, inputs }
-        })
-        .collect();
+    let rows = assemble(spec, text, columns, n, seed)?;
 
     let outputs = match &request.outputs {
         None => (0..spec.outputs.len()).map(|i| (i, binary_default)).collect(),
@@ -295,19 +268,104 @@ pub fn parse(
     Ok(Parsed { id: request.id, priority, timeout_us, rows, outputs })
 }
 
+/// The rows from the inputs' columns: what the client did not send is made the way the
+/// robot endpoint makes it (tokens and mask from `BYTES` text, noise, black frames for
+/// optional cameras, zeros for optional extra inputs), or refused as missing.
+fn assemble(
+    spec: &ModelSpec,
+    text: &TextEncoder,
+    mut columns: Vec<Option<Column>>,
+    n: usize,
+    seed: Option<u64>,
+) -> Result<Vec<Row>, ApiError> {
+    let ids = spec.input_of(Feed::TokenIds);
+    let mask = spec.input_of(Feed::TokenMask);
+    // Text sent as BYTES: its tokens feed the ids and the mask.
+    let texts = ids.and_then(|i| columns[i].as_mut().and_then(|c| c.texts.take()));
+    if let (Some(texts), Some(m)) = (&texts, mask) {
+        if columns[m].is_some() {
+            return Err(invalid(
+                &spec.inputs[m].name,
+                "is made from the instruction when it comes as BYTES text: send one or the other",
+            ));
+        }
+        let dtype = spec.inputs[m].dtype;
+        let masks = texts
+            .iter()
+            .map(|t| text.encode(t).map(|tokens| Input::Ready(TensorData::ints(dtype, tokens.mask))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::from_text(&spec.inputs[m].name, e))?;
+        columns[m] = Some(Column { inputs: masks, texts: None, states: None });
+    }
+    let mut states = None;
+    let mut per_input: Vec<Vec<Input>> = Vec::with_capacity(columns.len());
+    for (i, column) in columns.into_iter().enumerate() {
+        let t = &spec.inputs[i];
+        let column = match (column, spec.feeds[i]) {
+            (Some(c), Feed::State) => {
+                states = c.states.clone();
+                c.inputs
+            }
+            (Some(c), _) => c.inputs,
+            (None, Feed::Camera(c)) if !spec.cameras[c].required => {
+                (0..n).map(|_| Input::Ready(crate::preprocess::blank_frame(&spec.cameras[c]))).collect()
+            }
+            (None, Feed::Noise(_)) => (0..n).map(|_| Input::Noise).collect(),
+            (None, Feed::Extra(e)) if !spec.extra_inputs[e].required => {
+                (0..n).map(|_| Input::Ready(TensorData::zeros(t.dtype, t.sample_len()))).collect()
+            }
+            (None, _) => return Err(invalid(&t.name, "is missing")),
+        };
+        per_input.push(column);
+    }
+    let mut rows: Vec<Row> = (0..n)
+        .map(|r| Row {
+            instruction: String::new(),
+            state: Vec::new(),
+            inputs: Vec::new(),
+            seed: seed.map(|s| s.wrapping_add(r as u64)),
+        })
+        .collect();
+    for column in per_input {
+        for (row, input) in rows.iter_mut().zip(column) {
+            row.inputs.push(input);
+        }
+    }
+    for (r, row) in rows.iter_mut().enumerate() {
+        // What the policies see: the instruction as sent (`BYTES`), or its tokens decoded.
+        row.instruction = match (&texts, ids.map(|i| &row.inputs[i])) {
+            (Some(texts), _) => texts[r].clone(),
+            (None, Some(Input::Ready(t))) => text.decode(&token_ids(t)),
+            _ => String::new(),
+        };
+        row.state = states.as_ref().map(|s| s[r].clone()).unwrap_or_default();
+    }
+    Ok(rows)
+}
+
+fn token_ids(t: &TensorData) -> Vec<i64> {
+    match t {
+        TensorData::I64(v) => v.clone(),
+        TensorData::I32(v) => v.iter().map(|&x| i64::from(x)).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// One input tensor of `n` rows → one [`Input`] per row.
 fn convert(
     input: &InputTensor,
     raw: Option<Bytes>,
     spec: &ModelSpec,
+    text: &TextEncoder,
     idx: usize,
     n: usize,
     limits: &LimitsConfig,
 ) -> Result<Column, ApiError> {
     let name = input.name.as_str();
     let declared = &spec.inputs[idx];
-    let robot = spec.robot_inputs();
-    if input.datatype == "BYTES" && (idx == robot.image || idx == robot.instruction) {
+    let feed = spec.feeds[idx];
+    let bytes_ok = matches!(feed, Feed::Camera(_) | Feed::TokenIds);
+    if input.datatype == "BYTES" && bytes_ok {
         if !(input.shape == [n as i64] || input.shape == [n as i64, 1]) {
             return Err(invalid(name, format!("BYTES shape {:?} must be [{n}] or [{n}, 1]", input.shape)));
         }
@@ -318,38 +376,40 @@ fn convert(
         if elements.len() != n {
             return Err(invalid(name, format!("has {} elements; shape {:?} needs {n}", elements.len(), input.shape)));
         }
-        if idx == robot.image {
+        if let Feed::Camera(camera) = feed {
             // Left encoded: decoded by the pipeline once the request is admitted. In JSON, an
             // encoded image travels as base64 text.
             let inputs = elements
                 .into_iter()
-                .map(|e| match raw {
-                    Some(_) => Input::Image(Encoded::Raw(e)),
-                    None => Input::Image(Encoded::Base64(String::from_utf8_lossy(&e).into_owned())),
+                .map(|e| Input::Frame {
+                    camera,
+                    field: format!("input `{name}`"),
+                    frame: match raw {
+                        Some(_) => Frame::File(e),
+                        None => Frame::Base64(String::from_utf8_lossy(&e).into_owned()),
+                    },
                 })
                 .collect();
-            return Ok(Column { inputs, texts: None });
+            return Ok(Column { inputs, texts: None, states: None });
         }
         let mut inputs = Vec::with_capacity(n);
         let mut texts = Vec::with_capacity(n);
         for e in elements {
-            let text = std::str::from_utf8(&e).map_err(|_| invalid(name, "is not UTF-8 text"))?;
-            if text.len() > limits.max_instruction_bytes {
+            let instruction = std::str::from_utf8(&e).map_err(|_| invalid(name, "is not UTF-8 text"))?;
+            if instruction.len() > limits.max_instruction_bytes {
                 return Err(invalid(
                     name,
-                    format!("{} bytes, more than the limit of {}", text.len(), limits.max_instruction_bytes),
+                    format!("{} bytes, more than the limit of {}", instruction.len(), limits.max_instruction_bytes),
                 ));
             }
-            inputs.push(Input::Ready(TensorData::I64(crate::preprocess::instruction_tokens(
-                text,
-                spec.instruction_len(),
-            ))));
-            texts.push(text.to_string());
+            let tokens = text.encode(instruction).map_err(|e| ApiError::from_text(&format!("input `{name}`"), e))?;
+            inputs.push(Input::Ready(TensorData::ints(declared.dtype, tokens.ids)));
+            texts.push(instruction.to_string());
         }
-        return Ok(Column { inputs, texts: Some(texts) });
+        return Ok(Column { inputs, texts: Some(texts), states: None });
     }
     if input.datatype != declared.dtype.as_str() {
-        let hint = if idx == robot.image || idx == robot.instruction { " (or BYTES)" } else { "" };
+        let hint = if bytes_ok { " (or BYTES)" } else { "" };
         return Err(invalid(
             name,
             format!(
@@ -364,41 +424,79 @@ fn convert(
     }
     let per_row = declared.sample_len();
     let count = n * per_row;
-    let elt = if declared.dtype == DataType::Int64 { 8 } else { 4 };
-    let rows: Vec<TensorData> = match (declared.dtype, &raw) {
-        (DataType::Int64, Some(raw)) => {
-            check_binary_size(name, raw, count, elt, &input.shape)?;
-            let v: Vec<i64> = raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
-            check_tokens(name, &v, idx == robot.instruction)?;
-            v.chunks(per_row).map(|c| TensorData::I64(c.to_vec())).collect()
-        }
-        (DataType::Int64, None) => {
-            let v = flatten(name, input.data.as_ref(), count, &input.shape, |v| v.as_i64(), "an integer")?;
-            check_tokens(name, &v, idx == robot.instruction)?;
-            v.chunks(per_row).map(|c| TensorData::I64(c.to_vec())).collect()
-        }
-        (_, Some(raw)) => {
-            check_binary_size(name, raw, count, elt, &input.shape)?;
-            let v: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4]))).collect();
+    let elt = declared.dtype.size();
+    if let Some(raw) = &raw {
+        check_binary_size(name, raw, count, elt, &input.shape)?;
+    }
+    let rows: Vec<TensorData> = match declared.dtype {
+        DataType::Fp32 => {
+            let v: Vec<f32> = match &raw {
+                Some(raw) => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                None => {
+                    let finite_f32 = |v: &Value| v.as_f64().map(|x| x as f32).filter(|x| x.is_finite());
+                    flatten(name, input.data.as_ref(), count, &input.shape, finite_f32, "a number in FP32 range")?
+                }
+            };
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 return Err(invalid(name, format!("element {i} is not a finite number")));
             }
             v.chunks(per_row).map(|c| TensorData::F32(c.to_vec())).collect()
         }
-        (_, None) => {
-            let finite_f32 = |v: &Value| v.as_f64().map(|x| x as f32).filter(|x| x.is_finite());
-            let v = flatten(name, input.data.as_ref(), count, &input.shape, finite_f32, "a number in FP32 range")?;
-            v.chunks(per_row).map(|c| TensorData::F32(c.to_vec())).collect()
+        DataType::Bool => {
+            let v: Vec<bool> = match &raw {
+                Some(raw) => raw.iter().map(|&b| b != 0).collect(),
+                None => flatten(name, input.data.as_ref(), count, &input.shape, |v| v.as_bool(), "true or false")?,
+            };
+            v.chunks(per_row).map(|c| TensorData::Bool(c.to_vec())).collect()
+        }
+        dtype => {
+            let v: Vec<i64> = match &raw {
+                Some(raw) => match dtype {
+                    DataType::Int64 => {
+                        raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+                    }
+                    DataType::Int32 => {
+                        raw.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()
+                    }
+                    _ => raw.iter().map(|&b| i64::from(b)).collect(),
+                },
+                None => {
+                    let (lo, hi) = match dtype {
+                        DataType::Uint8 => (0, 255),
+                        DataType::Int32 => (i64::from(i32::MIN), i64::from(i32::MAX)),
+                        _ => (i64::MIN, i64::MAX),
+                    };
+                    let get = |v: &Value| v.as_i64().filter(|x| (lo..=hi).contains(x));
+                    flatten(name, input.data.as_ref(), count, &input.shape, get, &format!("an integer in {lo}..={hi}"))?
+                }
+            };
+            if feed == Feed::TokenIds {
+                check_tokens(name, &v, text.vocab())?;
+            }
+            v.chunks(per_row).map(|c| TensorData::ints(dtype, c.to_vec())).collect()
         }
     };
-    Ok(Column { inputs: rows.into_iter().map(Input::Ready).collect(), texts: None })
+    let states = (feed == Feed::State).then(|| {
+        rows.iter().map(|t| if let TensorData::F32(v) = t { v.clone() } else { Vec::new() }).collect::<Vec<_>>()
+    });
+    let inputs = rows
+        .into_iter()
+        .map(|t| match (feed, t) {
+            // The state comes in the robot's units, as on the robot endpoint.
+            (Feed::State, TensorData::F32(v)) => {
+                Input::Ready(TensorData::F32(crate::preprocess::normalise_state(spec, &v)))
+            }
+            (_, t) => Input::Ready(t),
+        })
+        .collect();
+    Ok(Column { inputs, texts: None, states })
 }
 
-/// Instruction tokens outside the encoding's range would index past the model's embedding and
-/// fail the whole batch (on CUDA, the device): refused here. `utf8-bytes` tokens are 0-255.
-fn check_tokens(name: &str, tokens: &[i64], is_instruction: bool) -> Result<(), ApiError> {
-    match tokens.iter().position(|t| !(0..=255).contains(t)).filter(|_| is_instruction) {
-        Some(i) => Err(invalid(name, format!("element {i} is {}; utf8-bytes tokens are 0-255", tokens[i]))),
+/// Token ids outside the model's vocabulary would index past its embedding and fail the whole
+/// batch (on CUDA, the device): refused here.
+fn check_tokens(name: &str, tokens: &[i64], vocab: usize) -> Result<(), ApiError> {
+    match tokens.iter().position(|t| !(0..vocab as i64).contains(t)) {
+        Some(i) => Err(invalid(name, format!("element {i} is {}; token ids are 0-{}", tokens[i], vocab - 1))),
         None => Ok(()),
     }
 }
@@ -565,6 +663,14 @@ mod tests {
         ModelSpec::parse(crate::demo::MODEL_TOML, "tiny-vla").unwrap()
     }
 
+    fn text() -> TextEncoder {
+        TextEncoder::Utf8Bytes { len: 32, truncation: crate::spec::Truncation::Truncate }
+    }
+
+    fn parse_demo(body: &Bytes) -> Result<Parsed, ApiError> {
+        parse(body, None, &spec(), &text(), &LimitsConfig::default())
+    }
+
     fn state_only(data: Value) -> Bytes {
         Bytes::from(
             serde_json::to_vec(&json!({"inputs": [
@@ -579,15 +685,14 @@ mod tests {
     fn ready(input: &Input) -> &TensorData {
         match input {
             Input::Ready(t) => t,
-            Input::Image(_) => panic!("an image left to decode"),
+            other => panic!("not ready: {other:?}"),
         }
     }
 
     #[test]
     fn nested_and_flat_data_give_the_same_row() {
-        let limits = LimitsConfig::default();
-        let flat = parse(&state_only(json!([0, 1, 2, 3, 4, 5, 6])), None, &spec(), &limits).unwrap();
-        let nested = parse(&state_only(json!([[0, 1, 2, 3, 4, 5, 6]])), None, &spec(), &limits).unwrap();
+        let flat = parse_demo(&state_only(json!([0, 1, 2, 3, 4, 5, 6]))).unwrap();
+        let nested = parse_demo(&state_only(json!([[0, 1, 2, 3, 4, 5, 6]]))).unwrap();
         assert_eq!(ready(&flat.rows[0].inputs[2]), ready(&nested.rows[0].inputs[2]));
         assert_eq!(ready(&flat.rows[0].inputs[2]), &TensorData::F32(vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
         let mut tokens = vec![0i64; 32];
@@ -608,16 +713,17 @@ mod tests {
             .unwrap(),
         );
         // Not an image at all, yet parsing succeeds: nothing was decoded.
-        let parsed = parse(&body, None, &spec(), &LimitsConfig::default()).unwrap();
-        assert!(matches!(&parsed.rows[0].inputs[0], Input::Image(Encoded::Base64(t)) if t == "bm90IGFuIGltYWdl"));
+        let parsed = parse_demo(&body).unwrap();
+        assert!(
+            matches!(&parsed.rows[0].inputs[0], Input::Frame { frame: Frame::Base64(t), .. } if t == "bm90IGFuIGltYWdl")
+        );
     }
 
     #[test]
     fn an_element_count_mismatch_names_the_input() {
-        let err = parse(&state_only(json!([0, 1, 2])), None, &spec(), &LimitsConfig::default()).unwrap_err();
+        let err = parse_demo(&state_only(json!([0, 1, 2]))).unwrap_err();
         assert_eq!(err.to_string(), "input `state`: has 3 elements; shape [1, 7] needs 7");
-        let err =
-            parse(&state_only(json!([0, 1, 2, 3, 4, 5, "x"])), None, &spec(), &LimitsConfig::default()).unwrap_err();
+        let err = parse_demo(&state_only(json!([0, 1, 2, 3, 4, 5, "x"]))).unwrap_err();
         assert!(err.to_string().contains("element 6 is not a number"), "{err}");
     }
 
@@ -626,9 +732,23 @@ mod tests {
         let mut request: Value = serde_json::from_slice(&state_only(json!([0, 1, 2, 3, 4, 5, 6]))).unwrap();
         request["outputs"] = json!([{"name": "action"}, {"name": "action"}]);
         let body = Bytes::from(serde_json::to_vec(&request).unwrap());
-        let err = parse(&body, None, &spec(), &LimitsConfig::default()).unwrap_err();
+        let err = parse_demo(&body).unwrap_err();
         assert_eq!(err.code(), "invalid_field");
         assert!(err.to_string().contains("outputs"), "{err}");
+    }
+
+    #[test]
+    fn token_ids_outside_the_vocabulary_are_refused() {
+        let body = Bytes::from(
+            serde_json::to_vec(&json!({"inputs": [
+                {"name": "image", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": vec![0.0; 3 * 224 * 224]},
+                {"name": "instruction", "datatype": "INT64", "shape": [1, 32], "data": vec![300; 32]},
+                {"name": "state", "datatype": "FP32", "shape": [1, 7], "data": [0, 0, 0, 0, 0, 0, 0]},
+            ]}))
+            .unwrap(),
+        );
+        let err = parse_demo(&body).unwrap_err();
+        assert!(err.to_string().contains("token ids are 0-255"), "{err}");
     }
 
     #[test]

@@ -26,7 +26,6 @@ use super::state::{AppState, Params};
 use crate::error::{ApiError, rate_limit_headers};
 use crate::infer::Request;
 use crate::repository::Model;
-use crate::spec::PLATFORM;
 
 /// Answers with up to this many output bytes are built where they are answered.
 const SMALL_ANSWER_BYTES: usize = 16 * 1024;
@@ -67,7 +66,7 @@ pub async fn model_metadata(State(app): State<AppState>, params: Params) -> Resu
     Ok(Json(json!({
         "name": spec.name,
         "versions": [spec.version],
-        "platform": PLATFORM,
+        "platform": spec.platform.as_str(),
         "inputs": tensors(&spec.inputs),
         "outputs": tensors(&spec.outputs),
     })))
@@ -150,10 +149,10 @@ async fn infer_rows(
     let default_ms = model.spec.batching.default_deadline_ms;
     let parse_started = Instant::now();
     let parsed = {
-        let (spec, limits) = (model.spec.clone(), app.config.limits.clone());
+        let (spec, text, limits) = (model.spec.clone(), model.text.clone(), app.config.limits.clone());
         app.pipeline
             .on_cpu(&robot.robot_id, received + Duration::from_millis(default_ms), default_ms, move || {
-                codec::parse(&body, header_len, &spec, &limits)
+                codec::parse(&body, header_len, &spec, &text, &limits)
             })
             .await?
     };

@@ -1,0 +1,403 @@
+//! Real VLA shapes served side by side over real HTTPS: `tiny-vla` (one camera, byte tokens,
+//! one step), `tiny-pi` as an AOTInductor package and `tiny-pi-ts` as TorchScript (two UINT8
+//! cameras, a BPE tokenizer with its mask, a normalised 14-dim state, noise, 50 × 14 action
+//! chunks, an extra input and an extra output), as `scripts/setup.sh` exports them into
+//! `models/build` (`models/export.py`). Their answers equal PyTorch's own forward on the same
+//! inputs (`reference.json`, written by the export), on the robot endpoint, on OIP and through
+//! Triton's Python client; every bad input is refused naming its field while another robot
+//! keeps being served.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use vla_api::{ErrorBody, InferenceRequest, InferenceResponse};
+
+const PI: [&str; 2] = ["tiny-pi", "tiny-pi-ts"];
+
+/// An exported model directory under `models/build`.
+fn built(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/build").join(name);
+    assert!(
+        dir.join("model.toml").exists(),
+        "{} is missing: scripts/setup.sh exports it (models/export.py models/tiny_pi.py models/build)",
+        dir.display()
+    );
+    dir
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(built("tiny-pi").join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The three models in one repository.
+async fn start() -> TestAppliance {
+    TestAppliance::start(|_, repo| {
+        add_model(repo, "tiny-vla", appliance::demo::MODEL_TOML);
+        for name in PI {
+            let to = repo.join(name);
+            std::fs::create_dir_all(&to).unwrap();
+            for file in std::fs::read_dir(built(name)).unwrap() {
+                let file = file.unwrap();
+                let keep = file.file_name() != "reference.json" && file.file_type().unwrap().is_file();
+                if keep {
+                    std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
+                }
+            }
+        }
+    })
+    .await
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn assert_close(what: &str, got: &[f64], want: &[f64], tolerance: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: {} values, PyTorch has {}", got.len(), want.len());
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(worst < tolerance, "{what}: max |Δ| {worst} ≥ {tolerance}");
+}
+
+/// A reference request as a robot sends it: `base` as a PNG file (lossless, so the pixels are
+/// PyTorch's), `wrist` as raw rgb8.
+fn robot_request(robot: &str, model: &str, r: &Value) -> InferenceRequest {
+    let mut body = r.clone();
+    let base = &r["images"]["base"];
+    let pixels =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, base["data"].as_str().unwrap()).unwrap();
+    let (w, h) = (base["width"].as_u64().unwrap() as u32, base["height"].as_u64().unwrap() as u32);
+    let image = image::RgbImage::from_raw(w, h, pixels).unwrap();
+    let mut png = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    body["images"]["base"] = json!(b64(&png));
+    body["robot_id"] = json!(robot);
+    body["model"] = json!(model);
+    serde_json::from_value(body).unwrap()
+}
+
+fn check_answer(what: &str, answer: &InferenceResponse, want: &Value, seed: u64, tolerance: f64) {
+    assert_eq!(answer.actions.len(), 50, "{what}: a chunk of 50 steps");
+    assert!(answer.actions.iter().all(|s| s.len() == 14), "{what}: 14 dofs a step");
+    assert_eq!(answer.action, answer.actions[0], "{what}: `action` is the first step");
+    assert_eq!(answer.dt_ms, Some(20.0));
+    assert_eq!(answer.seed, Some(seed), "{what}: the seed it ran with");
+    let got: Vec<f64> = answer.actions.iter().flatten().map(|&v| f64::from(v)).collect();
+    assert_close(&format!("{what}: actions"), &got, &floats(&want["actions"]), tolerance);
+    assert_close(&format!("{what}: progress"), &answer.outputs["progress"], &floats(&want["progress"]), tolerance);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_robot_endpoint_answers_as_pytorch_does_for_both_exports() {
+    let app = start().await;
+    let reference = reference();
+    let tolerance = reference["tolerance"].as_f64().unwrap();
+    for model in PI {
+        for case in reference["cases"].as_array().unwrap() {
+            let requests = case["requests"].as_array().unwrap();
+            // Sent together, so that the rows of the 3-row case can share a batch.
+            let answers = futures::future::join_all(requests.iter().enumerate().map(|(r, request)| {
+                let request = robot_request(&format!("arm-{r}"), model, request);
+                async { app.infer(request).await }
+            }))
+            .await;
+            for (r, response) in answers.into_iter().enumerate() {
+                let what = format!("{model}, row {r} of {}", requests.len());
+                assert_eq!(response.status(), StatusCode::OK, "{what}: {}", response.text().await.unwrap());
+                let answer: InferenceResponse = response.json().await.unwrap();
+                assert_eq!(answer.model, model);
+                let seed = requests[r]["seed"].as_u64().unwrap();
+                check_answer(&what, &answer, &case["outputs"][r], seed, tolerance);
+            }
+        }
+    }
+
+    // The same seed, the same decision; another seed, another one.
+    let request = &reference["cases"][0]["requests"][0];
+    let again: InferenceResponse = app.infer(robot_request("arm-0", "tiny-pi", request)).await.json().await.unwrap();
+    check_answer(
+        "repeated",
+        &again,
+        &reference["cases"][0]["outputs"][0],
+        request["seed"].as_u64().unwrap(),
+        tolerance,
+    );
+    let mut other = robot_request("arm-0", "tiny-pi", request);
+    other.seed = Some(7);
+    let other: InferenceResponse = app.infer(other).await.json().await.unwrap();
+    assert_ne!(other.actions, again.actions);
+    // No seed: the appliance picks one and says which, so the decision can be replayed.
+    let mut unseeded = robot_request("arm-0", "tiny-pi", request);
+    unseeded.seed = None;
+    let unseeded: InferenceResponse = app.infer(unseeded).await.json().await.unwrap();
+    let mut replay = robot_request("arm-0", "tiny-pi", request);
+    replay.seed = unseeded.seed;
+    let replay: InferenceResponse = app.infer(replay).await.json().await.unwrap();
+    assert_eq!(replay.actions, unseeded.actions);
+
+    // Frames of another size are resized; the extra input is optional (zeros).
+    let mut sized = robot_request("arm-0", "tiny-pi", request);
+    sized.images.insert("wrist".into(), vla_api::FrameWire::Encoded(b64(&jpeg(320, 240, 3))));
+    sized.extra.clear();
+    let response = app.infer(sized).await;
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // The one-camera demo beside it, unchanged: one step, `image`.
+    let response = app.infer(common::robot_request(1)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: InferenceResponse = response.json().await.unwrap();
+    assert_eq!((answer.model.as_str(), answer.actions.len(), answer.action.len()), ("tiny-vla", 1, 7));
+    app.stop().await.unwrap();
+}
+
+/// An OIP infer body for `rows` of the reference: cameras as binary UINT8 tensors, the
+/// instruction as BYTES text (the appliance tokenizes it and makes the mask), state and goal
+/// as JSON, no noise (the `seed` parameter makes it, row r from seed + r).
+fn oip_body(rows: &[Value], seed: u64) -> (Vec<u8>, usize) {
+    let n = rows.len();
+    let mut blobs = Vec::new();
+    let mut inputs = Vec::new();
+    for camera in ["base", "wrist"] {
+        let mut blob = Vec::new();
+        for r in rows {
+            let data = r["images"][camera]["data"].as_str().unwrap();
+            blob.extend(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data).unwrap());
+        }
+        inputs.push(json!({"name": camera, "datatype": "UINT8", "shape": [n, 224, 224, 3], "parameters": {"binary_data_size": blob.len()}}));
+        blobs.push(blob);
+    }
+    let texts: Vec<&Value> = rows.iter().map(|r| &r["instruction"]).collect();
+    inputs.push(json!({"name": "tokens", "datatype": "BYTES", "shape": [n], "data": texts}));
+    let states: Vec<f64> = rows.iter().flat_map(|r| floats(&r["state"])).collect();
+    inputs.push(json!({"name": "state", "datatype": "FP32", "shape": [n, 14], "data": states}));
+    let goals: Vec<f64> = rows.iter().flat_map(|r| floats(&r["extra"]["goal"])).collect();
+    inputs.push(json!({"name": "goal", "datatype": "FP32", "shape": [n, 3], "data": goals}));
+    let header = json!({"id": "pi", "inputs": inputs, "parameters": {"seed": seed}});
+    let mut body = serde_json::to_vec(&header).unwrap();
+    let header_len = body.len();
+    for blob in blobs {
+        body.extend(blob);
+    }
+    (body, header_len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oip_answers_as_pytorch_does_for_one_row_and_a_batch() {
+    let app = start().await;
+    let reference = reference();
+    let tolerance = reference["tolerance"].as_f64().unwrap();
+    for model in PI {
+        // Metadata: every input and output with its real datatype, and the platform.
+        let meta: Value = app
+            .as_robot("oip", reqwest::Method::GET, &format!("/v2/models/{model}"))
+            .await
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let platform = if model == "tiny-pi" { "pytorch_aoti" } else { "pytorch_torchscript" };
+        assert_eq!(meta["platform"], platform, "{meta}");
+        let inputs: Vec<(&str, &str)> = meta["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["name"].as_str().unwrap(), i["datatype"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            inputs,
+            [
+                ("base", "UINT8"),
+                ("wrist", "UINT8"),
+                ("tokens", "INT64"),
+                ("mask", "INT64"),
+                ("state", "FP32"),
+                ("goal", "FP32"),
+                ("noise", "FP32")
+            ],
+            "{meta}"
+        );
+        let outputs: Vec<&str> =
+            meta["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+        assert_eq!(outputs, ["actions", "progress"]);
+
+        for case in reference["cases"].as_array().unwrap() {
+            let rows = case["requests"].as_array().unwrap();
+            let seed = rows[0]["seed"].as_u64().unwrap();
+            let (body, header_len) = oip_body(rows, seed);
+            let response = app
+                .as_robot("oip", reqwest::Method::POST, &format!("/v2/models/{model}/infer"))
+                .await
+                .header("content-type", "application/octet-stream")
+                .header("inference-header-content-length", header_len.to_string())
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let what = format!("{model}, {} rows", rows.len());
+            assert_eq!(response.status(), StatusCode::OK, "{what}: {}", response.text().await.unwrap());
+            let answer: Value = response.json().await.unwrap();
+            let output =
+                |name: &str| answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap().clone();
+            let (actions, progress) = (output("actions"), output("progress"));
+            assert_eq!(actions["shape"], json!([rows.len(), 50, 14]), "{what}");
+            assert_eq!(actions["datatype"], "FP32");
+            let want_actions: Vec<f64> = (0..rows.len()).flat_map(|r| floats(&case["outputs"][r]["actions"])).collect();
+            let want_progress: Vec<f64> =
+                (0..rows.len()).flat_map(|r| floats(&case["outputs"][r]["progress"])).collect();
+            assert_close(&format!("{what}: actions"), &floats(&actions["data"]), &want_actions, tolerance);
+            assert_close(&format!("{what}: progress"), &floats(&progress["data"]), &want_progress, tolerance);
+        }
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_sends_uint8_cameras_and_bytes_text() {
+    let app = start().await;
+    let key = app.robot_key("triton").await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tritonclient_pi.py");
+    let url = format!("127.0.0.1:{}", app.addr.port());
+    let ca = app.data.path().join("tls/cert.pem");
+    let reference = built("tiny-pi").join("reference.json");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(script)
+            .args([url.as_str(), ca.to_str().unwrap(), key.as_str(), reference.to_str().unwrap()])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(output.status.success(), "tritonclient_pi.py: {}", String::from_utf8_lossy(&output.stderr));
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for model in PI {
+        let worst = seen[model]["max_abs_diff"].as_f64().unwrap();
+        assert!(worst < 1e-4, "{model} through tritonclient: max |Δ| {worst}; {seen}");
+        assert_eq!(seen[model]["shape"], json!([3, 50, 14]));
+    }
+    app.stop().await.unwrap();
+}
+
+/// The Python interpreter of the project's venv (set up by scripts/setup.sh).
+fn python() -> PathBuf {
+    match std::env::var_os("VIRTUAL_ENV") {
+        Some(venv) => Path::new(&venv).join("bin/python"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"),
+    }
+}
+
+async fn refused(what: &str, app: &TestAppliance, request: InferenceRequest) -> (StatusCode, ErrorBody) {
+    let response = app.infer(request).await;
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let body =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: {status} {}", &text[..text.len().min(300)]));
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_are_refused_naming_the_field_while_another_robot_is_served() {
+    let app = start().await;
+    let reference = reference();
+    let good = robot_request("arm-bad", "tiny-pi", &reference["cases"][0]["requests"][0]);
+
+    // A neighbour at 10 Hz through all of it.
+    let neighbour = robot_request("arm-good", "tiny-pi", &reference["cases"][0]["requests"][0]);
+    let served = {
+        let key = app.robot_key("arm-good").await;
+        let (client, url) = (app.client.clone(), app.url("/v1/inference"));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.post(&url).header("x-api-key", &key).json(&neighbour).send().await.unwrap();
+                statuses.push(r.status());
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            statuses
+        });
+        (stop, task)
+    };
+
+    let mut cases: Vec<(&str, InferenceRequest, StatusCode, &str, &str)> = Vec::new();
+    let mut r = good.clone();
+    r.images.remove("wrist");
+    cases.push(("missing camera", r, StatusCode::UNPROCESSABLE_ENTITY, "camera_missing", "wrist"));
+    let mut r = good.clone();
+    r.images.insert("left".into(), vla_api::FrameWire::Encoded(b64(&png(8, 8))));
+    cases.push(("unknown camera", r, StatusCode::BAD_REQUEST, "invalid_field", "images.left"));
+    let mut r = good.clone();
+    r.images.insert("base".into(), vla_api::FrameWire::Encoded(b64(b"not an image at all")));
+    cases.push(("undecodable frame", r, StatusCode::UNPROCESSABLE_ENTITY, "unsupported_image_format", "images.base"));
+    let mut r = good.clone();
+    r.images.insert(
+        "wrist".into(),
+        vla_api::FrameWire::Raw { encoding: "rgb8".into(), width: 4, height: 4, data: b64(&[0; 47]) },
+    );
+    cases.push(("short raw frame", r, StatusCode::UNPROCESSABLE_ENTITY, "image_decode_failed", "images.wrist"));
+    let mut r = good.clone();
+    r.image = Some(b64(&png(8, 8)));
+    r.images.clear();
+    cases.push(("`image` on two cameras", r, StatusCode::BAD_REQUEST, "invalid_field", "images"));
+    let mut r = good.clone();
+    // 48 tokens of the model's BPE vocabulary (whole words), more than its 32.
+    r.instruction = "pick up the red block and place it in the left bin ".repeat(4);
+    cases.push(("over-long prompt", r, StatusCode::UNPROCESSABLE_ENTITY, "instruction_too_long", "instruction"));
+    let mut r = good.clone();
+    r.state.truncate(7);
+    cases.push(("wrong state length", r, StatusCode::UNPROCESSABLE_ENTITY, "state_length_mismatch", "state"));
+    let mut r = good.clone();
+    r.extra.insert("goal".into(), json!([0.1, 0.2]));
+    cases.push(("wrong extra shape", r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", "extra.goal"));
+    let mut r = good.clone();
+    r.extra.insert("goal".into(), json!([0.1, "up", 0.3]));
+    cases.push(("extra not numbers", r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", "extra.goal"));
+    let mut r = good.clone();
+    r.extra.insert("task".into(), json!(3));
+    cases.push(("unknown extra", r, StatusCode::BAD_REQUEST, "invalid_field", "extra.task"));
+    for (what, request, status, code, field) in cases {
+        let (got, body) = refused(what, &app, request).await;
+        assert_eq!(got, status, "{what}: {body:?}");
+        if !code.is_empty() {
+            assert_eq!(body.code, code, "{what}: {body:?}");
+        }
+        assert!(body.error.contains(field), "{what}: the error names `{field}`: {}", body.error);
+    }
+    // The refused robot itself is served at once.
+    let response = app.infer(good).await;
+    assert_eq!(response.status(), StatusCode::OK);
+
+    served.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = served.1.await.unwrap();
+    assert!(!statuses.is_empty() && statuses.iter().all(|s| *s == StatusCode::OK), "the neighbour saw {statuses:?}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_list_shows_cameras_tokenizer_horizon_and_platform() {
+    let app = start().await;
+    let list: vla_api::ModelList =
+        app.admin(reqwest::Method::GET, "/v1/models").send().await.unwrap().json().await.unwrap();
+    let find = |name: &str| list.models.iter().find(|m| m.name == name).unwrap();
+    let pi = find("tiny-pi");
+    assert_eq!(pi.platform, "pytorch_aoti");
+    assert_eq!(pi.cameras, ["base", "wrist"]);
+    assert_eq!(pi.tokenizer, "tokenizer.json");
+    assert_eq!((pi.state_dim, pi.action_dof, pi.action_horizon, pi.dt_ms), (14, 14, 50, Some(20.0)));
+    assert_eq!(find("tiny-pi-ts").platform, "pytorch_torchscript");
+    let vla = find("tiny-vla");
+    assert_eq!(
+        (vla.cameras.as_slice(), vla.tokenizer.as_str(), vla.action_horizon),
+        (["image".to_string()].as_slice(), "utf8-bytes", 1)
+    );
+    app.stop().await.unwrap();
+}
