@@ -1,6 +1,6 @@
 """Exports a PyTorch policy into model directories the appliance serves, and checks them.
 
-    python models/export.py SPEC.py OUT_DIR [--formats aoti,torchscript] [--device cpu|cuda]
+    python models/export.py SPEC.py OUT_DIR [--formats aoti,torchscript] [--device cpu|cuda] [--threads N]
 
 SPEC.py describes the policy (see models/tiny_pi.py): NAME, MODEL_TOML (with `{name}`,
 `{platform}` and `{device}` left to fill), build(vocab) -> nn.Module, inputs(batch, generator,
@@ -76,10 +76,15 @@ def main():
     p.add_argument("out")
     p.add_argument("--formats", default="aoti,torchscript")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    # The appliance's default (models.cpu_threads = 0) runs CPU forwards on cores - 1 threads.
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                   help="OpenMP threads the AOTInductor CPU kernels are compiled for "
+                        "(default: cores - 1, the appliance's models.cpu_threads default)")
     args = p.parse_args()
     formats = args.formats.split(",")
     spec = load_spec(args.spec)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # AOTInductor compiles CPU kernels for torch's thread count at export time.
+    torch.set_num_threads(max(1, args.threads))
 
     work = os.path.join(args.out, ".work")
     os.makedirs(work, exist_ok=True)

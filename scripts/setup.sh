@@ -49,7 +49,7 @@ policies/build.sh
 
 # tiny-pi: trained tokenizer, AOTInductor package and TorchScript module, checked against
 # PyTorch by the export itself (a minute or two, once).
-stamp="$(cat models/export.py models/tiny_pi.py scripts/requirements.txt | sha256sum | cut -d' ' -f1)"
+stamp="$( (cat models/export.py models/tiny_pi.py scripts/requirements.txt; nproc) | sha256sum | cut -d' ' -f1)"
 if [ "$(cat models/build/.source 2>/dev/null)" != "$stamp" ]; then
     echo "setup: exporting the tiny-pi demo model (models/export.py models/tiny_pi.py models/build)"
     rm -rf models/build

@@ -415,6 +415,15 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
                 let _ = q.item.reply.send(Ok(Done { outputs, queued, inference, batch_size: n }));
             }
         }
+        Err(e) if n > 1 && matches!(e, ModelError::Forward(_)) => {
+            // One row can fail a whole batch (a value the model cannot take): each row runs
+            // alone, so only the rows that fail by themselves get the error.
+            tracing::warn!(batch_size = n, "model forward failed for a batch, running its rows one by one: {e}");
+            for q in batch {
+                let started = Instant::now();
+                run_batch(shared, model, vec![q], started);
+            }
+        }
         Err(e) => {
             tracing::error!(batch_size = n, "model forward failed: {e}");
             if matches!(e, ModelError::Output(_)) {

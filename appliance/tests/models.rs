@@ -401,3 +401,58 @@ async fn the_model_list_shows_cameras_tokenizer_horizon_and_platform() {
     );
     app.stop().await.unwrap();
 }
+
+/// A TorchScript model with a task-id extra input that indexes an embedding of 4 tasks: a
+/// robot sending task 9 makes the forward fail (index out of range), for its whole batch.
+fn task_model(repo: &Path) {
+    let dir = repo.join("task-vla");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = r#"
+import sys, torch
+class TaskVla(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tasks = torch.nn.Embedding(4, 7)
+    def forward(self, image, instruction, state, task):
+        return torch.tanh(self.tasks(task[:, 0]) + state + 0.0 * image.mean(dim=(1, 2, 3)).unsqueeze(1))
+torch.manual_seed(1)
+example = (torch.zeros(2, 3, 224, 224), torch.zeros(2, 32, dtype=torch.long), torch.zeros(2, 7), torch.zeros(2, 1, dtype=torch.long))
+torch.jit.trace(TaskVla().eval(), example).save(sys.argv[1])
+"#;
+    let out = std::process::Command::new(python()).args(["-c", script]).arg(dir.join("model.pt")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Two requests 200 ms apart at most share a batch.
+    let toml = appliance::demo::model_toml_with_batching(
+        "task-vla",
+        "enabled = true\nmax_queue_delay_us = 200000\npreferred_batch_sizes = [2]\n",
+    )
+    .replace("[[outputs]]", "[[inputs]]\nname = \"task\"\ndtype = \"INT64\"\ndims = [-1, 1]\n\n[[outputs]]")
+        + "\n[[extra_inputs]]\nname = \"task\"\ninput = \"task\"\n";
+    std::fs::write(dir.join("model.toml"), toml).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_fails_the_forward_fails_alone_not_its_batch() {
+    let app = TestAppliance::start(|_, repo| task_model(repo)).await;
+    let request = |robot: &str, task: i64| {
+        let mut r = common::robot_request(1);
+        r.robot_id = robot.into();
+        r.model = Some("task-vla".into());
+        r.extra.insert("task".into(), json!([task]));
+        r
+    };
+    // Keys first, so that both requests reach the queue together.
+    app.robot_key("arm-good").await;
+    app.robot_key("arm-bad").await;
+    let (good, bad) = tokio::join!(app.infer(request("arm-good", 2)), app.infer(request("arm-bad", 9)));
+    assert_eq!(bad.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body: ErrorBody = bad.json().await.unwrap();
+    assert_eq!(body.code, "inference_failed", "{body:?}");
+    assert_eq!(good.status(), StatusCode::OK, "{}", good.text().await.unwrap());
+    let answer: InferenceResponse = good.json().await.unwrap();
+    assert_eq!(answer.action.len(), 7);
+    // They did share a batch: the failed one, then each row alone.
+    let stats = app.stats("task-vla").await;
+    assert_eq!((stats.batches, stats.failed), (3, 1), "{stats:?}");
+    app.stop().await.unwrap();
+}

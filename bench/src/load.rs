@@ -27,7 +27,7 @@ pub enum Endpoint {
     /// appliance.
     #[serde(rename = "v1")]
     V1,
-    /// `POST /v2/models/tiny-vla/infer` with binary tensors, already preprocessed.
+    /// `POST /v2/models/{model}/infer` with binary tensors, already preprocessed.
     #[serde(rename = "oip")]
     Oip,
 }
@@ -40,10 +40,11 @@ impl Endpoint {
         }
     }
 
-    pub fn path(self) -> &'static str {
+    /// The path the robots call for `model` (`/v1` names the model in the body).
+    pub fn path(self, model: &str) -> String {
         match self {
-            Endpoint::V1 => "/v1/inference",
-            Endpoint::Oip => "/v2/models/tiny-vla/infer",
+            Endpoint::V1 => "/v1/inference".into(),
+            Endpoint::Oip => format!("/v2/models/{model}/infer"),
         }
     }
 }
@@ -71,13 +72,13 @@ pub struct Robot {
 
 impl Robot {
     /// A robot with its own connection to the appliance at `addr`, trusting `ca`, sending
-    /// `bodies` round-robin to `endpoint`.
+    /// `bodies` round-robin to `endpoint` for `model`.
     pub fn new(
         id: &str,
         key: &str,
         ca: &reqwest::Certificate,
         addr: std::net::SocketAddr,
-        endpoint: Endpoint,
+        (endpoint, model): (Endpoint, &str),
         bodies: Arc<[Body]>,
     ) -> anyhow::Result<Robot> {
         let client = reqwest::Client::builder()
@@ -90,7 +91,7 @@ impl Robot {
             id: id.into(),
             key: key.into(),
             client,
-            url: format!("https://localhost:{}{}", addr.port(), endpoint.path()),
+            url: format!("https://localhost:{}{}", addr.port(), endpoint.path(model)),
             bodies,
         })
     }

@@ -76,7 +76,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
                     let mine: Vec<Vec<u8>> = (0..4).map(|j| frames[(i * 4 + j) % frames.len()].clone()).collect();
                     let bodies: Arc<[Body]> =
                         work.v1_bodies(id, &mine).into_iter().map(|bytes| Body { bytes, header_len: None }).collect();
-                    Robot::new(id, key, &ca, app.addr, Endpoint::V1, bodies)
+                    Robot::new(id, key, &ca, app.addr, (Endpoint::V1, work.name()), bodies)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let saturation = load::closed_loop(&fleet, 32, Duration::from_secs(3), Duration::from_secs(10)).await;

@@ -184,7 +184,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
                             }
                             Endpoint::Oip => oip_bodies.clone(),
                         };
-                        Robot::new(id, key, &ca, appliance.addr, endpoint, bodies)
+                        Robot::new(id, key, &ca, appliance.addr, (endpoint, work.name()), bodies)
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 let warmup = Duration::from_secs_f64(o.warmup);
