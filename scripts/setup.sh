@@ -3,6 +3,8 @@
 #   - Debian packages (only those missing), prometheus among them (server and promtool)
 #   - .venv with torch==2.11.0 from PyPI (libtorch for tch) and tritonclient (tests); see
 #     requirements.txt
+#   - .venv-clients with the robots' own clients (openpi-client; tests), see
+#     requirements-clients.txt
 #   - the wasm32-unknown-unknown and wasm32-wasip2 Rust targets (policy crates)
 #   - the policy components in policies/dist (policies/build.sh; incremental)
 #   - the second demo model, tiny-pi, exported into models/build (models/export.py; again only
@@ -34,6 +36,13 @@ then
     [ -x .venv/bin/python ] || "$python" -m venv .venv
     .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
     .venv/bin/python -m pip install --disable-pip-version-check -q -r scripts/requirements.txt
+fi
+
+# The robots' own clients, apart from torch (see requirements-clients.txt).
+if ! .venv-clients/bin/python -c 'import openpi_client.websocket_client_policy' 2>/dev/null; then
+    echo "setup: installing .venv-clients from scripts/requirements-clients.txt"
+    [ -x .venv-clients/bin/python ] || "$python" -m venv .venv-clients
+    .venv-clients/bin/python -m pip install --disable-pip-version-check -q -r scripts/requirements-clients.txt
 fi
 
 installed_targets="$(rustup target list --installed)"

@@ -95,6 +95,14 @@ pub struct ServerConfig {
     pub refused_body_bytes: usize,
     /// On SIGTERM/Ctrl-C: how long in-flight requests get to finish before connections close.
     pub shutdown_grace_ms: u64,
+    /// openpi WebSocket sessions open at once (`GET /openpi/{model}`); one more is refused
+    /// with 503 before the upgrade.
+    pub websocket_max_sessions: usize,
+    /// openpi sessions of one robot at once (429 `too_many_sessions` above it).
+    pub websocket_sessions_per_robot: usize,
+    /// Observations one session may send per second; faster ones are answered with an error
+    /// frame, not computed.
+    pub websocket_messages_per_s: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +213,9 @@ impl Default for ServerConfig {
             max_in_flight: 512,
             refused_body_bytes: 1024 * 1024,
             shutdown_grace_ms: 30_000,
+            websocket_max_sessions: 256,
+            websocket_sessions_per_robot: 4,
+            websocket_messages_per_s: 100,
         }
     }
 }
@@ -361,6 +372,16 @@ impl Config {
         }
         if s.max_in_flight == 0 {
             return Err(invalid("server.max_in_flight", "must be greater than 0"));
+        }
+        if s.websocket_max_sessions == 0 || s.websocket_sessions_per_robot == 0 || s.websocket_messages_per_s == 0 {
+            let key = if s.websocket_max_sessions == 0 {
+                "server.websocket_max_sessions"
+            } else if s.websocket_sessions_per_robot == 0 {
+                "server.websocket_sessions_per_robot"
+            } else {
+                "server.websocket_messages_per_s"
+            };
+            return Err(invalid(key, "must be greater than 0"));
         }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return Err(invalid("tls.key", "must be set when tls.cert is set")),

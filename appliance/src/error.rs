@@ -23,6 +23,14 @@ use crate::text::TextError;
 pub enum ApiError {
     #[error("request body is not valid JSON: {0}")]
     MalformedJson(String),
+    #[error("{0}")]
+    MalformedMessage(String),
+    #[error("robot `{robot}` has {limit} openpi sessions open already (server.websocket_sessions_per_robot)")]
+    TooManySessions { robot: String, limit: usize },
+    #[error(
+        "more than {per_s} observations a second on this session (server.websocket_messages_per_s); this one was not computed"
+    )]
+    TooManyMessages { per_s: u32 },
     #[error("field `{field}`: {problem}")]
     InvalidField { field: String, problem: String },
     #[error("content type `{0}` is not supported; send application/json")]
@@ -43,8 +51,8 @@ pub enum ApiError {
     UnsupportedImageFormat { field: String },
     #[error("field `{field}`: {reason}")]
     ImageDecode { field: String, reason: String },
-    #[error("field `images.{camera}`: model `{model}` needs a frame from camera `{camera}`")]
-    CameraMissing { model: String, camera: String },
+    #[error("field `{field}`: model `{model}` needs a frame from camera `{camera}`")]
+    CameraMissing { field: String, model: String, camera: String },
     #[error("field `{field}`: {reason}")]
     InstructionTooLong { field: String, reason: String },
     #[error("field `state`: model `{model}` expects {expected} values, got {got}")]
@@ -118,6 +126,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::MalformedMessage(_) => "malformed_message",
+            ApiError::TooManySessions { .. } => "too_many_sessions",
+            ApiError::TooManyMessages { .. } => "too_many_messages",
             ApiError::InvalidField { .. } => "invalid_field",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::BodyTooLarge { .. } => "body_too_large",
@@ -166,6 +177,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::MalformedJson(_)
+            | ApiError::MalformedMessage(_)
             | ApiError::InvalidField { .. }
             | ApiError::BodyRead(_)
             | ApiError::InvalidTensor { .. }
@@ -174,7 +186,9 @@ impl ApiError {
             | ApiError::PolicyInvalid(_)
             | ApiError::SignatureInvalid(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::TooManyInFlight { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyInFlight { .. } | ApiError::TooManySessions { .. } | ApiError::TooManyMessages { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::PolicyRefused(r) if r.rate_limit.is_some() && !r.failed => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -219,7 +233,9 @@ impl ApiError {
             ApiError::PolicyRefused(r) if r.failed => "error",
             ApiError::PolicyRefused(r) if r.rate_limit.is_some() => "rate_limited",
             ApiError::PolicyRefused(_) => "rejected",
-            ApiError::TooManyInFlight { .. } => "rate_limited",
+            ApiError::TooManyInFlight { .. } | ApiError::TooManySessions { .. } | ApiError::TooManyMessages { .. } => {
+                "rate_limited"
+            }
             _ if self.status().is_client_error() => "invalid",
             _ => "error",
         }
@@ -230,6 +246,7 @@ impl ApiError {
         matches!(
             self,
             ApiError::MalformedJson(_)
+                | ApiError::MalformedMessage(_)
                 | ApiError::InvalidField { .. }
                 | ApiError::UnsupportedMediaType(_)
                 | ApiError::BodyTooLarge { .. }
@@ -417,7 +434,11 @@ impl IntoResponse for ApiError {
                 })
             }
             ApiError::QueueFull { retry_after_s, .. } => Some(*retry_after_s),
-            ApiError::ModelChanged(_) | ApiError::Overloaded | ApiError::TooManyInFlight { .. } => Some(1),
+            ApiError::ModelChanged(_)
+            | ApiError::Overloaded
+            | ApiError::TooManyInFlight { .. }
+            | ApiError::TooManySessions { .. }
+            | ApiError::TooManyMessages { .. } => Some(1),
             ApiError::ShuttingDown
             | ApiError::Unavailable
             | ApiError::QuotaUnavailable(_)

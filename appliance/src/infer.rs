@@ -111,6 +111,8 @@ pub enum Frame {
     File(Bytes),
     /// Raw RGB pixels, base64 text (`"encoding": "rgb8"`).
     Rgb8 { width: u32, height: u32, base64: String },
+    /// Raw RGB pixels, row-major `height × width × 3` bytes (an openpi `uint8` array).
+    Pixels { width: u32, height: u32, data: Bytes },
 }
 
 impl Frame {
@@ -136,9 +138,9 @@ impl Frame {
 #[derive(Debug)]
 pub struct RobotRow {
     /// `image` (the one-camera models' field), if sent.
-    pub image: Option<String>,
+    pub image: Option<Frame>,
     /// `images`, by camera name.
-    pub images: std::collections::BTreeMap<String, vla_api::FrameWire>,
+    pub images: std::collections::BTreeMap<String, Frame>,
     pub instruction: String,
     pub state: Vec<f32>,
     /// `extra`, by extra input name.
@@ -175,7 +177,7 @@ impl Row {
                     problem: format!("camera `{}` is also in `images`: send it once", camera.name),
                 });
             }
-            images.insert(camera.name.clone(), vla_api::FrameWire::Encoded(image));
+            images.insert(camera.name.clone(), image);
         }
         if let Some(unknown) = images.keys().find(|n| !spec.cameras.iter().any(|c| &&c.name == n)) {
             return Err(ApiError::InvalidField {
@@ -202,9 +204,10 @@ impl Row {
                         format!("images.{}", camera.name)
                     };
                     match images.remove(&camera.name) {
-                        Some(wire) => Input::Frame { camera: c, frame: Frame::from_wire(wire, &field)?, field },
+                        Some(frame) => Input::Frame { camera: c, frame, field },
                         None if camera.required => {
                             return Err(ApiError::CameraMissing {
+                                field,
                                 model: spec.name.clone(),
                                 camera: camera.name.clone(),
                             });
@@ -839,6 +842,11 @@ fn decode_frame(
             };
             let data = pre::base64_file(&base64, &raw_limits).map_err(frame_err)?;
             let rgb = pre::rgb8(width, height, data, limits).map_err(frame_err)?;
+            Ok(pre::frame_tensor(&rgb, cam))
+        }
+        Frame::Pixels { width, height, data } => {
+            let _pixels = budget.take(u64::from(width) * u64::from(height)).map_err(Decode::Wait)?;
+            let rgb = pre::rgb8(width, height, data.to_vec(), limits).map_err(frame_err)?;
             Ok(pre::frame_tensor(&rgb, cam))
         }
         Frame::Base64(text) => {

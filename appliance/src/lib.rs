@@ -22,9 +22,9 @@
 //! | domain | [`robots`] | the robot registry: keys issued, checked, rotated, revoked; token files |
 //! | domain | [`store`] | sled: the robot registry, policies, audit log and quota state at rest |
 //! | domain | [`tls`], [`gpu`], [`metrics`], [`spec`], [`demo`] | certificates, NVML telemetry, the `vla_*` catalogue, `model.toml`, the generated demo model |
+//! | domain | [`fair`] | fair shares among robots: CPU slots, requests in flight |
 //! | root | [`config`] | the one configuration tree (its policy and quota sections live with them) |
 //! | root | [`error`] | the HTTP boundary's error type: status, stable code and metric categories per variant, and every conversion from a domain error |
-//! | domain | [`fair`] | fair shares among robots: CPU slots, requests in flight |
 //! | leaf | [`clock`], [`names`], [`noise`] | time in ms and a log throttle; the name rules; seeded normal noise |
 //!
 //! The library reads no environment: the binary loads [`Config`], binds the listener and
@@ -199,6 +199,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         quotas,
         metrics,
         gpu,
+        openpi: http::openpi::sessions::Sessions::new(
+            config.server.websocket_max_sessions,
+            config.server.websocket_sessions_per_robot,
+        ),
         started: std::time::Instant::now(),
     };
     let scheme = if tls.is_some() { "https" } else { "http" };

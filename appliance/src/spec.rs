@@ -336,6 +336,48 @@ pub struct ExtraInputSpec {
     pub required: bool,
 }
 
+/// `[openpi]`: which keys of an openpi observation (`GET /openpi/{model}`, the
+/// `openpi-client` WebSocket protocol) feed which source. A key with `/` also walks nested
+/// maps (`{"observation": {"image": …}}` is `observation/image`). Unset keys take the layout
+/// openpi's LIBERO and DROID examples use: the first camera `observation/image`, the second
+/// `observation/wrist_image`, others `observation/<camera>_image`; the state
+/// `observation/state`; the prompt `prompt`; an extra input `observation/<name>`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenpiSpec {
+    /// Camera name → observation key.
+    pub cameras: std::collections::BTreeMap<String, String>,
+    /// The state's key, or several whose vectors are concatenated in order (DROID sends
+    /// `observation/joint_position` and `observation/gripper_position`).
+    pub state: Option<OneOrMany>,
+    pub prompt: Option<String>,
+    /// The instruction when an observation carries no prompt; without one, a missing prompt is
+    /// refused.
+    pub default_prompt: Option<String>,
+    /// Extra input name → observation key.
+    pub extra: std::collections::BTreeMap<String, String>,
+}
+
+/// A key, or a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The observation keys of every source, resolved from `[openpi]` and the defaults.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct OpenpiKeys {
+    /// Per camera, in [`ModelSpec::cameras`] order.
+    pub cameras: Vec<String>,
+    pub state: Vec<String>,
+    pub prompt: String,
+    pub default_prompt: Option<String>,
+    /// Per extra input, in [`ModelSpec::extra_inputs`] order.
+    pub extra: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionSpec {
@@ -426,6 +468,8 @@ struct RawSpec {
     #[serde(default)]
     preprocess: Option<LegacyPreprocess>,
     action: ActionSpec,
+    #[serde(default)]
+    openpi: OpenpiSpec,
 }
 
 fn default_platform() -> Platform {
@@ -468,6 +512,9 @@ pub struct ModelSpec {
     pub feeds: Vec<Feed>,
     /// The action output's index (derived).
     pub action_output: usize,
+    /// Which observation keys feed which source on the openpi endpoint (derived from
+    /// `[openpi]`).
+    pub openpi: OpenpiKeys,
 }
 
 /// A `model.toml` that cannot be served, with the file, field and problem.
@@ -567,8 +614,10 @@ impl ModelSpec {
             action: raw.action,
             feeds: Vec::new(),
             action_output: 0,
+            openpi: OpenpiKeys::default(),
         };
         spec.check()?;
+        spec.openpi = spec.openpi_keys(raw.openpi)?;
         Ok(spec)
     }
 
@@ -637,6 +686,51 @@ impl ModelSpec {
             Some(file) => file.clone(),
             None => "utf8-bytes".into(),
         }
+    }
+
+    /// `[openpi]` checked against the model's sources, with the defaults filled in.
+    fn openpi_keys(&self, o: OpenpiSpec) -> Result<OpenpiKeys, Problem> {
+        if let Some(name) = o.cameras.keys().find(|n| !self.cameras.iter().any(|c| &&c.name == n)) {
+            return Err(problem(format!("openpi.cameras.{name}"), "not one of the model's [[cameras]]"));
+        }
+        if let Some(name) = o.extra.keys().find(|n| !self.extra_inputs.iter().any(|e| &&e.name == n)) {
+            return Err(problem(format!("openpi.extra.{name}"), "not one of the model's [[extra_inputs]]"));
+        }
+        let cameras: Vec<String> = self
+            .cameras
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match (o.cameras.get(&c.name), i) {
+                (Some(key), _) => key.clone(),
+                (None, 0) => "observation/image".into(),
+                (None, 1) => "observation/wrist_image".into(),
+                (None, _) => format!("observation/{}_image", c.name),
+            })
+            .collect();
+        let state = match o.state {
+            None => vec!["observation/state".to_string()],
+            Some(OneOrMany::One(key)) => vec![key],
+            Some(OneOrMany::Many(keys)) => keys,
+        };
+        let extra: Vec<String> = self
+            .extra_inputs
+            .iter()
+            .map(|e| o.extra.get(&e.name).cloned().unwrap_or_else(|| format!("observation/{}", e.name)))
+            .collect();
+        let prompt = o.prompt.unwrap_or_else(|| "prompt".into());
+        let mut seen = std::collections::BTreeSet::new();
+        for key in cameras.iter().chain(&state).chain(&extra).chain([&prompt]) {
+            if key.is_empty() || key.len() > 128 || key.split('/').any(str::is_empty) {
+                return Err(problem("openpi", format!("key `{key}` must be 1-128 bytes with no empty `/` part")));
+            }
+            if !seen.insert(key.as_str()) {
+                return Err(problem("openpi", format!("key `{key}` feeds two sources")));
+            }
+        }
+        if state.is_empty() {
+            return Err(problem("openpi.state", "needs at least one key"));
+        }
+        Ok(OpenpiKeys { cameras, state, prompt, default_prompt: o.default_prompt, extra })
     }
 
     fn check(&mut self) -> Result<(), Problem> {
@@ -958,6 +1052,33 @@ mod tests {
     fn parse_with(replace: &str, with: &str) -> Result<ModelSpec, (String, String)> {
         assert!(DEMO.contains(replace), "fixture has {replace:?}");
         ModelSpec::parse(&DEMO.replacen(replace, with, 1), "tiny-vla")
+    }
+
+    #[test]
+    fn openpi_keys_default_to_the_libero_layout_and_are_checked() {
+        let spec = ModelSpec::parse(DEMO, "tiny-vla").expect("demo spec parses");
+        assert_eq!(spec.openpi.cameras, ["observation/image"]);
+        assert_eq!(
+            (spec.openpi.state.as_slice(), spec.openpi.prompt.as_str()),
+            (&["observation/state".to_string()][..], "prompt")
+        );
+        let spec = parse_with(
+            "[batching]",
+            "[openpi]\ncameras = { image = \"observation/images/top\" }\nstate = [\"observation/joints\", \"observation/gripper\"]\n\n[batching]",
+        )
+        .expect("parses");
+        assert_eq!(spec.openpi.cameras, ["observation/images/top"]);
+        assert_eq!(spec.openpi.state, ["observation/joints", "observation/gripper"]);
+        for (table, field, says) in [
+            ("cameras = { wrist = \"w\" }", "openpi.cameras.wrist", "not one of the model's"),
+            ("prompt = \"observation/state\"", "openpi", "feeds two sources"),
+            ("prompt = \"a//b\"", "openpi", "no empty"),
+            ("state = []", "openpi.state", "at least one"),
+            ("camera = \"x\"", "openpi", "unknown field"),
+        ] {
+            let (f, problem) = parse_with("[batching]", &format!("[openpi]\n{table}\n\n[batching]")).expect_err(table);
+            assert!(f.starts_with(field) && problem.contains(says), "{table}: {f}: {problem}");
+        }
     }
 
     #[test]

@@ -84,6 +84,12 @@ pub fn server_config(config: &Config) -> Result<(Arc<rustls::ServerConfig>, Cert
         problem: format!("does not match the certificate: {e}"),
     })?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // No TLS 1.3 session tickets after the handshake: Python's `websockets` client (openpi's)
+    // reads on one thread while it writes its upgrade request on another, and a ticket
+    // arriving then broke its OpenSSL connection (the request lost, or "[SSL] internal error")
+    // in roughly one connection in fifteen here. Robots keep their connections open, so resumption saves
+    // little.
+    server.send_tls13_tickets = 0;
     Ok((Arc::new(server), CertInfo { cert_path, sha256_fingerprint, generated }))
 }
 

@@ -189,8 +189,17 @@ fn presented_token(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         Some(v) => {
             let v = v.to_str().map_err(|_| malformed("Authorization"))?.trim();
             match v.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Some(token.trim()),
-                _ => return Err(ApiError::Unauthorized("`Authorization` must be `Bearer <key>`".into())),
+                // `Api-Key` is how openpi's client sends its key.
+                Some((scheme, token))
+                    if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("api-key") =>
+                {
+                    Some(token.trim())
+                }
+                _ => {
+                    return Err(ApiError::Unauthorized(
+                        "`Authorization` must be `Bearer <key>` or `Api-Key <key>`".into(),
+                    ));
+                }
             }
         }
         None => None,

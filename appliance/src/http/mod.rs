@@ -9,6 +9,7 @@
 //! | [`state`] | [`AppState`], path parameters, blocking work |
 //! | [`v1`] | `POST /v1/inference`, `GET /v1/models`, `GET /health` |
 //! | [`oip`] | the Open Inference Protocol v2 (handlers; [`oip::codec`] the tensor codec) |
+//! | [`openpi`] | openpi's WebSocket protocol (`GET /openpi/{model}`; [`openpi::codec`] MessagePack) |
 //! | [`admin`] | robots and the OIP model repository |
 //! | [`policies`] | policies and the audit log |
 //! | [`quotas`] | quotas |
@@ -23,6 +24,7 @@ pub mod body;
 pub mod listener;
 pub mod monitoring;
 pub mod oip;
+pub mod openpi;
 pub mod policies;
 pub mod quotas;
 pub mod routes;

@@ -12,7 +12,7 @@ use axum::routing::{MethodRouter, get, post};
 use tokio::sync::Semaphore;
 
 use super::state::AppState;
-use super::{admin, auth, body, monitoring, oip, policies, quotas, v1};
+use super::{admin, auth, body, monitoring, oip, openpi, policies, quotas, v1};
 use crate::error::ApiError;
 use crate::metrics::{ErrorCount, Metrics};
 
@@ -37,6 +37,8 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v2/models/{model}/versions/{version}/stats", get(oip::model_stats)),
         ("/v2/models/{model}/infer", post(oip::infer)),
         ("/v2/models/{model}/versions/{version}/infer", post(oip::infer)),
+        // openpi's WebSocket protocol (openpi-client's WebsocketClientPolicy).
+        ("/openpi/{model}", get(openpi::connect)),
         // Admin: robots and the OIP model repository.
         ("/admin/robots", get(admin::list_robots).post(admin::register_robot)),
         ("/admin/robots/{robot_id}", get(admin::get_robot).delete(admin::revoke_robot)),

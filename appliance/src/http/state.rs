@@ -38,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The latest GPU reading.
     pub gpu: Arc<GpuMonitor>,
+    /// The open openpi WebSocket sessions.
+    pub openpi: Arc<super::openpi::sessions::Sessions>,
     pub started: Instant,
 }
 

@@ -18,7 +18,7 @@ use super::auth::Caller;
 use super::body;
 use super::state::AppState;
 use crate::error::{ApiError, rate_limit_headers};
-use crate::infer::{Request, RobotRow, Row};
+use crate::infer::{Frame, Request, RobotRow, Row};
 use crate::repository::Model;
 
 /// Bodies up to this size are parsed where they arrive (well under a millisecond).
@@ -111,7 +111,12 @@ async fn robot_inference(
     *resolved = Some(model.clone());
     let checked = crate::validate::check_request(&request, &model.spec, &app.config.limits, robot.priority)?;
     let vla_api::InferenceRequest { image, images, instruction, state, extra, seed, .. } = request;
-    let row = Row::robot(&model, RobotRow { image, images, instruction, state, extra, seed })?;
+    let images = images
+        .into_iter()
+        .map(|(name, wire)| Ok((name.clone(), Frame::from_wire(wire, &format!("images.{name}"))?)))
+        .collect::<Result<_, ApiError>>()?;
+    let row =
+        Row::robot(&model, RobotRow { image: image.map(Frame::Base64), images, instruction, state, extra, seed })?;
     let answer = app
         .pipeline
         .run(Request {
