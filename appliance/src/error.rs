@@ -31,6 +31,8 @@ pub enum ApiError {
         "more than {per_s} observations a second on this session (server.websocket_messages_per_s); this one was not computed"
     )]
     TooManyMessages { per_s: u32 },
+    #[error("this session has an observation running and one waiting; wait for an answer before sending more")]
+    SessionBusy,
     #[error("field `{field}`: {problem}")]
     InvalidField { field: String, problem: String },
     #[error("content type `{0}` is not supported; send application/json")]
@@ -129,6 +131,7 @@ impl ApiError {
             ApiError::MalformedMessage(_) => "malformed_message",
             ApiError::TooManySessions { .. } => "too_many_sessions",
             ApiError::TooManyMessages { .. } => "too_many_messages",
+            ApiError::SessionBusy => "too_many_in_flight",
             ApiError::InvalidField { .. } => "invalid_field",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::BodyTooLarge { .. } => "body_too_large",
@@ -186,9 +189,10 @@ impl ApiError {
             | ApiError::PolicyInvalid(_)
             | ApiError::SignatureInvalid(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::TooManyInFlight { .. } | ApiError::TooManySessions { .. } | ApiError::TooManyMessages { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::TooManyInFlight { .. }
+            | ApiError::TooManySessions { .. }
+            | ApiError::TooManyMessages { .. }
+            | ApiError::SessionBusy => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PolicyRefused(r) if r.rate_limit.is_some() && !r.failed => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -233,9 +237,10 @@ impl ApiError {
             ApiError::PolicyRefused(r) if r.failed => "error",
             ApiError::PolicyRefused(r) if r.rate_limit.is_some() => "rate_limited",
             ApiError::PolicyRefused(_) => "rejected",
-            ApiError::TooManyInFlight { .. } | ApiError::TooManySessions { .. } | ApiError::TooManyMessages { .. } => {
-                "rate_limited"
-            }
+            ApiError::TooManyInFlight { .. }
+            | ApiError::TooManySessions { .. }
+            | ApiError::TooManyMessages { .. }
+            | ApiError::SessionBusy => "rate_limited",
             _ if self.status().is_client_error() => "invalid",
             _ => "error",
         }
@@ -438,7 +443,8 @@ impl IntoResponse for ApiError {
             | ApiError::Overloaded
             | ApiError::TooManyInFlight { .. }
             | ApiError::TooManySessions { .. }
-            | ApiError::TooManyMessages { .. } => Some(1),
+            | ApiError::TooManyMessages { .. }
+            | ApiError::SessionBusy => Some(1),
             ApiError::ShuttingDown
             | ApiError::Unavailable
             | ApiError::QuotaUnavailable(_)

@@ -127,7 +127,18 @@ try:
 except websockets.exceptions.InvalidStatus as e:
     summary["no key"] = e.response.status_code
 
-# An observation whose session closes while it waits in the queue (slow-vla waits a second
+# One observation runs and one waits per session; a third is answered at once, not computed.
+ws = websockets.sync.client.connect(f"{base}/slow-vla", additional_headers={"Authorization": f"Api-Key {key}"})
+ws.recv()
+for _ in range(3):
+    ws.send(msgpack_numpy.packb(obs1))
+e = json.loads(ws.recv())
+assert (e["status"], e["code"]) == (429, "too_many_in_flight") and "one waiting" in e["error"], e
+for _ in range(2):
+    assert msgpack_numpy.unpackb(ws.recv())["actions"].shape == (1, 7)
+ws.close()
+
+# An observation whose session closes while it waits in the queue (slow-vla waits 0.5 s
 # for company) is never computed.
 ws = websockets.sync.client.connect(f"{base}/slow-vla", additional_headers={"Authorization": f"Api-Key {key}"})
 ws.recv()

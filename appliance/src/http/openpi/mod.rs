@@ -149,7 +149,7 @@ async fn session(app: AppState, robot: RobotRecord, model: String, mut socket: W
                 next = socket.recv() => match next {
                     Some(Ok(Message::Binary(data))) if pending.is_none() => pending = Some(data),
                     Some(Ok(Message::Binary(_) | Message::Text(_))) => {
-                        let e = ApiError::TooManyInFlight { robot: robot.robot_id.clone(), limit: 2 };
+                        let e = ApiError::SessionBusy;
                         if socket.send(Message::Text(error_text(e).await.into())).await.is_err() {
                             break None;
                         }
