@@ -5,13 +5,17 @@
 //! `libtorch_cuda` as a needed library even though no symbol of it is referenced directly:
 //! without it the CUDA backend is never registered and a GPU would go unused.
 //!
-//! It also compiles two C++ shims against that libtorch's headers: `cuda/memory.cpp`, the CUDA
+//! It generates the OIP gRPC service from `proto/grpc_service.proto` (tonic, with protoc), and
+//! compiles two C++ shims against that libtorch's headers: `cuda/memory.cpp`, the CUDA
 //! caching allocator's statistics, which tch does not expose (see `src/cuda_memory.rs`), and
 //! `aoti/package.cpp`, AOTInductor packages, which tch does not load (see `src/aoti.rs`).
 
 use std::path::{Path, PathBuf};
 
 fn main() {
+    if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("appliance") {
+        compile_grpc_service();
+    }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         return;
@@ -26,6 +30,21 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}
+
+/// The OIP gRPC service (server side only) from `proto/grpc_service.proto`, with protoc.
+fn compile_grpc_service() {
+    println!("cargo:rerun-if-changed=proto/grpc_service.proto");
+    if let Err(e) = tonic_prost_build::configure()
+        .build_client(false)
+        // Tensor bytes as `Bytes`, sliced from the message rather than copied.
+        .bytes(".")
+        .compile_protos(&["proto/grpc_service.proto"], &["proto"])
+    {
+        panic!(
+            "proto/grpc_service.proto: {e} (protoc comes with Debian's protobuf-compiler; scripts/setup.sh installs it)"
+        );
     }
 }
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing the appliance need. Idempotent: quick when done.
-#   - Debian packages (only those missing), prometheus among them (server and promtool)
+#   - Debian packages (only those missing): prometheus (server and promtool), protoc (build)
 #   - .venv with torch==2.11.0 from PyPI (libtorch for tch) and tritonclient (tests); see
 #     requirements.txt
 #   - .venv-clients with the robots' own clients (openpi-client; tests), see
-#     requirements-clients.txt
+#     requirements-clients.txt, and the project's client package (clients/python)
 #   - the wasm32-unknown-unknown and wasm32-wasip2 Rust targets (policy crates)
 #   - the policy components in policies/dist (policies/build.sh; incremental)
 #   - the second demo model, tiny-pi, exported into models/build (models/export.py; again only
@@ -14,9 +14,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 # prometheus: the Prometheus server and promtool, for the monitoring tests (started by the
-# tests themselves on ephemeral ports, never as a service).
+# tests themselves on ephemeral ports, never as a service). protobuf-compiler: protoc, which the
+# appliance's build runs on proto/grpc_service.proto (OIP over gRPC).
 missing=()
-for pkg in curl ca-certificates gcc g++ python3-venv prometheus tmux; do
+for pkg in curl ca-certificates gcc g++ python3-venv prometheus tmux protobuf-compiler; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -28,21 +29,29 @@ fi
 
 python="${PYTHON:-python3}"
 if ! .venv/bin/python - <<'PY' 2>/dev/null
-import sys, tokenizers, torch, tritonclient.http
+import sys, tokenizers, torch, tritonclient.grpc, tritonclient.http
 sys.exit(0 if torch.__version__.split("+")[0] == "2.11.0" else 1)
 PY
 then
     echo "setup: installing .venv from scripts/requirements.txt (torch 2.11.0 is a few GB, once)"
+    # About 5 GB installed; without pip's cache (which would keep a second copy of every
+    # wheel) that is also about what the install needs. Say so before pip runs out of room.
+    free_kb="$(df -Pk "$root" | awk 'NR == 2 { print $4 }')"
+    if [ "${free_kb:-0}" -lt $((6 * 1024 * 1024)) ]; then
+        echo "setup: only $((free_kb / 1024)) MiB free under $root; .venv needs about 6 GiB" >&2
+    fi
     [ -x .venv/bin/python ] || "$python" -m venv .venv
     .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
-    .venv/bin/python -m pip install --disable-pip-version-check -q -r scripts/requirements.txt
+    .venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q -r scripts/requirements.txt
 fi
 
-# The robots' own clients, apart from torch (see requirements-clients.txt).
-if ! .venv-clients/bin/python -c 'import openpi_client.websocket_client_policy' 2>/dev/null; then
-    echo "setup: installing .venv-clients from scripts/requirements-clients.txt"
+# The robots' own clients, apart from torch (see requirements-clients.txt), and the project's
+# own Python client (clients/python), installed from the repository as a robot team would.
+if ! .venv-clients/bin/python -c 'import openpi_client.websocket_client_policy, tritonclient.grpc, vla_client' 2>/dev/null; then
+    echo "setup: installing .venv-clients from scripts/requirements-clients.txt and clients/python"
     [ -x .venv-clients/bin/python ] || "$python" -m venv .venv-clients
-    .venv-clients/bin/python -m pip install --disable-pip-version-check -q -r scripts/requirements-clients.txt
+    .venv-clients/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q -r scripts/requirements-clients.txt
+    .venv-clients/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q ./clients/python
 fi
 
 installed_targets="$(rustup target list --installed)"

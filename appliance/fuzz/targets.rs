@@ -60,6 +60,12 @@ pub fn oip_request(data: &[u8]) {
     let _ = appliance::http::oip::codec::parse(&body, header_len, spec(), text(), &LimitsConfig::default());
 }
 
+/// An openpi observation message (MessagePack, NumPy arrays as msgpack_numpy packs them),
+/// decoded and checked against the demo model.
+pub fn openpi_message(data: &[u8]) {
+    let _ = appliance::http::openpi::check_observation(&bytes::Bytes::copy_from_slice(data), spec());
+}
+
 /// A policy upload's multipart body (boundary `fuzz`).
 pub fn multipart_upload(data: &[u8]) {
     let request = axum::http::Request::builder()

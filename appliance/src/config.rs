@@ -96,12 +96,12 @@ pub struct ServerConfig {
     /// On SIGTERM/Ctrl-C: how long in-flight requests get to finish before connections close.
     pub shutdown_grace_ms: u64,
     /// openpi WebSocket sessions open at once (`GET /openpi/{model}`); one more is refused
-    /// with 503 before the upgrade.
+    /// with 503 before the upgrade. gRPC `ModelStreamInfer` streams are bounded the same, apart.
     pub websocket_max_sessions: usize,
-    /// openpi sessions of one robot at once (429 `too_many_sessions` above it).
+    /// openpi sessions (and gRPC streams) of one robot at once (429 `too_many_sessions` above).
     pub websocket_sessions_per_robot: usize,
-    /// Observations one session may send per second; faster ones are answered with an error
-    /// frame, not computed.
+    /// Observations one session (or requests one gRPC stream) may send per second; faster ones
+    /// are answered with an error, not computed.
     pub websocket_messages_per_s: u32,
 }
 

@@ -394,9 +394,8 @@ impl From<StoreError> for ApiError {
 /// when an operator needs the log readable; every one is counted in `vla_errors_total{code}`.
 static OVERLOAD_LOG: Throttle = Throttle::new();
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
+impl ApiError {
+    fn log(&self) {
         if matches!(
             self,
             ApiError::QueueFull { .. }
@@ -407,11 +406,98 @@ impl IntoResponse for ApiError {
             if let Some(skipped) = OVERLOAD_LOG.admit(crate::clock::now_ms()) {
                 tracing::warn!(code = self.code(), skipped, "{self} (overload: logged at most once a second)");
             }
-        } else if status.is_server_error() {
+        } else if self.status().is_server_error() {
             tracing::error!(code = self.code(), "{self}");
         } else {
             tracing::debug!(code = self.code(), "{self}");
         }
+    }
+
+    /// When to come back, in whole seconds, for errors that pass.
+    fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            ApiError::PolicyRefused(r) if self.status() == StatusCode::TOO_MANY_REQUESTS => {
+                // Rounded up: a robot that waits this long fits.
+                r.rate_limit.map(|s| s.retry_after_ms.div_ceil(1000).max(1))
+            }
+            ApiError::QueueFull { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::ModelChanged(_)
+            | ApiError::Overloaded
+            | ApiError::TooManyInFlight { .. }
+            | ApiError::TooManySessions { .. }
+            | ApiError::TooManyMessages { .. }
+            | ApiError::SessionBusy => Some(1),
+            ApiError::ShuttingDown
+            | ApiError::Unavailable
+            | ApiError::QuotaUnavailable(_)
+            | ApiError::StoreUnavailable(_) => Some(5),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status code of the HTTP status (a policy's denial: `PERMISSION_DENIED`).
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        if matches!(self, ApiError::PolicyRefused(_)) && self.status() != StatusCode::TOO_MANY_REQUESTS {
+            return Code::PermissionDenied;
+        }
+        match self.status().as_u16() {
+            400 | 415 | 422 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::NotFound,
+            405 => Code::Unimplemented,
+            408 | 504 => Code::DeadlineExceeded,
+            409 => Code::Aborted,
+            413 | 429 => Code::ResourceExhausted,
+            503 => Code::Unavailable,
+            500 => Code::Internal,
+            _ => Code::Unknown,
+        }
+    }
+
+    /// A gRPC answer for a request refused before its service ran (auth guard, caps, 404),
+    /// counted by the HTTP metrics layer like any error answer.
+    pub fn into_grpc_response(self) -> Response {
+        let counts = self.counts();
+        let mut response = tonic::Status::from(self).into_http::<axum::body::Body>();
+        response.extensions_mut().insert(counts);
+        response
+    }
+}
+
+/// A gRPC error's message: the HTTP API's code, then its message (`rate_limited: policy …`).
+pub fn grpc_message(e: &ApiError) -> String {
+    format!("{}: {e}", e.code())
+}
+
+/// Errors of the gRPC service: the code and message as [`grpc_message`], `vla-code` and
+/// `retry-after` metadata (and the quota's `RateLimit-*` when a rate limit refused).
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> tonic::Status {
+        e.log();
+        let mut headers = HeaderMap::new();
+        headers.insert("vla-code", HeaderValue::from_static(e.code()));
+        if let Some(seconds) = e.retry_after_s() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let ApiError::PolicyRefused(r) = &e
+            && let Some(s) = r.rate_limit.filter(|_| e.status() == StatusCode::TOO_MANY_REQUESTS)
+        {
+            rate_limit_headers(&mut headers, &s);
+        }
+        tonic::Status::with_metadata(
+            e.grpc_code(),
+            grpc_message(&e),
+            tonic::metadata::MetadataMap::from_headers(headers),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        self.log();
         let mut response = match &self {
             ApiError::PolicyRefused(r) => {
                 let body = vla_api::PolicyRefusalBody {
@@ -430,27 +516,12 @@ impl IntoResponse for ApiError {
             _ => (status, axum::Json(ErrorBody { error: self.to_string(), code: self.code().to_string() }))
                 .into_response(),
         };
-        let retry_after = match &self {
-            ApiError::PolicyRefused(r) if self.status() == StatusCode::TOO_MANY_REQUESTS => {
-                r.rate_limit.map(|s| {
-                    rate_limit_headers(response.headers_mut(), &s);
-                    // Whole seconds, rounded up: a robot that waits this long fits.
-                    s.retry_after_ms.div_ceil(1000).max(1)
-                })
-            }
-            ApiError::QueueFull { retry_after_s, .. } => Some(*retry_after_s),
-            ApiError::ModelChanged(_)
-            | ApiError::Overloaded
-            | ApiError::TooManyInFlight { .. }
-            | ApiError::TooManySessions { .. }
-            | ApiError::TooManyMessages { .. }
-            | ApiError::SessionBusy => Some(1),
-            ApiError::ShuttingDown
-            | ApiError::Unavailable
-            | ApiError::QuotaUnavailable(_)
-            | ApiError::StoreUnavailable(_) => Some(5),
-            _ => None,
-        };
+        if let ApiError::PolicyRefused(r) = &self
+            && let Some(s) = r.rate_limit.filter(|_| status == StatusCode::TOO_MANY_REQUESTS)
+        {
+            rate_limit_headers(response.headers_mut(), &s);
+        }
+        let retry_after = self.retry_after_s();
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

@@ -199,7 +199,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         quotas,
         metrics,
         gpu,
-        openpi: http::openpi::sessions::Sessions::new(
+        openpi: http::sessions::Sessions::new(
+            config.server.websocket_max_sessions,
+            config.server.websocket_sessions_per_robot,
+        ),
+        streams: http::sessions::Sessions::new(
             config.server.websocket_max_sessions,
             config.server.websocket_sessions_per_robot,
         ),

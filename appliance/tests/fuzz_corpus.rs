@@ -49,3 +49,8 @@ fn multipart_uploads_from_the_corpus_neither_panic_nor_hang() {
 fn camera_frames_from_the_corpus_neither_panic_nor_hang() {
     replay("image", targets::image);
 }
+
+#[test]
+fn openpi_messages_from_the_corpus_neither_panic_nor_hang() {
+    replay("openpi_message", targets::openpi_message);
+}

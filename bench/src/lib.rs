@@ -15,3 +15,4 @@ pub mod server;
 pub mod soak;
 pub mod stats;
 pub mod suite;
+pub mod transports;

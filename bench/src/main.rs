@@ -123,6 +123,20 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// The robots' three transports side by side (the project's Python client over HTTPS,
+    /// tritonclient.grpc, openpi-client) on tiny-pi; writes transports.json and transports.md.
+    Transports {
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Robot counts (each robot its own process and client).
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        robots: Vec<usize>,
+        /// Seconds measured per point.
+        #[arg(long, default_value = "15")]
+        seconds: f64,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Runs the appliance with this configuration; prints `listening ADDR`, stops when stdin
     /// closes.
     #[command(hide = true)]
@@ -173,6 +187,12 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => return serve(&config),
         Command::Soak { out, minutes, share, robots, device } => {
             let report = bench::soak::run(&bench::soak::Options { out, minutes, share, robots, device })?;
+            println!("{}", report.markdown());
+            return Ok(());
+        }
+        Command::Transports { out, robots, seconds, device } => {
+            let options = bench::transports::Options { out, counts: robots, seconds, device };
+            let report = bench::transports::run(&options)?;
             println!("{}", report.markdown());
             return Ok(());
         }

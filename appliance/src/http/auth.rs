@@ -2,9 +2,10 @@
 //!
 //! Every request passes [`guard`], which sorts its path into an [`Access`] class by prefix,
 //! so a route added later is closed by default:
-//! - `Public`: `/health`, `/v2/health/live`, `/v2/health/ready`, nothing else;
-//! - `Admin`: everything under `/admin/` and the OIP repository extension (`/v2/repository/`),
-//!   which needs the admin token;
+//! - `Public`: `/health`, `/v2/health/live`, `/v2/health/ready` and their gRPC twins
+//!   (`ServerLive`, `ServerReady`), nothing else;
+//! - `Admin`: everything under `/admin/` and the OIP repository extension (`/v2/repository/`,
+//!   gRPC `Repository*`), which needs the admin token;
 //! - `Caller`: everything else, which needs a robot's API key, a robot's client certificate,
 //!   or the admin token (admin may read; only robots get actions, see the handlers).
 //!
@@ -42,6 +43,8 @@ pub enum Access {
 pub fn access_for(path: &str) -> Access {
     match path {
         "/health" | "/v2/health/live" | "/v2/health/ready" => Access::Public,
+        "/inference.GRPCInferenceService/ServerLive" | "/inference.GRPCInferenceService/ServerReady" => Access::Public,
+        _ if path.starts_with("/inference.GRPCInferenceService/Repository") => Access::Admin,
         "/metrics" | "/monitoring/metrics" => Access::Metrics,
         "/health/detailed" | "/gpu/stats" | "/queue/stats" | "/models/stats" => Access::Admin,
         _ if path == "/admin" || path.starts_with("/admin/") => Access::Admin,
@@ -248,8 +251,12 @@ pub async fn guard(State(auth): State<Arc<Authenticator>>, mut request: Request,
 
 /// Answers a request refused before its handler: a small body is read first (a client still
 /// sending it would otherwise see a reset instead of the answer); a large one is left unread
-/// and the connection closed, so a refused request costs its sender, not the appliance.
+/// and the connection closed, so a refused request costs its sender, not the appliance. A gRPC
+/// request gets a gRPC status (its HTTP/2 stream ends with it; nothing is read).
 pub async fn refuse(request: Request, refusal: ApiError, refused_body_bytes: usize) -> Response {
+    if is_grpc(request.headers()) {
+        return refusal.into_grpc_response();
+    }
     let version = request.version();
     let (parts, body) = request.into_parts();
     let read = body::discard(&parts.headers, body, refused_body_bytes).await;
@@ -258,6 +265,14 @@ pub async fn refuse(request: Request, refusal: ApiError, refused_body_bytes: usi
         body::close_after(version, &mut response);
     }
     response
+}
+
+/// Whether a request is gRPC (`content-type: application/grpc[+proto]`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 #[cfg(test)]
@@ -275,5 +290,8 @@ mod tests {
         assert_eq!(access_for("/admin/robots/x"), Access::Admin);
         assert_eq!(access_for("/v2/repository/index"), Access::Admin);
         assert_eq!(access_for("/something/new"), Access::Caller);
+        assert_eq!(access_for("/inference.GRPCInferenceService/ServerLive"), Access::Public);
+        assert_eq!(access_for("/inference.GRPCInferenceService/ModelInfer"), Access::Caller);
+        assert_eq!(access_for("/inference.GRPCInferenceService/RepositoryModelLoad"), Access::Admin);
     }
 }

@@ -8,8 +8,9 @@
 //! | [`body`] | bounded body reading and draining |
 //! | [`state`] | [`AppState`], path parameters, blocking work |
 //! | [`v1`] | `POST /v1/inference`, `GET /v1/models`, `GET /health` |
-//! | [`oip`] | the Open Inference Protocol v2 (handlers; [`oip::codec`] the tensor codec) |
+//! | [`oip`] | the Open Inference Protocol v2: REST handlers, [`oip::grpc`] the gRPC service, [`oip::codec`] the tensor codec |
 //! | [`openpi`] | openpi's WebSocket protocol (`GET /openpi/{model}`; [`openpi::codec`] MessagePack) |
+//! | [`sessions`] | streaming sessions (openpi, gRPC streams) in all and per robot, messages a second |
 //! | [`admin`] | robots and the OIP model repository |
 //! | [`policies`] | policies and the audit log |
 //! | [`quotas`] | quotas |
@@ -28,6 +29,7 @@ pub mod openpi;
 pub mod policies;
 pub mod quotas;
 pub mod routes;
+pub mod sessions;
 pub mod state;
 pub mod v1;
 

@@ -3,7 +3,7 @@
 //! nothing answers unauthenticated) and the HTTP metrics around it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -69,6 +69,12 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
     ]
 }
 
+/// The gRPC calls' paths (`/inference.GRPCInferenceService/<call>`), one route each so the
+/// metrics name the call; [`oip::grpc`] answers them.
+pub fn grpc_routes() -> Vec<String> {
+    oip::grpc::CALLS.iter().map(|call| format!("{}/{call}", oip::grpc::PATH)).collect()
+}
+
 /// The appliance's router, with its layers.
 pub fn router(state: AppState) -> Router {
     let auth = state.auth.clone();
@@ -76,6 +82,17 @@ pub fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for (path, method_router) in routes() {
         router = router.route(path, method_router);
+    }
+    // OIP over gRPC: the same listener, layers and credentials. A unary call (body, then the
+    // answer within the longest deadline) is bounded in time like a REST request.
+    let grpc = oip::grpc::service(state.clone());
+    let config = &state.config;
+    let unary_limit =
+        Duration::from_millis(config.server.read_timeout_ms.saturating_add(config.limits.max_deadline_ms));
+    for path in grpc_routes() {
+        let call = axum::routing::any_service(grpc.clone())
+            .layer(axum::middleware::from_fn_with_state(unary_limit, bound_grpc_call));
+        router = router.route(&path, call);
     }
     let in_flight = Arc::new(Semaphore::new(state.config.server.max_in_flight));
     router
@@ -134,6 +151,7 @@ async fn bound_in_flight(
 ) -> Response {
     match slots.clone().try_acquire_owned() {
         Ok(_permit) => next.run(request).await,
+        Err(_) if auth::is_grpc(request.headers()) => ApiError::Overloaded.into_grpc_response(),
         Err(_) => {
             let version = request.version();
             let mut response = ApiError::Overloaded.into_response();
@@ -141,5 +159,15 @@ async fn bound_in_flight(
             body::close_after(version, &mut response);
             response
         }
+    }
+}
+
+/// A unary gRPC call gets `limit` (the body's read time and the longest deadline) to answer;
+/// slower, it is answered DEADLINE_EXCEEDED and its work dropped. A streaming call answers at
+/// once and bounds each of its requests itself.
+async fn bound_grpc_call(State(limit): State<Duration>, request: Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::BodyTimeout { timeout_ms: limit.as_millis() as u64 }.into_grpc_response(),
     }
 }

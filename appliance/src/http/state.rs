@@ -39,7 +39,9 @@ pub struct AppState {
     /// The latest GPU reading.
     pub gpu: Arc<GpuMonitor>,
     /// The open openpi WebSocket sessions.
-    pub openpi: Arc<super::openpi::sessions::Sessions>,
+    pub openpi: Arc<super::sessions::Sessions>,
+    /// The open gRPC `ModelStreamInfer` streams (bounded like openpi sessions, counted apart).
+    pub streams: Arc<super::sessions::Sessions>,
     pub started: Instant,
 }
 

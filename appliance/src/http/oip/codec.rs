@@ -25,33 +25,38 @@ use crate::text::TextEncoder;
 /// The binary tensor extension's header: the length of the JSON part of a body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
+/// An infer request as a protocol carries it: from a JSON body (with binary tensor data after
+/// it) or from a gRPC `ModelInferRequest` ([`super::grpc`]). Every tensor's data is either JSON
+/// (`data`) or little-endian bytes (`raw`; `BYTES` elements each with a 4-byte length).
 #[derive(Debug, Deserialize)]
-struct InferRequest {
+pub struct InferRequest {
     #[serde(default)]
-    id: Option<String>,
+    pub id: Option<String>,
     #[serde(default)]
-    parameters: Map<String, Value>,
-    inputs: Vec<InputTensor>,
+    pub parameters: Map<String, Value>,
+    pub inputs: Vec<InputTensor>,
     #[serde(default)]
-    outputs: Option<Vec<RequestedOutput>>,
+    pub outputs: Option<Vec<RequestedOutput>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct InputTensor {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
+pub struct InputTensor {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: String,
     #[serde(default)]
-    parameters: Map<String, Value>,
+    pub parameters: Map<String, Value>,
     #[serde(default)]
-    data: Option<Value>,
+    pub data: Option<Value>,
+    #[serde(skip)]
+    pub raw: Option<Bytes>,
 }
 
 #[derive(Debug, Deserialize)]
-struct RequestedOutput {
-    name: String,
+pub struct RequestedOutput {
+    pub name: String,
     #[serde(default)]
-    parameters: Map<String, Value>,
+    pub parameters: Map<String, Value>,
 }
 
 /// An infer request checked against the model: one row per batch row.
@@ -129,8 +134,39 @@ pub fn parse(
     let split = header_len.map_or(body.len(), |n| n.min(body.len()));
     let json_part = &body[..split];
     let mut binary = body.slice(split..);
-    let request: InferRequest = crate::validate::parse_json(json_part)?;
+    let mut request: InferRequest = crate::validate::parse_json(json_part)?;
+    for input in &mut request.inputs {
+        let name = input.name.as_str();
+        let Some(v) = input.parameters.get("binary_data_size") else { continue };
+        let size =
+            v.as_u64().ok_or_else(|| invalid(name, "parameters.binary_data_size must be a byte count"))? as usize;
+        if input.data.is_some() {
+            return Err(invalid(name, "has both `data` and parameters.binary_data_size"));
+        }
+        if size > binary.len() {
+            return Err(invalid(
+                name,
+                format!("binary_data_size is {size} bytes but only {} bytes of binary data are left", binary.len()),
+            ));
+        }
+        input.raw = Some(binary.split_to(size));
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::InferenceHeader(format!(
+            "{} bytes of binary data follow the JSON header but no input claims them",
+            binary.len()
+        )));
+    }
+    check(request, spec, text, limits)
+}
 
+/// Checks an infer request against the model: one row per batch row, no image decoded.
+pub fn check(
+    request: InferRequest,
+    spec: &ModelSpec,
+    text: &TextEncoder,
+    limits: &LimitsConfig,
+) -> Result<Parsed, ApiError> {
     let priority = match request.parameters.get("priority") {
         None => None,
         Some(Value::Number(n)) if n.as_u64() == Some(0) => None,
@@ -166,29 +202,7 @@ pub fn parse(
         if columns[idx].is_some() {
             return Err(invalid(name, "appears twice"));
         }
-        let raw = match input.parameters.get("binary_data_size") {
-            None => None,
-            Some(v) => {
-                let size =
-                    v.as_u64().ok_or_else(|| invalid(name, "parameters.binary_data_size must be a byte count"))?
-                        as usize;
-                if input.data.is_some() {
-                    return Err(invalid(name, "has both `data` and parameters.binary_data_size"));
-                }
-                if size > binary.len() {
-                    return Err(invalid(
-                        name,
-                        format!(
-                            "binary_data_size is {size} bytes but only {} bytes of binary data are left",
-                            binary.len()
-                        ),
-                    ));
-                }
-                let mine = binary.split_to(size);
-                Some(mine)
-            }
-        };
-        if raw.is_none() && input.data.is_none() {
+        if input.raw.is_none() && input.data.is_none() {
             return Err(invalid(name, "has neither `data` nor parameters.binary_data_size"));
         }
         let n = match input.shape.first() {
@@ -215,13 +229,7 @@ pub fn parse(
             }
             _ => batch = Some(n),
         }
-        columns[idx] = Some(convert(input, raw, spec, text, idx, n, limits)?);
-    }
-    if !binary.is_empty() {
-        return Err(ApiError::InferenceHeader(format!(
-            "{} bytes of binary data follow the JSON header but no input claims them",
-            binary.len()
-        )));
+        columns[idx] = Some(convert(input, spec, text, idx, n, limits)?);
     }
     let n = batch.unwrap_or(1);
     let rows = assemble(spec, text, columns, n, seed)?;
@@ -354,7 +362,6 @@ fn token_ids(t: &TensorData) -> Vec<i64> {
 /// One input tensor of `n` rows → one [`Input`] per row.
 fn convert(
     input: &InputTensor,
-    raw: Option<Bytes>,
     spec: &ModelSpec,
     text: &TextEncoder,
     idx: usize,
@@ -362,6 +369,7 @@ fn convert(
     limits: &LimitsConfig,
 ) -> Result<Column, ApiError> {
     let name = input.name.as_str();
+    let raw = &input.raw;
     let declared = &spec.inputs[idx];
     let feed = spec.feeds[idx];
     let bytes_ok = matches!(feed, Feed::Camera(_) | Feed::TokenIds);
@@ -369,7 +377,7 @@ fn convert(
         if !(input.shape == [n as i64] || input.shape == [n as i64, 1]) {
             return Err(invalid(name, format!("BYTES shape {:?} must be [{n}] or [{n}, 1]", input.shape)));
         }
-        let elements = match &raw {
+        let elements = match raw {
             Some(raw) => split_bytes(name, raw)?,
             None => json_strings(name, input.data.as_ref())?,
         };
@@ -425,12 +433,12 @@ fn convert(
     let per_row = declared.sample_len();
     let count = n * per_row;
     let elt = declared.dtype.size();
-    if let Some(raw) = &raw {
+    if let Some(raw) = raw {
         check_binary_size(name, raw, count, elt, &input.shape)?;
     }
     let rows: Vec<TensorData> = match declared.dtype {
         DataType::Fp32 => {
-            let v: Vec<f32> = match &raw {
+            let v: Vec<f32> = match raw {
                 Some(raw) => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
                 None => {
                     let finite_f32 = |v: &Value| v.as_f64().map(|x| x as f32).filter(|x| x.is_finite());
@@ -443,14 +451,14 @@ fn convert(
             v.chunks(per_row).map(|c| TensorData::F32(c.to_vec())).collect()
         }
         DataType::Bool => {
-            let v: Vec<bool> = match &raw {
+            let v: Vec<bool> = match raw {
                 Some(raw) => raw.iter().map(|&b| b != 0).collect(),
                 None => flatten(name, input.data.as_ref(), count, &input.shape, |v| v.as_bool(), "true or false")?,
             };
             v.chunks(per_row).map(|c| TensorData::Bool(c.to_vec())).collect()
         }
         dtype => {
-            let v: Vec<i64> = match &raw {
+            let v: Vec<i64> = match raw {
                 Some(raw) => match dtype {
                     DataType::Int64 => {
                         raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
@@ -592,6 +600,23 @@ fn json_values(dtype: DataType, bytes: &[u8]) -> Vec<Value> {
     }
 }
 
+/// Output `idx` of every row, concatenated in row order (little-endian bytes).
+pub fn output_bytes(rows: &[RowAnswer], idx: usize) -> Vec<u8> {
+    rows.iter().flat_map(|r| r.outputs[idx].iter().copied()).collect()
+}
+
+/// The request's decision chain (every row's policies, in row order; `modify` if any row's
+/// action was changed), and with more than one row each row's own.
+pub fn decisions(rows: &[RowAnswer]) -> (Value, Option<Value>) {
+    let traces: Vec<&PolicyTrace> = rows.iter().map(|r| &r.policy).collect();
+    let modified = traces.iter().any(|t| t.decision == "modify");
+    let chain = json!({
+        "decision": if modified { "modify" } else { "allow" },
+        "policies": traces.iter().flat_map(|t| &t.policies).collect::<Vec<_>>(),
+    });
+    (chain, (traces.len() > 1).then(|| json!(traces)))
+}
+
 /// The infer response: JSON, or a JSON header followed by binary outputs.
 ///
 /// `policy` is the request's decision chain (every row's, in row order; the decision is
@@ -616,7 +641,7 @@ pub fn respond(
             let declared = &spec.outputs[idx];
             let mut shape = vec![n as i64];
             shape.extend(&declared.dims[1..]);
-            let bytes: Vec<u8> = rows.iter().flat_map(|r| r.outputs[idx].iter().copied()).collect();
+            let bytes = output_bytes(rows, idx);
             let mut out = json!({"name": declared.name, "datatype": declared.dtype.as_str(), "shape": shape});
             if binary {
                 out["parameters"] = json!({"binary_data_size": bytes.len()});
@@ -631,14 +656,10 @@ pub fn respond(
     if let Some(id) = id {
         body["id"] = Value::String(id);
     }
-    let traces: Vec<&PolicyTrace> = rows.iter().map(|r| &r.policy).collect();
-    let modified = traces.iter().any(|t| t.decision == "modify");
-    body["policy"] = json!({
-        "decision": if modified { "modify" } else { "allow" },
-        "policies": traces.iter().flat_map(|t| &t.policies).collect::<Vec<_>>(),
-    });
-    if traces.len() > 1 {
-        body["policy_rows"] = json!(traces);
+    let (policy, policy_rows) = decisions(rows);
+    body["policy"] = policy;
+    if let Some(per_row) = policy_rows {
+        body["policy_rows"] = per_row;
     }
     body["parameters"] = json!(timing);
     let header = serde_json::to_vec(&body).unwrap_or_default();

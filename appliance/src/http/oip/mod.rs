@@ -9,6 +9,7 @@
 //! input (an encoded JPEG/PNG, base64 in JSON) and for the instruction input (UTF-8 text).
 
 pub mod codec;
+pub mod grpc;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,9 +24,13 @@ use serde_json::{Value, json};
 use super::auth::Caller;
 use super::body;
 use super::state::{AppState, Params};
+use crate::config::LimitsConfig;
 use crate::error::{ApiError, rate_limit_headers};
 use crate::infer::Request;
 use crate::repository::Model;
+use crate::spec::ModelSpec;
+use crate::store::RobotRecord;
+use crate::text::TextEncoder;
 
 /// Answers with up to this many output bytes are built where they are answered.
 const SMALL_ANSWER_BYTES: usize = 16 * 1024;
@@ -143,30 +148,13 @@ async fn infer_rows(
     let model = model_of(app, params)?;
     *resolved = Some(model.clone());
     let header_len = codec::header_length(headers.get(codec::HEADER_LENGTH), body.len())?;
-
-    // JSON tensors are CPU work: parsed on the blocking pool, within the model's default
-    // deadline (the request's own is inside the body).
-    let default_ms = model.spec.batching.default_deadline_ms;
-    let parse_started = Instant::now();
-    let parsed = {
-        let (spec, text, limits) = (model.spec.clone(), model.text.clone(), app.config.limits.clone());
-        app.pipeline
-            .on_cpu(&robot.robot_id, received + Duration::from_millis(default_ms), default_ms, move || {
-                codec::parse(&body, header_len, &spec, &text, &limits)
-            })
-            .await?
-    };
-    let parsed_in = parse_started.elapsed();
-    let priority = crate::validate::effective_priority(parsed.priority, robot.priority)?;
-    let deadline_ms = match parsed.timeout_us {
-        None | Some(0) => default_ms,
-        Some(us) => us.div_ceil(1000).min(app.config.limits.max_deadline_ms),
-    };
-    let codec::Parsed { id, rows, outputs, .. } = parsed;
     let robot_id = robot.robot_id.clone();
-    let answer = app.pipeline.run(Request { robot, model, rows, priority, deadline_ms, received, parsed_in }).await?;
-    let quota = answer.quota;
+    let (done, quota) = run_checked(app, robot, model, received, move |spec, text, limits| {
+        codec::parse(&body, header_len, spec, text, limits)
+    })
+    .await?;
     // A large answer (many rows, large outputs, as JSON numbers) is built on the blocking pool.
+    let Done { id, outputs, answer } = done;
     let row_bytes: usize = outputs.iter().map(|&(i, _)| answer.rows.first().map_or(0, |r| r.outputs[i].len())).sum();
     let mut response = if row_bytes * answer.rows.len() <= SMALL_ANSWER_BYTES {
         codec::respond(&answer.model.spec, id, &outputs, &answer.rows, &answer.timing)
@@ -179,4 +167,43 @@ async fn infer_rows(
         rate_limit_headers(response.headers_mut(), &status);
     }
     Ok(response)
+}
+
+/// A computed infer request: its id, the outputs asked for, the pipeline's answer.
+pub(super) struct Done {
+    pub id: Option<String>,
+    pub outputs: Vec<(usize, bool)>,
+    pub answer: crate::infer::Answer,
+}
+
+/// Checks an infer request (`check`, on the blocking pool within the model's default deadline:
+/// tensors of any size are CPU work) and runs it through the shared pipeline for `robot`. Both
+/// OIP transports, REST and gRPC, come through here.
+pub(super) async fn run_checked(
+    app: &AppState,
+    robot: RobotRecord,
+    model: Arc<Model>,
+    received: Instant,
+    check: impl FnOnce(&ModelSpec, &TextEncoder, &LimitsConfig) -> Result<codec::Parsed, ApiError> + Send + 'static,
+) -> Result<(Done, Option<crate::quota::Status>), ApiError> {
+    let default_ms = model.spec.batching.default_deadline_ms;
+    let parse_started = Instant::now();
+    let parsed = {
+        let (spec, text, limits) = (model.spec.clone(), model.text.clone(), app.config.limits.clone());
+        app.pipeline
+            .on_cpu(&robot.robot_id, received + Duration::from_millis(default_ms), default_ms, move || {
+                check(&spec, &text, &limits)
+            })
+            .await?
+    };
+    let parsed_in = parse_started.elapsed();
+    let priority = crate::validate::effective_priority(parsed.priority, robot.priority)?;
+    let deadline_ms = match parsed.timeout_us {
+        None | Some(0) => default_ms,
+        Some(us) => us.div_ceil(1000).min(app.config.limits.max_deadline_ms),
+    };
+    let codec::Parsed { id, rows, outputs, .. } = parsed;
+    let answer = app.pipeline.run(Request { robot, model, rows, priority, deadline_ms, received, parsed_in }).await?;
+    let quota = answer.quota;
+    Ok((Done { id, outputs, answer }, quota))
 }

@@ -15,7 +15,6 @@
 //! queued row is never computed.
 
 pub mod codec;
-pub mod sessions;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,6 +28,7 @@ use bytes::Bytes;
 
 use self::codec::{Item, Value, Writer};
 use super::auth::Caller;
+use super::sessions::Rate;
 use super::state::AppState;
 use crate::error::ApiError;
 use crate::infer::{Frame, Input, Request, RobotRow, Row};
@@ -64,29 +64,11 @@ pub async fn connect(
         .into_response())
 }
 
-/// Observations a second, counted per whole second.
-struct Rate {
-    second: u64,
-    count: u32,
-    per_s: u32,
-}
-
-impl Rate {
-    fn admit(&mut self, started: Instant) -> bool {
-        let second = started.elapsed().as_secs();
-        if second != self.second {
-            (self.second, self.count) = (second, 0);
-        }
-        self.count += 1;
-        self.count <= self.per_s
-    }
-}
-
 /// One session, until the client closes it, it idles out or the appliance shuts down.
 async fn session(app: AppState, robot: RobotRecord, model: String, mut socket: WebSocket) {
     let idle = Duration::from_millis(app.config.server.idle_timeout_ms);
     let opened = Instant::now();
-    let mut rate = Rate { second: 0, count: 0, per_s: app.config.server.websocket_messages_per_s };
+    let mut rate = Rate::new(app.config.server.websocket_messages_per_s);
     let hello = match app.models.resolve(Some(&model)) {
         Ok(m) => metadata(&m.spec),
         Err(e) => {
@@ -131,7 +113,7 @@ async fn session(app: AppState, robot: RobotRecord, model: String, mut socket: W
         };
         let received = Instant::now();
         if !rate.admit(opened) {
-            let e = ApiError::TooManyMessages { per_s: rate.per_s };
+            let e = ApiError::TooManyMessages { per_s: rate.per_s() };
             count(&app, &robot, None, &e, received);
             if socket.send(Message::Text(error_text(e).await.into())).await.is_err() {
                 return;
@@ -324,6 +306,12 @@ struct Parsed {
 
 fn malformed(e: impl std::fmt::Display) -> ApiError {
     ApiError::MalformedMessage(e.to_string())
+}
+
+/// Decodes and checks one observation message against `spec` as a session does, computing
+/// nothing: what the fuzz target `openpi_message` runs.
+pub fn check_observation(message: &Bytes, spec: &ModelSpec) -> Result<(), ApiError> {
+    parse(message, spec).map(|_| ())
 }
 
 /// Reads an observation: every key the model's sources name; other keys are ignored, as

@@ -1,8 +1,11 @@
-//! The openpi sessions open: in all and per robot (`server.websocket_max_sessions`,
-//! `server.websocket_sessions_per_robot`), taken before the upgrade.
+//! Streaming sessions: openpi WebSocket sessions and gRPC `ModelStreamInfer` streams, each
+//! counted in all and per robot (`server.websocket_max_sessions`,
+//! `server.websocket_sessions_per_robot`; taken before the upgrade or the first message), and
+//! the messages a second one session may send (`server.websocket_messages_per_s`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -54,5 +57,33 @@ impl Sessions {
         let total = self.total.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded)?;
         per.insert(robot.to_string(), mine + 1);
         Ok(SessionPermit { _total: total, sessions: self.clone(), robot: robot.to_string() })
+    }
+}
+
+/// Messages a second on one session, counted per whole second since it opened.
+#[derive(Debug)]
+pub struct Rate {
+    second: u64,
+    count: u32,
+    per_s: u32,
+}
+
+impl Rate {
+    pub fn new(per_s: u32) -> Rate {
+        Rate { second: 0, count: 0, per_s }
+    }
+
+    pub fn per_s(&self) -> u32 {
+        self.per_s
+    }
+
+    /// Counts one more message of a session opened at `opened`; false over the rate.
+    pub fn admit(&mut self, opened: Instant) -> bool {
+        let second = opened.elapsed().as_secs();
+        if second != self.second {
+            (self.second, self.count) = (second, 0);
+        }
+        self.count += 1;
+        self.count <= self.per_s
     }
 }
