@@ -72,23 +72,22 @@ def make_call(transport, cfg, robot, key):
 
 
 def robot_loop(transport, cfg, robot, key, start_at, end_at, out):
+    latencies, errors, first_error = [], 0, None
     try:
         call = make_call(transport, cfg, robot, key)
-        call()  # connected and warm
-    except Exception as e:  # noqa: BLE001 - reported, not hidden
-        out.put({"error": f"{type(e).__name__}: {e}"[:300], "latencies": [], "errors": 1})
-        return
-    while time.time() < start_at:
-        call()
-    latencies, errors, first_error = [], 0, None
-    while time.time() < end_at:
-        t0 = time.perf_counter()
-        try:
+        while time.time() < start_at:  # connected and warm
             call()
-            latencies.append((time.perf_counter() - t0) * 1000.0)
-        except Exception as e:  # noqa: BLE001
-            errors += 1
-            first_error = first_error or f"{type(e).__name__}: {e}"[:300]
+        while time.time() < end_at:
+            t0 = time.perf_counter()
+            try:
+                call()
+                latencies.append((time.perf_counter() - t0) * 1000.0)
+            except Exception as e:  # noqa: BLE001 - counted and reported, not hidden
+                errors += 1
+                first_error = first_error or f"{type(e).__name__}: {e}"[:300]
+    except Exception as e:  # noqa: BLE001
+        errors += 1
+        first_error = first_error or f"{type(e).__name__}: {e}"[:300]
     out.put({"latencies": latencies, "errors": errors, "error": first_error})
 
 

@@ -435,11 +435,17 @@ impl ApiError {
         }
     }
 
-    /// The gRPC status code of the HTTP status (a policy's denial: `PERMISSION_DENIED`).
+    /// The gRPC status code of the HTTP status (a policy's denial: `PERMISSION_DENIED`; an
+    /// unknown call: `UNIMPLEMENTED`).
     pub fn grpc_code(&self) -> tonic::Code {
         use tonic::Code;
-        if matches!(self, ApiError::PolicyRefused(_)) && self.status() != StatusCode::TOO_MANY_REQUESTS {
-            return Code::PermissionDenied;
+        match self {
+            ApiError::PolicyRefused(_) if self.status() != StatusCode::TOO_MANY_REQUESTS => {
+                return Code::PermissionDenied;
+            }
+            // A call the service does not have.
+            ApiError::RouteNotFound(_) => return Code::Unimplemented,
+            _ => {}
         }
         match self.status().as_u16() {
             400 | 415 | 422 => Code::InvalidArgument,

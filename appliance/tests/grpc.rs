@@ -128,6 +128,7 @@ async fn tritonclient_grpc_works_unchanged() {
     assert_eq!(seen["typed"]["action"], seen["raw"], "{seen}");
     assert_eq!(seen["raw"].as_array().unwrap().len(), 7);
     assert_eq!(seen["typed_and_raw"]["status"], "StatusCode.INVALID_ARGUMENT", "{seen}");
+    assert_eq!(seen["model_config"]["status"], "StatusCode.UNIMPLEMENTED", "{seen}");
 
     assert!(seen["inference_count"].as_u64().unwrap() >= 3 * 3, "{seen}");
     let names: Vec<&str> =

@@ -156,6 +156,8 @@ try:
     seen["typed_and_raw"] = "accepted"
 except grpc.RpcError as e:
     seen["typed_and_raw"] = {"status": str(e.code()), "message": e.details()}
+# A call the appliance does not serve (ModelConfig): UNIMPLEMENTED.
+seen["model_config"] = error(lambda: client.get_model_config("tiny-pi", headers=KEY))
 
 # Statistics, and the repository calls: the admin token only.
 stats = client.get_inference_statistics("tiny-pi", headers=KEY, as_json=True)

@@ -116,7 +116,7 @@ impl Report {
     pub fn markdown(&self) -> String {
         let ms = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.1}"));
         let mut md = format!(
-            "# Transports: the robots' own clients side by side\n\n{} · {} · {} · release {}\n\n\
+            "# Transports: the robots' own clients side by side\n\n{} · {} · {} · {} build\n\n\
              Model {}; each robot its own process and client, closed loop, {} s per point, the \
              shipped appliance (batching, the four shipped policies). Latency is what the client \
              measured around its call (its own encoding and decoding included).\n\n\
@@ -143,9 +143,18 @@ impl Report {
                 ms(p.p50_ms),
                 ms(p.p99_ms),
                 p.errors,
-                p.first_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                p.first_error.as_deref().map(|e| format!(" (first: {})", one_line(e))).unwrap_or_default()
             ));
         }
         md
+    }
+}
+
+/// An error message fit for a table cell: one line, no pipes, at most 160 characters.
+fn one_line(e: &str) -> String {
+    let flat: String = e.chars().map(|c| if c == '\n' || c == '|' { ' ' } else { c }).collect();
+    match flat.char_indices().nth(160) {
+        Some((i, _)) => format!("{}…", &flat[..i]),
+        None => flat,
     }
 }
