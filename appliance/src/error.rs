@@ -101,6 +101,8 @@ pub enum ApiError {
     Inference { model: String, reason: String },
     #[error("{}", refusal_message(.0))]
     PolicyRefused(Box<Refusal>),
+    #[error("model `{model}`'s action is outside its envelope, so nothing was sent: {violation}")]
+    ActionOutOfEnvelope { model: String, violation: String },
     #[error("{0}")]
     PolicyInvalid(String),
     #[error("{0}")]
@@ -168,6 +170,7 @@ impl ApiError {
             ApiError::PolicyRefused(r) if r.failed => "policy_error",
             ApiError::PolicyRefused(r) if r.rate_limit.is_some() => "rate_limited",
             ApiError::PolicyRefused(_) => "policy_rejected",
+            ApiError::ActionOutOfEnvelope { .. } => "action_out_of_envelope",
             ApiError::PolicyInvalid(_) => "policy_invalid",
             ApiError::SignatureInvalid(_) => "signature_invalid",
             ApiError::PolicyNotFound(_) => "policy_not_found",
@@ -207,7 +210,8 @@ impl ApiError {
             | ApiError::InstructionTooLong { .. }
             | ApiError::StateLength { .. }
             | ApiError::InvalidValue { .. }
-            | ApiError::PolicyRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            | ApiError::PolicyRefused(_)
+            | ApiError::ActionOutOfEnvelope { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ModelNotFound(_)
             | ApiError::ModelVersionNotFound { .. }
             | ApiError::RobotNotFound(_)
@@ -236,7 +240,7 @@ impl ApiError {
         match self {
             ApiError::PolicyRefused(r) if r.failed => "error",
             ApiError::PolicyRefused(r) if r.rate_limit.is_some() => "rate_limited",
-            ApiError::PolicyRefused(_) => "rejected",
+            ApiError::PolicyRefused(_) | ApiError::ActionOutOfEnvelope { .. } => "rejected",
             ApiError::TooManyInFlight { .. }
             | ApiError::TooManySessions { .. }
             | ApiError::TooManyMessages { .. }
@@ -443,6 +447,7 @@ impl ApiError {
             ApiError::PolicyRefused(_) if self.status() != StatusCode::TOO_MANY_REQUESTS => {
                 return Code::PermissionDenied;
             }
+            ApiError::ActionOutOfEnvelope { .. } => return Code::PermissionDenied,
             // A call the service does not have.
             ApiError::RouteNotFound(_) => return Code::Unimplemented,
             _ => {}

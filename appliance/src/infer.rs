@@ -11,7 +11,7 @@
 //! | 2 | bounded decode | the rows' camera images are decoded and normalised on the blocking pool, holding one of the CPU slots; waiting for a slot ends at the request's deadline | 4xx image errors, 504 `deadline_exceeded` |
 //! | 3 | submit and wait | every row is queued to the model's batcher and waited for; a model reloaded meanwhile with the same inputs takes them | 503 `queue_full` / `model_changed`, 504, 500 `inference_failed` |
 //! | 4 | keep charges | the admission charges are kept, on disk before the answer with `quota.durability = "sync"` | 503 `quota_unavailable` |
-//! | 5 | output check and safety | the host refuses a non-finite output; each row's proposed action through the safety policies of the same snapshot | 500 `inference_failed`, 422 |
+//! | 5 | output check and safety | the host refuses a non-finite output; each row's proposed action through the safety policies of the same snapshot; then the model's action envelope on the final action (`envelope.rs`: deny or clamp) | 500 `inference_failed`, 422 (`action_out_of_envelope`) |
 //! | 6 | timing | where the time went, for the answer | |
 //!
 //! Every wait is bounded: for a policy slot, a CPU slot or the queue, by the request's deadline;
@@ -334,6 +334,28 @@ pub struct Answer {
     pub timing: Timing,
 }
 
+/// Who a row's decision is for, kept for the envelope's memory and audit once the request's
+/// context has gone to the safety chain.
+struct Who {
+    robot_id: String,
+    robot_type: String,
+    request_id: String,
+    model: String,
+    time_ms: u64,
+}
+
+impl Who {
+    fn of(ctx: &crate::policy::RequestContext) -> Who {
+        Who {
+            robot_id: ctx.robot_id.clone(),
+            robot_type: ctx.robot_type.clone(),
+            request_id: ctx.request_id.clone(),
+            model: ctx.model.clone(),
+            time_ms: ctx.time_ms,
+        }
+    }
+}
+
 /// One row's result.
 #[derive(Debug)]
 pub struct RowAnswer {
@@ -521,10 +543,42 @@ impl Pipeline {
                 horizon: spec.action.horizon as u32,
                 values,
             };
+            let who = Who::of(&ctx);
             let safety = self.policies.check_action(&set, ctx, &passed, proposed, seed);
-            let (action, policy) = tokio::time::timeout_at(after.into(), safety)
+            let (mut action, mut policy) = tokio::time::timeout_at(after.into(), safety)
                 .await
                 .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
+            // 5b. The envelope, on the final action: no policy gets past it.
+            if let Some(envelope) = &spec.action.envelope {
+                let dof = spec.action.dof;
+                let previous = model.last_actions.previous(&who.robot_id);
+                let before = action.clone();
+                match crate::envelope::apply(envelope, dof, &mut action, previous.as_deref()) {
+                    Ok(None) => {}
+                    Ok(Some(first)) => {
+                        self.envelope_violated(&model, &who, "clamp", &first, before, Some(action.clone()), seed);
+                        policy.decision = "modify".into();
+                        policy.policies.push(vla_api::PolicyEval {
+                            name: "envelope".into(),
+                            version: 0,
+                            world: "host".into(),
+                            mode: "enforce".into(),
+                            decision: "modify".into(),
+                            code: Some(format!("out_of_envelope_{}", first.kind())),
+                            reason: Some(format!("clamped into [action.envelope]; first: {first}")),
+                            eval_us: 0,
+                        });
+                    }
+                    Err(violation) => {
+                        self.envelope_violated(&model, &who, "deny", &violation, before, None, seed);
+                        return Err(ApiError::ActionOutOfEnvelope {
+                            model: spec.name.clone(),
+                            violation: violation.to_string(),
+                        });
+                    }
+                }
+                model.last_actions.remember(&who.robot_id, &action[..dof.min(action.len())]);
+            }
             outputs[action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
             answers.push(RowAnswer { outputs, action, policy, seed });
         }
@@ -605,6 +659,43 @@ impl Pipeline {
             count: 1,
             last_unix_ms: None,
             seed: None,
+        }]);
+    }
+
+    /// Counts and audits a final action outside the model's envelope (`action`: `deny` or
+    /// `clamp`).
+    #[allow(clippy::too_many_arguments)]
+    fn envelope_violated(
+        &self,
+        model: &Model,
+        who: &Who,
+        action: &str,
+        violation: &crate::envelope::Violation,
+        original: Vec<f32>,
+        clamped: Option<Vec<f32>>,
+        seed: Option<u64>,
+    ) {
+        self.metrics.envelope_violations.with_label_values(&[&model.spec.name, action, violation.kind()]).inc();
+        self.policies.audit().append(vec![vla_api::AuditRecord {
+            seq: 0,
+            time_unix_ms: who.time_ms,
+            request_id: who.request_id.clone(),
+            robot_id: who.robot_id.clone(),
+            robot_type: who.robot_type.clone(),
+            model: who.model.clone(),
+            policy: "envelope".into(),
+            version: 0,
+            world: "host".into(),
+            mode: "enforce".into(),
+            decision: if action == "deny" { "deny" } else { "modify" }.into(),
+            applied: true,
+            code: Some(format!("out_of_envelope_{}", violation.kind())),
+            reason: Some(violation.to_string()),
+            original_action: Some(original),
+            final_action: clamped,
+            count: 1,
+            last_unix_ms: None,
+            seed,
         }]);
     }
 

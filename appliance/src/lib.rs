@@ -23,6 +23,7 @@
 //! | domain | [`store`] | sled: the robot registry, policies, audit log and quota state at rest |
 //! | domain | [`tls`], [`gpu`], [`metrics`], [`spec`], [`demo`] | certificates, NVML telemetry, the `vla_*` catalogue, `model.toml`, the generated demo model |
 //! | domain | [`fair`] | fair shares among robots: CPU slots, requests in flight |
+//! | domain | [`envelope`] | the action envelope the host holds every final action to, and each robot's previous action |
 //! | root | [`config`] | the one configuration tree (its policy and quota sections live with them) |
 //! | root | [`error`] | the HTTP boundary's error type: status, stable code and metric categories per variant, and every conversion from a domain error |
 //! | leaf | [`clock`], [`names`], [`noise`] | time in ms and a log throttle; the name rules; seeded normal noise |
@@ -36,6 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod cuda_memory;
 pub mod demo;
+pub mod envelope;
 pub mod error;
 pub mod fair;
 pub mod gpu;

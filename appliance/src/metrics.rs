@@ -101,6 +101,7 @@ pub struct Metrics {
     pub worker_utilization: GaugeVec,
     pub image_errors: IntCounter,
     pub output_rejected: IntCounterVec,
+    pub envelope_violations: IntCounterVec,
     pub image_decode: HistogramVec,
     // HTTP connections.
     pub connections_active: IntGauge,
@@ -398,6 +399,12 @@ impl Metrics {
                 "vla_model_output_rejected_total",
                 "Model outputs the host refused before any policy saw them, by model and problem (non_finite_output, shape).",
                 &["model", "problem"],
+            ),
+            envelope_violations: counter(
+                &r,
+                "vla_action_envelope_violations_total",
+                "Final actions outside their model's [action.envelope], by model, what was done (deny, clamp) and the first limit broken (min, max, max_delta).",
+                &["model", "action", "limit"],
             ),
             image_decode: histogram(
                 &r,

@@ -28,6 +28,8 @@ pub struct Model {
     pub text: Arc<crate::text::TextEncoder>,
     /// When it finished loading (for the worker utilization gauge).
     pub loaded_at: std::time::Instant,
+    /// Each robot's previous action, for the envelope's `max_delta`.
+    pub last_actions: crate::envelope::Memory,
 }
 
 impl Model {
@@ -204,6 +206,7 @@ impl Models {
             state: "serving".into(),
             device: Some(device_name(m.device)),
             error: None,
+            envelope: Some(envelope_label(&m.spec)),
         });
         let failed = state.unavailable.iter().map(|(name, reason)| ModelHealth {
             name: name.clone(),
@@ -211,6 +214,7 @@ impl Models {
             state: if reason.is_some() { "failed" } else { "unloaded" }.into(),
             device: None,
             error: reason.clone(),
+            envelope: None,
         });
         serving.chain(failed).collect()
     }
@@ -306,8 +310,19 @@ fn dir_name(dir: &Path) -> String {
     dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// `deny`, `clamp`, or `none` (served without one).
+fn envelope_label(spec: &ModelSpec) -> String {
+    spec.action.envelope.as_ref().map_or("none", |e| e.on_violation.as_str()).to_string()
+}
+
 fn log_loaded(model: &Model) {
     let s = &model.spec;
+    if s.action.envelope.is_none() {
+        tracing::warn!(
+            model = %s.name,
+            "model has no [action.envelope]: its actions are bounded by the safety policies alone"
+        );
+    }
     tracing::info!(
         model = %s.name,
         version = %s.version,
@@ -318,6 +333,7 @@ fn log_loaded(model: &Model) {
         tokenizer = %s.tokenizer_label(),
         horizon = s.action.horizon,
         dof = s.action.dof,
+        envelope = %envelope_label(s),
         "model loaded and warmed up"
     );
 }
@@ -348,7 +364,9 @@ fn load_one(dir: &Path, cpu_threads: usize, metrics: &Metrics) -> Result<Model, 
     model_metrics.memory.set(0);
     let batcher = Batcher::start(dir, &spec, device, cpu_threads, model_metrics.clone()).map_err(|e| e.to_string())?;
     metrics.model_load_duration.with_label_values(&[&spec.name]).observe(started.elapsed().as_secs_f64());
+    let forget_after_ms = spec.action.envelope.as_ref().map_or(1, |e| e.forget_after_ms);
     Ok(Model {
+        last_actions: crate::envelope::Memory::new(forget_after_ms),
         spec: Arc::new(spec),
         device,
         batcher,

@@ -396,6 +396,52 @@ pub struct ActionSpec {
     pub mean: Option<Vec<f32>>,
     #[serde(default)]
     pub std: Option<Vec<f32>>,
+    /// What the robot can physically take (`[action.envelope]`): the host holds the final
+    /// action to it, after every safety policy (see `envelope.rs`).
+    #[serde(default)]
+    pub envelope: Option<EnvelopeSpec>,
+}
+
+/// `[action.envelope]`: per-dof bounds on every step of the final action (robot units), an
+/// optional largest change between consecutive steps, and what a violation does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeSpec {
+    pub min: Vec<f32>,
+    pub max: Vec<f32>,
+    /// Per dof, the largest change from one step to the next: within a chunk, and from the
+    /// first step of the robot's previous answer to the first step of this one.
+    #[serde(default)]
+    pub max_delta: Option<Vec<f32>>,
+    #[serde(default)]
+    pub on_violation: OnViolation,
+    /// A robot's previous action is forgotten after this long without an answer (its next
+    /// action is then checked against the bounds only).
+    #[serde(default = "default_forget_after_ms")]
+    pub forget_after_ms: u64,
+}
+
+fn default_forget_after_ms() -> u64 {
+    2_000
+}
+
+/// What a violation of the envelope does: refuse the request (422), or clamp the action into
+/// the envelope (the answer's decision is then `modify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnViolation {
+    #[default]
+    Deny,
+    Clamp,
+}
+
+impl OnViolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnViolation::Deny => "deny",
+            OnViolation::Clamp => "clamp",
+        }
+    }
 }
 
 fn one() -> usize {
@@ -1012,9 +1058,40 @@ impl ModelSpec {
             return Err(problem("action.dt_ms", format!("must be a positive number of ms up to 60000, got {dt}")));
         }
         check_stats("action", a.dof, a.mean.as_deref(), a.std.as_deref())?;
+        if let Some(e) = &a.envelope {
+            check_envelope(e, a.dof)?;
+        }
         self.action_output = out;
         Ok(())
     }
+}
+
+/// The envelope: one finite value per dof, `min <= max`, `max_delta` positive.
+fn check_envelope(e: &EnvelopeSpec, dof: usize) -> Result<(), Problem> {
+    let lists = [("min", Some(&e.min)), ("max", Some(&e.max)), ("max_delta", e.max_delta.as_ref())];
+    for (k, values) in lists {
+        let Some(values) = values else { continue };
+        let field = format!("action.envelope.{k}");
+        if values.len() != dof {
+            return Err(problem(field, format!("has {} values; the action has {dof} dof", values.len())));
+        }
+        if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+            return Err(problem(field, format!("values must be finite, got {x}")));
+        }
+    }
+    if let Some(d) = (0..dof).find(|&d| e.min[d] > e.max[d]) {
+        return Err(problem("action.envelope.max", format!("dof {d}: max {} is below min {}", e.max[d], e.min[d])));
+    }
+    if let Some(x) = e.max_delta.iter().flatten().find(|x| **x <= 0.0) {
+        return Err(problem("action.envelope.max_delta", format!("values must be positive, got {x}")));
+    }
+    if !(1..=3_600_000).contains(&e.forget_after_ms) {
+        return Err(problem(
+            "action.envelope.forget_after_ms",
+            format!("must be 1-3600000, got {}", e.forget_after_ms),
+        ));
+    }
+    Ok(())
 }
 
 /// Normalisation statistics: both or neither, one value per dimension, finite, std positive.

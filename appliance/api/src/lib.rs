@@ -148,6 +148,9 @@ pub struct ModelHealth {
     pub device: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A serving model's action envelope: `deny`, `clamp`, or `none` (no `[action.envelope]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<String>,
 }
 
 /// `GET /v1/models`: what each model is and how its queue has fared since start.

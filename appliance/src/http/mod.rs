@@ -8,7 +8,8 @@
 //! | [`body`] | bounded body reading and draining |
 //! | [`state`] | [`AppState`], path parameters, blocking work |
 //! | [`v1`] | `POST /v1/inference`, `GET /v1/models`, `GET /health` |
-//! | [`oip`] | the Open Inference Protocol v2: REST handlers, [`oip::grpc`] the gRPC service, [`oip::codec`] the tensor codec |
+//! | [`oip`] | the Open Inference Protocol v2 over REST (handlers; [`oip::codec`] the tensor codec, shared with gRPC) |
+//! | [`grpc`] | the Open Inference Protocol over gRPC (`inference.GRPCInferenceService`, tonic) |
 //! | [`openpi`] | openpi's WebSocket protocol (`GET /openpi/{model}`; [`openpi::codec`] MessagePack) |
 //! | [`sessions`] | streaming sessions (openpi, gRPC streams) in all and per robot, messages a second |
 //! | [`admin`] | robots and the OIP model repository |
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod grpc;
 pub mod listener;
 pub mod monitoring;
 pub mod oip;

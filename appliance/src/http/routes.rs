@@ -12,7 +12,7 @@ use axum::routing::{MethodRouter, get, post};
 use tokio::sync::Semaphore;
 
 use super::state::AppState;
-use super::{admin, auth, body, monitoring, oip, openpi, policies, quotas, v1};
+use super::{admin, auth, body, grpc, monitoring, oip, openpi, policies, quotas, v1};
 use crate::error::ApiError;
 use crate::metrics::{ErrorCount, Metrics};
 
@@ -70,9 +70,9 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
 }
 
 /// The gRPC calls' paths (`/inference.GRPCInferenceService/<call>`), one route each so the
-/// metrics name the call; [`oip::grpc`] answers them.
+/// metrics name the call; [`grpc`] answers them.
 pub fn grpc_routes() -> Vec<String> {
-    oip::grpc::CALLS.iter().map(|call| format!("{}/{call}", oip::grpc::PATH)).collect()
+    grpc::CALLS.iter().map(|call| format!("{}/{call}", grpc::PATH)).collect()
 }
 
 /// The appliance's router, with its layers.
@@ -85,7 +85,7 @@ pub fn router(state: AppState) -> Router {
     }
     // OIP over gRPC: the same listener, layers and credentials. A unary call (body, then the
     // answer within the longest deadline) is bounded in time like a REST request.
-    let grpc = oip::grpc::service(state.clone());
+    let grpc = grpc::service(state.clone());
     let config = &state.config;
     let unary_limit =
         Duration::from_millis(config.server.read_timeout_ms.saturating_add(config.limits.max_deadline_ms));

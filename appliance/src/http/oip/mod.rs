@@ -9,7 +9,6 @@
 //! input (an encoded JPEG/PNG, base64 in JSON) and for the instruction input (UTF-8 text).
 
 pub mod codec;
-pub mod grpc;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +82,7 @@ pub async fn model_ready(State(app): State<AppState>, params: Params) -> Result<
     Ok(Json(json!({"name": model.spec.name, "version": model.spec.version, "ready": true})))
 }
 
-fn stats_of(model: &Model) -> Value {
+pub(super) fn stats_of(model: &Model) -> Value {
     let t = model.batcher.totals();
     let d = |count: u64, ns: u64| json!({"count": count, "ns": ns});
     json!({
@@ -178,7 +177,7 @@ pub(super) struct Done {
 
 /// Checks an infer request (`check`, on the blocking pool within the model's default deadline:
 /// tensors of any size are CPU work) and runs it through the shared pipeline for `robot`. Both
-/// OIP transports, REST and gRPC, come through here.
+/// OIP transports, REST and gRPC ([`super::grpc`]), come through here.
 pub(super) async fn run_checked(
     app: &AppState,
     robot: RobotRecord,

@@ -3,14 +3,14 @@
 //!
 //! tonic generates the service from `proto/grpc_service.proto` (written for this project from
 //! the published field names and numbers; a test compares them with tritonclient's own). It is
-//! mounted on the same HTTPS listener and router as every other route ([`super::super::routes`]),
+//! mounted on the same HTTPS listener and router as every other route ([`super::routes`]),
 //! one route per call, so the same layers run first: the in-flight cap, the auth guard (keys as
 //! `x-api-key` or `authorization` metadata, client certificates, the admin token for the
 //! repository calls; refusals answered as gRPC statuses) and the HTTP metrics.
 //!
 //! `ModelInfer` converts the request into the REST codec's form ([`codec::InferRequest`], every
 //! tensor as little-endian bytes: `raw_input_contents` as sent, typed `contents` converted) and
-//! runs [`super::run_checked`], exactly as `POST /v2/models/{model}/infer` does. The answer
+//! runs [`super::oip::run_checked`], exactly as `POST /v2/models/{model}/infer` does. The answer
 //! carries every output in `raw_output_contents`, the decision chain as the `policy` parameter
 //! (JSON text) and the timing as numeric parameters. Errors are statuses whose message starts
 //! with the HTTP API's code (`rate_limited: …`), with `vla-code` and `retry-after` metadata.
@@ -30,8 +30,8 @@ use serde_json::{Map, Value};
 use tokio_stream::Stream;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
-use super::codec::{self, InferRequest, InputTensor, RequestedOutput};
-use super::{Done, run_checked, stats_of};
+use super::oip::codec::{self, InferRequest, InputTensor, RequestedOutput};
+use super::oip::{Done, run_checked, stats_of};
 use crate::error::ApiError;
 use crate::http::auth::Caller;
 use crate::http::sessions::Rate;
