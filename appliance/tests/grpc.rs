@@ -10,29 +10,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-/// The Python interpreter of the project's venv (set up by scripts/setup.sh).
-fn python() -> PathBuf {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(python.exists(), "{} is missing: scripts/setup.sh installs it", python.display());
-    python
-}
-
-fn built(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/build").join(name);
-    assert!(dir.join("model.toml").exists(), "{} is missing: scripts/setup.sh exports it", dir.display());
-    dir
-}
-
 #[test]
 fn the_proto_has_tritonclients_field_numbers() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let output = std::process::Command::new(python())
+    let output = std::process::Command::new(venv_python())
         .arg(here.join("tests/grpc_proto_check.py"))
         .arg(here.join("proto/grpc_service.proto"))
         .output()
@@ -48,14 +35,7 @@ async fn tritonclient_grpc_works_unchanged() {
         config.policy.preload =
             vec![preload("rate-limit", "admission", 0, json!({"robot": {"rate": "1000/s", "burst": 1000}}))];
         add_model(repo, "tiny-vla", appliance::demo::MODEL_TOML);
-        let to = repo.join("tiny-pi");
-        std::fs::create_dir_all(&to).unwrap();
-        for file in std::fs::read_dir(built("tiny-pi")).unwrap() {
-            let file = file.unwrap();
-            if file.file_name() != "reference.json" && file.file_type().unwrap().is_file() {
-                std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
-            }
-        }
+        add_built_model(repo, "tiny-pi");
     })
     .await;
     let key = app.robot_key("grpc-arm").await;
@@ -65,10 +45,10 @@ async fn tritonclient_grpc_works_unchanged() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpc_check.py");
     let url = format!("localhost:{}", app.addr.port());
     let ca = app.data.path().join("tls/cert.pem");
-    let reference = built("tiny-pi").join("reference.json");
+    let reference = built_model("tiny-pi").join("reference.json");
     let admin = app.admin_token.clone();
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python())
+        std::process::Command::new(venv_python())
             .arg(script)
             .args([url.as_str(), ca.to_str().unwrap(), key.as_str(), spent.as_str(), admin.as_str()])
             .arg(reference)

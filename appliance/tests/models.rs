@@ -20,19 +20,8 @@ use vla_api::{ErrorBody, InferenceRequest, InferenceResponse};
 
 const PI: [&str; 2] = ["tiny-pi", "tiny-pi-ts"];
 
-/// An exported model directory under `models/build`.
-fn built(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/build").join(name);
-    assert!(
-        dir.join("model.toml").exists(),
-        "{} is missing: scripts/setup.sh exports it (models/export.py models/tiny_pi.py models/build)",
-        dir.display()
-    );
-    dir
-}
-
 fn reference() -> Value {
-    let text = std::fs::read_to_string(built("tiny-pi").join("reference.json")).unwrap();
+    let text = std::fs::read_to_string(built_model("tiny-pi").join("reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -41,15 +30,7 @@ async fn start() -> TestAppliance {
     TestAppliance::start(|_, repo| {
         add_model(repo, "tiny-vla", appliance::demo::MODEL_TOML);
         for name in PI {
-            let to = repo.join(name);
-            std::fs::create_dir_all(&to).unwrap();
-            for file in std::fs::read_dir(built(name)).unwrap() {
-                let file = file.unwrap();
-                let keep = file.file_name() != "reference.json" && file.file_type().unwrap().is_file();
-                if keep {
-                    std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
-                }
-            }
+            add_built_model(repo, name);
         }
     })
     .await
@@ -266,7 +247,7 @@ async fn tritonclient_sends_uint8_cameras_and_bytes_text() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tritonclient_pi.py");
     let url = format!("127.0.0.1:{}", app.addr.port());
     let ca = app.data.path().join("tls/cert.pem");
-    let reference = built("tiny-pi").join("reference.json");
+    let reference = built_model("tiny-pi").join("reference.json");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python())
             .arg(script)

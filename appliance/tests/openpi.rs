@@ -10,24 +10,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-fn built(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/build").join(name);
-    assert!(dir.join("model.toml").exists(), "{} is missing: scripts/setup.sh exports it", dir.display());
-    dir
-}
-
-/// The clients' venv: openpi-client pins numpy < 2, which the torch venv does not take.
-fn client_python() -> PathBuf {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-clients/bin/python");
-    assert!(python.exists(), "{} is missing: scripts/setup.sh installs it", python.display());
-    python
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openpi_client_works_unchanged() {
@@ -45,14 +32,7 @@ async fn openpi_client_works_unchanged() {
             .replace("preferred_batch_sizes = [4, 8, 16]", "preferred_batch_sizes = []");
         assert!(slow.contains("500000") && slow.contains("slow-vla"));
         add_model(repo, "slow-vla", &slow);
-        let to = repo.join("tiny-pi");
-        std::fs::create_dir_all(&to).unwrap();
-        for file in std::fs::read_dir(built("tiny-pi")).unwrap() {
-            let file = file.unwrap();
-            if file.file_name() != "reference.json" && file.file_type().unwrap().is_file() {
-                std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
-            }
-        }
+        add_built_model(repo, "tiny-pi");
     })
     .await;
     let key = app.robot_key("openpi-arm").await;
@@ -63,7 +43,7 @@ async fn openpi_client_works_unchanged() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openpi_check.py");
     let port = app.addr.port().to_string();
     let ca = app.data.path().join("tls/cert.pem");
-    let reference = built("tiny-pi").join("reference.json");
+    let reference = built_model("tiny-pi").join("reference.json");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(client_python())
             .arg(script)

@@ -8,39 +8,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use sha2::Digest;
 
-fn built(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/build").join(name);
-    assert!(dir.join("model.toml").exists(), "{} is missing: scripts/setup.sh exports it", dir.display());
-    dir
-}
-
-/// The clients' venv (openpi-client and the client's own dependencies).
-fn client_python() -> PathBuf {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-clients/bin/python");
-    assert!(python.exists(), "{} is missing: scripts/setup.sh installs it", python.display());
-    python
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_clients_own_tests_pass_against_the_appliance() {
     let app = TestAppliance::start(|config, repo| {
         config.policy.preload =
             vec![preload("rate-limit", "admission", 0, json!({"robot": {"rate": "1000/s", "burst": 1000}}))];
-        let to = repo.join("tiny-pi");
-        std::fs::create_dir_all(&to).unwrap();
-        for file in std::fs::read_dir(built("tiny-pi")).unwrap() {
-            let file = file.unwrap();
-            if file.file_name() != "reference.json" && file.file_type().unwrap().is_file() {
-                std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
-            }
-        }
+        add_built_model(repo, "tiny-pi");
     })
     .await;
     let key = app.robot_key("py-arm").await;
@@ -56,7 +36,7 @@ async fn the_python_clients_own_tests_pass_against_the_appliance() {
     let fingerprint: String = sha2::Sha256::digest(&der).iter().map(|b| format!("{b:02X}")).collect();
 
     let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python");
-    let reference = built("tiny-pi").join("reference.json");
+    let reference = built_model("tiny-pi").join("reference.json");
     let url = format!("https://localhost:{}", app.addr.port());
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(client_python())

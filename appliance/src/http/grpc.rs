@@ -31,7 +31,7 @@ use tokio_stream::Stream;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
 use super::oip::codec::{self, InferRequest, InputTensor, RequestedOutput};
-use super::oip::{Done, run_checked, stats_of};
+use super::oip::{Done, run_checked};
 use crate::error::ApiError;
 use crate::http::auth::Caller;
 use crate::http::sessions::Rate;
@@ -276,9 +276,9 @@ async fn infer(
     .await;
     let status = result.as_ref().map_or_else(ApiError::request_status, |_| "success");
     app.pipeline.count(Some(robot), resolved.as_deref(), status, received);
-    let (done, quota) = result?;
+    let done = result?;
     let mut headers = axum::http::HeaderMap::new();
-    if let Some(status) = quota {
+    if let Some(status) = done.answer.quota {
         crate::error::rate_limit_headers(&mut headers, &status);
     }
     Ok(GrpcResponse::from_parts(
@@ -377,27 +377,22 @@ impl GrpcInferenceService for Service {
         let model_stats = models
             .iter()
             .map(|m| {
-                // The REST extension's figures, field for field.
-                let s = stats_of(m);
-                let d = |k: &str| {
-                    Some(pb::StatisticDuration {
-                        count: s["inference_stats"][k]["count"].as_u64().unwrap_or(0),
-                        ns: s["inference_stats"][k]["ns"].as_u64().unwrap_or(0),
-                    })
-                };
+                // The REST extension's figures (`super::oip::stats_of`), field for field.
+                let t = m.batcher.totals();
+                let d = |count: u64, ns: u64| Some(pb::StatisticDuration { count, ns });
                 pb::ModelStatistics {
                     name: m.spec.name.clone(),
                     version: m.spec.version.clone(),
-                    last_inference: s["last_inference"].as_u64().unwrap_or(0),
-                    inference_count: s["inference_count"].as_u64().unwrap_or(0),
-                    execution_count: s["execution_count"].as_u64().unwrap_or(0),
+                    last_inference: t.last_inference_unix_ms,
+                    inference_count: t.success,
+                    execution_count: t.executions,
                     inference_stats: Some(pb::InferStatistics {
-                        success: d("success"),
-                        fail: d("fail"),
-                        queue: d("queue"),
-                        compute_input: d("compute_input"),
-                        compute_infer: d("compute_infer"),
-                        compute_output: d("compute_output"),
+                        success: d(t.success, t.queue_ns + t.compute_ns),
+                        fail: d(t.fail, 0),
+                        queue: d(t.success, t.queue_ns),
+                        compute_input: d(0, 0),
+                        compute_infer: d(t.success, t.compute_ns),
+                        compute_output: d(0, 0),
                     }),
                 }
             })

@@ -27,6 +27,46 @@ pub fn demo_model_pt() -> &'static Path {
     PATH.get_or_init(|| dir.path().join(appliance::demo::NAME).join("model.pt"))
 }
 
+/// An exported model directory under `models/build` (tiny-pi, tiny-pi-ts).
+pub fn built_model(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/build").join(name);
+    assert!(
+        dir.join("model.toml").exists(),
+        "{} is missing: scripts/setup.sh exports it (models/export.py models/tiny_pi.py models/build)",
+        dir.display()
+    );
+    dir
+}
+
+/// Copies the exported model `name` into `<repo>/<name>` (its files, not its reference.json).
+pub fn add_built_model(repo: &Path, name: &str) {
+    let to = repo.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for file in std::fs::read_dir(built_model(name)).unwrap() {
+        let file = file.unwrap();
+        if file.file_name() != "reference.json" && file.file_type().unwrap().is_file() {
+            std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
+        }
+    }
+}
+
+/// The Python of the project's venv (torch, tritonclient; scripts/setup.sh installs it).
+pub fn venv_python() -> PathBuf {
+    venv("../.venv/bin/python")
+}
+
+/// The robots' clients' venv (openpi-client, which pins numpy < 2, tritonclient.grpc and
+/// clients/python; scripts/setup.sh installs it).
+pub fn client_python() -> PathBuf {
+    venv("../.venv-clients/bin/python")
+}
+
+fn venv(relative: &str) -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    assert!(python.exists(), "{} is missing: scripts/setup.sh installs it", python.display());
+    python
+}
+
 /// Writes a model directory `<repo>/<name>` with the demo weights and `model_toml`.
 pub fn add_model(repo: &Path, name: &str, model_toml: &str) {
     let dir = repo.join(name);

@@ -82,7 +82,7 @@ pub async fn model_ready(State(app): State<AppState>, params: Params) -> Result<
     Ok(Json(json!({"name": model.spec.name, "version": model.spec.version, "ready": true})))
 }
 
-pub(super) fn stats_of(model: &Model) -> Value {
+fn stats_of(model: &Model) -> Value {
     let t = model.batcher.totals();
     let d = |count: u64, ns: u64| json!({"count": count, "ns": ns});
     json!({
@@ -148,12 +148,13 @@ async fn infer_rows(
     *resolved = Some(model.clone());
     let header_len = codec::header_length(headers.get(codec::HEADER_LENGTH), body.len())?;
     let robot_id = robot.robot_id.clone();
-    let (done, quota) = run_checked(app, robot, model, received, move |spec, text, limits| {
+    let done = run_checked(app, robot, model, received, move |spec, text, limits| {
         codec::parse(&body, header_len, spec, text, limits)
     })
     .await?;
     // A large answer (many rows, large outputs, as JSON numbers) is built on the blocking pool.
     let Done { id, outputs, answer } = done;
+    let quota = answer.quota;
     let row_bytes: usize = outputs.iter().map(|&(i, _)| answer.rows.first().map_or(0, |r| r.outputs[i].len())).sum();
     let mut response = if row_bytes * answer.rows.len() <= SMALL_ANSWER_BYTES {
         codec::respond(&answer.model.spec, id, &outputs, &answer.rows, &answer.timing)
@@ -184,7 +185,7 @@ pub(super) async fn run_checked(
     model: Arc<Model>,
     received: Instant,
     check: impl FnOnce(&ModelSpec, &TextEncoder, &LimitsConfig) -> Result<codec::Parsed, ApiError> + Send + 'static,
-) -> Result<(Done, Option<crate::quota::Status>), ApiError> {
+) -> Result<Done, ApiError> {
     let default_ms = model.spec.batching.default_deadline_ms;
     let parse_started = Instant::now();
     let parsed = {
@@ -203,6 +204,5 @@ pub(super) async fn run_checked(
     };
     let codec::Parsed { id, rows, outputs, .. } = parsed;
     let answer = app.pipeline.run(Request { robot, model, rows, priority, deadline_ms, received, parsed_in }).await?;
-    let quota = answer.quota;
-    Ok((Done { id, outputs, answer }, quota))
+    Ok(Done { id, outputs, answer })
 }
