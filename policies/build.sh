@@ -13,7 +13,7 @@ export CARGO_TARGET_DIR="$(realpath -m "${CARGO_TARGET_DIR:-$here/target}")"
 target_dir="$CARGO_TARGET_DIR"
 
 shipped=(joint-limits workspace-bounds instruction-filter rate-limit)
-fixtures=(spin memory-bomb deep-recursion panic oversized-output log-flood)
+fixtures=(spin memory-bomb deep-recursion panic oversized-output log-flood legacy-deny)
 
 installed="$(rustup target list --installed)"
 for target in wasm32-unknown-unknown wasm32-wasip2; do

@@ -392,13 +392,17 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
     }
     m.in_flight.inc();
     let memory = m.gpu_memory_delta.as_ref().and_then(|_| PeakProbe::start(model.device()));
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.run(&samples)))
-        .unwrap_or_else(|panic| Err(ModelError::Forward(panic_message(&panic))));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.run(&samples))).unwrap_or_else(|panic| {
+        m.panics.inc();
+        Err(ModelError::Forward(panic_message(&panic)))
+    });
     m.in_flight.dec();
     if let (Some(histogram), Some(delta)) = (&m.gpu_memory_delta, memory.and_then(PeakProbe::finish)) {
         histogram.observe(delta as f64);
     }
-    m.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    let task = started.elapsed();
+    m.busy_ns.fetch_add(task.as_nanos() as u64, Ordering::Relaxed);
+    m.task_duration.observe(task.as_secs_f64());
     shared.counters.batches.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok((outputs, inference)) => {
@@ -426,6 +430,9 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
         }
         Err(e) => {
             tracing::error!(batch_size = n, "model forward failed: {e}");
+            if matches!(e, ModelError::Forward(_)) {
+                m.forward_errors.inc();
+            }
             if matches!(e, ModelError::Output(_)) {
                 m.output_shape_rejected.inc_by(n as u64);
             }

@@ -195,6 +195,8 @@ pub struct AuthConfig {
     /// On a first start with no robots registered, register the demo robot `demo-arm` and
     /// write its key to `<data.dir>/demo-robot.key` (mode 0600).
     pub demo_robot: bool,
+    /// Admin changes kept in the change trail (`GET /admin/changes`); the oldest are dropped.
+    pub changes_retention: u64,
 }
 
 impl Default for ServerConfig {
@@ -265,7 +267,7 @@ impl Default for LimitsConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { admin_token_file: PathBuf::from("admin.token"), demo_robot: true }
+        AuthConfig { admin_token_file: PathBuf::from("admin.token"), demo_robot: true, changes_retention: 10_000 }
     }
 }
 
@@ -475,6 +477,9 @@ impl Config {
         }
         if self.auth.admin_token_file.as_os_str().is_empty() {
             return Err(invalid("auth.admin_token_file", "must not be empty"));
+        }
+        if self.auth.changes_retention == 0 {
+            return Err(invalid("auth.changes_retention", "must be greater than 0"));
         }
         Ok(())
     }

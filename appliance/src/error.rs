@@ -105,8 +105,6 @@ pub enum ApiError {
     ActionOutOfEnvelope { model: String, violation: String },
     #[error("{0}")]
     PolicyInvalid(String),
-    #[error("{0}")]
-    SignatureInvalid(String),
     #[error("policy `{0}` is not installed")]
     PolicyNotFound(String),
     #[error("quota state could not be written to disk, so the request is not acknowledged: {0}")]
@@ -172,7 +170,6 @@ impl ApiError {
             ApiError::PolicyRefused(_) => "policy_rejected",
             ApiError::ActionOutOfEnvelope { .. } => "action_out_of_envelope",
             ApiError::PolicyInvalid(_) => "policy_invalid",
-            ApiError::SignatureInvalid(_) => "signature_invalid",
             ApiError::PolicyNotFound(_) => "policy_not_found",
             ApiError::QuotaUnavailable(_) => "quota_unavailable",
             ApiError::StoreUnavailable(_) => "store_unavailable",
@@ -189,8 +186,7 @@ impl ApiError {
             | ApiError::InvalidTensor { .. }
             | ApiError::InferenceHeader(_)
             | ApiError::ModelLoad { .. }
-            | ApiError::PolicyInvalid(_)
-            | ApiError::SignatureInvalid(_) => StatusCode::BAD_REQUEST,
+            | ApiError::PolicyInvalid(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooManyInFlight { .. }
             | ApiError::TooManySessions { .. }
@@ -350,7 +346,7 @@ impl From<ChangeError> for ApiError {
     fn from(e: ChangeError) -> ApiError {
         match e {
             ChangeError::Invalid(m) => ApiError::PolicyInvalid(m),
-            ChangeError::Signature(m) => ApiError::SignatureInvalid(m),
+            ChangeError::Forbidden(m) => ApiError::Forbidden(m),
             ChangeError::NotFound(name) => ApiError::PolicyNotFound(crate::names::clip(&name, 80)),
             ChangeError::Conflict(m) => ApiError::Conflict(m),
             e @ (ChangeError::Store(_) | ChangeError::Io(_)) => ApiError::Internal(e.to_string()),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
-use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::device::{Clock, ComputeMode, TemperatureSensor};
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::event::EventSet;
@@ -36,6 +36,8 @@ pub struct RawReading {
     pub clocks_mhz: Vec<(&'static str, u32)>,
     /// Active throttle reasons, by name.
     pub throttle: Vec<&'static str>,
+    /// NVML's compute mode: 0 default, 1 exclusive thread, 2 prohibited, 3 exclusive process.
+    pub compute_mode: Option<u32>,
 }
 
 pub use vla_api::{GpuDevice as DeviceStats, GpuStats};
@@ -80,6 +82,9 @@ pub fn record(metrics: &Metrics, r: &RawReading) {
     set(&metrics.gpu_memory_utilization, device_stats(r).memory_utilization_percent);
     set(&metrics.gpu_temperature, r.temperature_celsius.map(f64::from));
     set(&metrics.gpu_power, r.power_milliwatts.map(|mw| f64::from(mw) / 1000.0));
+    if let Some(mode) = r.compute_mode {
+        metrics.gpu_compute_mode.with_label_values(&labels).set(i64::from(mode));
+    }
     if let Some(mj) = r.energy_millijoules {
         let c = metrics.gpu_energy.with_label_values(&labels);
         let joules = mj as f64 / 1000.0;
@@ -144,6 +149,12 @@ fn read_device(nvml: &Nvml, index: u32) -> Result<RawReading, NvmlError> {
         energy_millijoules: optional(d.total_energy_consumption())?,
         clocks_mhz,
         throttle,
+        compute_mode: optional(d.compute_mode())?.map(|mode| match mode {
+            ComputeMode::Default => 0,
+            ComputeMode::ExclusiveThread => 1,
+            ComputeMode::Prohibited => 2,
+            ComputeMode::ExclusiveProcess => 3,
+        }),
     })
 }
 
@@ -298,6 +309,7 @@ mod tests {
             energy_millijoules: Some(5_000_000),
             clocks_mhz: vec![("graphics", 1980), ("memory", 2619)],
             throttle: vec!["sw_power_cap"],
+            compute_mode: Some(3),
         }
     }
 
@@ -323,6 +335,7 @@ mod tests {
         assert!(text.contains(&format!("vla_gpu_energy_joules_total{{{labels}}} 5000")));
         assert!(text.contains(&format!(r#"vla_gpu_throttle_active{{{labels},reason="sw_power_cap"}} 1"#)));
         assert!(text.contains(&format!(r#"vla_gpu_clock_hertz{{clock="graphics",{labels}}} 1980000000"#)), "{text}");
+        assert!(text.contains(&format!("vla_gpu_compute_mode{{{labels}}} 3")), "{text}");
 
         let m = Metrics::new();
         r.temperature_celsius = None;

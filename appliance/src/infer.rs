@@ -40,7 +40,7 @@ use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model::{SampleOutputs, TensorData};
-use crate::policy::{Action, Policies, Refusal, action_kind};
+use crate::policy::{Action, Policies, Provenance, Refusal, action_kind};
 use crate::quota::Status;
 use crate::repository::{Model, Models};
 use crate::spec::ModelSpec;
@@ -334,28 +334,6 @@ pub struct Answer {
     pub timing: Timing,
 }
 
-/// Who a row's decision is for, kept for the envelope's memory and audit once the request's
-/// context has gone to the safety chain.
-struct Who {
-    robot_id: String,
-    robot_type: String,
-    request_id: String,
-    model: String,
-    time_ms: u64,
-}
-
-impl Who {
-    fn of(ctx: &crate::policy::RequestContext) -> Who {
-        Who {
-            robot_id: ctx.robot_id.clone(),
-            robot_type: ctx.robot_type.clone(),
-            request_id: ctx.request_id.clone(),
-            model: ctx.model.clone(),
-            time_ms: ctx.time_ms,
-        }
-    }
-}
-
 /// One row's result.
 #[derive(Debug)]
 pub struct RowAnswer {
@@ -447,9 +425,10 @@ impl Pipeline {
         for (i, row) in rows.into_iter().enumerate() {
             let id = if n == 1 { request_id.clone() } else { format!("{request_id}/{i}") };
             let ctx = crate::policy::context(&id, &robot, &model.spec.name, row.instruction, row.state, now);
-            let seed = noisy.then_some(seeds[i]);
+            let provenance =
+                Provenance { seed: noisy.then_some(seeds[i]), model_version: Some(model.spec.version.clone()) };
             // Waiting for a policy slot ends at the deadline, like everything before the batch.
-            let admit = self.policies.admit(&set, &ctx, &robot.group, seed);
+            let admit = self.policies.admit(&set, &ctx, &robot.group, provenance);
             let passed = match tokio::time::timeout_at(deadline.into(), admit).await {
                 Err(_) => return Err(ApiError::DeadlineExceeded { deadline_ms }),
                 Ok(Ok(passed)) => passed,
@@ -543,11 +522,14 @@ impl Pipeline {
                 horizon: spec.action.horizon as u32,
                 values,
             };
-            let who = Who::of(&ctx);
-            let safety = self.policies.check_action(&set, ctx, &passed, proposed, seed);
-            let (mut action, mut policy) = tokio::time::timeout_at(after.into(), safety)
+            // Kept for the envelope's memory and audit once the context went to the chain.
+            let who = ctx.clone();
+            let provenance = Provenance { seed, model_version: Some(spec.version.clone()) };
+            let safety = self.policies.check_action(&set, ctx, &passed, proposed, provenance);
+            let checked = tokio::time::timeout_at(after.into(), safety)
                 .await
-                .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
+                .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })?;
+            let (mut action, mut policy) = checked.inspect_err(|_| self.metrics.safety_outcome(false))?;
             // 5b. The envelope, on the final action: no policy gets past it.
             if let Some(envelope) = &spec.action.envelope {
                 let dof = spec.action.dof;
@@ -566,10 +548,12 @@ impl Pipeline {
                             decision: "modify".into(),
                             code: Some(format!("out_of_envelope_{}", first.kind())),
                             reason: Some(format!("clamped into [action.envelope]; first: {first}")),
+                            severity: None,
                             eval_us: 0,
                         });
                     }
                     Err(violation) => {
+                        self.metrics.safety_outcome(false);
                         self.envelope_violated(&model, &who, "deny", &violation, before, None, seed);
                         return Err(ApiError::ActionOutOfEnvelope {
                             model: spec.name.clone(),
@@ -579,6 +563,7 @@ impl Pipeline {
                 }
                 model.last_actions.remember(&who.robot_id, &action[..dof.min(action.len())]);
             }
+            self.metrics.safety_outcome(policy.decision == "allow");
             outputs[action_output] = action.iter().flat_map(|v| v.to_le_bytes()).collect();
             answers.push(RowAnswer { outputs, action, policy, seed });
         }
@@ -637,7 +622,7 @@ impl Pipeline {
         let m = &self.metrics;
         m.cached(Family::SafetyChecks, &["deny"]).inc();
         if let Some(status) = &refusal.rate_limit {
-            m.cached(Family::RateLimitHits, &[&robot.robot_id, status.bucket.as_str()]).inc();
+            m.rate_limited(&robot.robot_id, status.bucket.as_str());
         }
         self.policies.audit().append(vec![vla_api::AuditRecord {
             seq: 0,
@@ -654,11 +639,8 @@ impl Pipeline {
             applied: true,
             code: Some(refusal.code.clone()),
             reason: Some(refusal.reason.clone()),
-            original_action: None,
-            final_action: None,
             count: 1,
-            last_unix_ms: None,
-            seed: None,
+            ..vla_api::AuditRecord::default()
         }]);
     }
 
@@ -668,7 +650,7 @@ impl Pipeline {
     fn envelope_violated(
         &self,
         model: &Model,
-        who: &Who,
+        who: &crate::policy::RequestContext,
         action: &str,
         violation: &crate::envelope::Violation,
         original: Vec<f32>,
@@ -676,6 +658,9 @@ impl Pipeline {
         seed: Option<u64>,
     ) {
         self.metrics.envelope_violations.with_label_values(&[&model.spec.name, action, violation.kind()]).inc();
+        if action == "deny" {
+            self.metrics.incident("high", &format!("out_of_envelope_{}", violation.kind()));
+        }
         self.policies.audit().append(vec![vla_api::AuditRecord {
             seq: 0,
             time_unix_ms: who.time_ms,
@@ -691,11 +676,15 @@ impl Pipeline {
             applied: true,
             code: Some(format!("out_of_envelope_{}", violation.kind())),
             reason: Some(violation.to_string()),
+            severity: (action == "deny").then(|| "high".into()),
+            model_version: Some(model.spec.version.clone()),
+            instruction: Some(who.instruction.clone()),
+            state: Some(who.state.clone()),
             original_action: Some(original),
             final_action: clamped,
             count: 1,
-            last_unix_ms: None,
             seed,
+            ..vla_api::AuditRecord::default()
         }]);
     }
 
@@ -725,11 +714,13 @@ impl Pipeline {
             applied: true,
             code: Some(problem.kind().into()),
             reason: Some(problem.to_string()),
+            model_version: Some(model.spec.version.clone()),
+            instruction: Some(ctx.instruction.clone()),
+            state: Some(ctx.state.clone()),
             original_action: Some(crate::model::f32s(&outputs[action_output])),
-            final_action: None,
             count: 1,
-            last_unix_ms: None,
             seed,
+            ..vla_api::AuditRecord::default()
         }]);
     }
 

@@ -33,6 +33,7 @@
 
 pub mod aoti;
 pub mod batcher;
+pub mod changes;
 pub mod clock;
 pub mod config;
 pub mod cuda_memory;
@@ -182,6 +183,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let policies = Arc::new(policies);
     let quotas = policies.quotas().clone();
 
+    let changes = Arc::new(
+        changes::Changes::open(store.clone(), config.auth.changes_retention)
+            .map_err(|e| RunError::Policy(e.to_string()))?,
+    );
+
     let shutting_down = Arc::new(AtomicBool::new(false));
     let pipeline = Arc::new(infer::Pipeline::new(
         models.clone(),
@@ -198,6 +204,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         auth,
         store,
         policies,
+        changes,
         quotas,
         metrics,
         gpu,

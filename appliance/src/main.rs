@@ -37,6 +37,30 @@ enum Command {
         #[command(subcommand)]
         action: QuotaAction,
     },
+    /// Replay a candidate policy against the recorded requests (the replay ring), offline
+    /// (stop the appliance first), and print which decisions would change, as JSON.
+    Replay {
+        /// The candidate component (`.wasm`).
+        #[arg(long)]
+        policy: PathBuf,
+        /// The installed policy it stands in for (what it is shown and compared with); the
+        /// file's name without `.wasm` by default.
+        #[arg(long)]
+        name: Option<String>,
+        /// `safety` or `admission`.
+        #[arg(long, default_value = "safety")]
+        world: String,
+        /// Its configuration: a JSON object, or a TOML table for a `.toml` file; `{}` when
+        /// absent.
+        #[arg(long = "policy-config")]
+        policy_config: Option<PathBuf>,
+        /// Only requests recorded at or after this time (Unix ms).
+        #[arg(long)]
+        since: Option<u64>,
+        /// Most recorded requests to replay, newest first.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -78,6 +102,39 @@ fn run() -> anyhow::Result<()> {
     }
     match args.command {
         Some(Command::Quota { action }) => return quota(&config, action),
+        Some(Command::Replay { policy, name, world, policy_config, since, limit }) => {
+            let bytes = std::fs::read(&policy).with_context(|| format!("{}", policy.display()))?;
+            let world: appliance::policy::World = world.parse().map_err(anyhow::Error::msg).context("--world")?;
+            let policy_config = match &policy_config {
+                None => serde_json::json!({}),
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+                    if path.extension().is_some_and(|e| e == "toml") {
+                        serde_json::to_value(
+                            toml::from_str::<toml::Table>(&text).with_context(|| format!("{}", path.display()))?,
+                        )?
+                    } else {
+                        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?
+                    }
+                }
+            };
+            let name = name
+                .unwrap_or_else(|| policy.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+            let report = appliance::policy::replay::offline(
+                &config.data.dir,
+                &config.policy,
+                &config.quota,
+                &bytes,
+                world,
+                &policy_config,
+                &name,
+                since,
+                limit,
+            )
+            .map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(());
+        }
         Some(Command::Demo { into }) => {
             let repository = into.unwrap_or_else(|| config.model_repository());
             std::fs::create_dir_all(&repository).with_context(|| format!("creating {}", repository.display()))?;

@@ -78,9 +78,17 @@ pub struct Metrics {
     pub gpu_clock: GaugeVec,
     pub gpu_throttle: IntGaugeVec,
     pub gpu_xid_errors: IntCounterVec,
+    pub gpu_compute_mode: IntGaugeVec,
     // Safety and policies.
     pub safety_checks: IntCounterVec,
     pub safety_rejections: IntCounterVec,
+    pub admission_rejections: IntCounterVec,
+    pub safety_incidents: IntCounterVec,
+    pub safety_score: prometheus::Gauge,
+    /// Actions that reached the safety stage, and those of them passed unmodified (for
+    /// `vla_safety_score`, set at scrape).
+    pub safety_seen: std::sync::Arc<AtomicU64>,
+    pub safety_unmodified: std::sync::Arc<AtomicU64>,
     pub safety_modifications: IntCounterVec,
     pub safety_duration: HistogramVec,
     pub policy_failures: IntCounterVec,
@@ -89,8 +97,11 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     // Rate limiting and quotas.
     pub rate_limit_hits: IntCounterVec,
+    pub rate_limit_exceeded: IntCounterVec,
     pub rate_limit_remaining: IntGaugeVec,
     pub quota_usage: GaugeVec,
+    pub quota_used: IntGaugeVec,
+    pub quota_limit: IntGaugeVec,
     // Per registered robot (the console's robot view).
     pub robot_requests: IntCounterVec,
     pub robot_last_request: GaugeVec,
@@ -99,6 +110,10 @@ pub struct Metrics {
     pub model_load_duration: HistogramVec,
     pub model_memory: IntGaugeVec,
     pub worker_utilization: GaugeVec,
+    pub worker_active: IntGauge,
+    pub worker_total: IntGauge,
+    pub worker_task_duration: HistogramVec,
+    pub exceptions: IntCounterVec,
     pub image_errors: IntCounter,
     pub output_rejected: IntCounterVec,
     pub envelope_violations: IntCounterVec,
@@ -177,6 +192,15 @@ impl Metrics {
             single_counter("vla_image_processing_errors_total", "Camera images refused: not decodable or too large.");
         let tls_handshake_failures =
             single_counter("vla_tls_handshake_failures_total", "TLS handshakes that failed or timed out.");
+        let worker_active =
+            single_gauge("vla_worker_active", "Executor threads computing a batch now, all models together.");
+        let worker_total = single_gauge("vla_worker_total", "Executor threads serving models, all models together.");
+        let safety_score = prometheus::Gauge::new(
+            "vla_safety_score",
+            "Share of actions since start that passed the safety stage (policies and action envelope) unmodified, 0-1; 1 before any.",
+        )
+        .unwrap_or_else(|e| panic!("safety score: {e}"));
+        r.register(Box::new(safety_score.clone())).unwrap_or_else(|e| panic!("safety score: {e}"));
         let connections_active = single_gauge("vla_http_connections_active", "Open client connections.");
         let store_size = single_gauge("vla_store_size_bytes", "Size of the sled store on disk, bytes.");
         let store_flushes =
@@ -305,6 +329,12 @@ impl Metrics {
                 "Critical XID errors the driver reported, by device and XID code (unknown: no code).",
                 &["device", "device_name", "xid"],
             ),
+            gpu_compute_mode: int_gauge(
+                &r,
+                "vla_gpu_compute_mode",
+                "The GPU's NVML compute mode: 0 default, 1 exclusive thread, 2 prohibited, 3 exclusive process.",
+                &GPU,
+            ),
             safety_checks: counter(
                 &r,
                 "vla_safety_checks_total",
@@ -314,9 +344,24 @@ impl Metrics {
             safety_rejections: counter(
                 &r,
                 "vla_safety_rejections_total",
-                "Requests denied by an enforcing policy, by policy and its denial code.",
-                &["policy", "violation_type"],
+                "Actions denied by an enforcing safety policy (the safety world only), by policy, denial code and severity (low, medium, high, critical; unspecified: a vla:policy@0.1.0 component).",
+                &["policy", "violation_type", "severity"],
             ),
+            admission_rejections: counter(
+                &r,
+                "vla_admission_rejections_total",
+                "Requests refused by an enforcing admission policy (rate limits, quotas, instruction filters), by policy and denial code.",
+                &["policy", "code"],
+            ),
+            safety_incidents: counter(
+                &r,
+                "vla_safety_incidents_total",
+                "Actions stopped before they reached the robot: enforced safety-policy denials (by their severity) and action-envelope denials (high), by severity and violation type (the denial code).",
+                &["severity", "violation_type"],
+            ),
+            safety_score,
+            safety_seen: Default::default(),
+            safety_unmodified: Default::default(),
             safety_modifications: counter(
                 &r,
                 "vla_safety_modifications_total",
@@ -349,6 +394,12 @@ impl Metrics {
                 "Requests refused by a rate limit or quota, by robot and bucket (rate, day, month).",
                 &["robot_id", "limit_type"],
             ),
+            rate_limit_exceeded: counter(
+                &r,
+                "vla_rate_limit_exceeded_total",
+                "Requests refused by a rate limit or quota, all robots together, by bucket (rate, day, month).",
+                &["limit_type"],
+            ),
             robot_requests: counter(
                 &r,
                 "vla_robot_requests_total",
@@ -373,6 +424,18 @@ impl Metrics {
                 "Share of the robot's quota used in the current period (day, month), percent.",
                 &["robot_id", "period"],
             ),
+            quota_used: int_gauge(
+                &r,
+                "vla_quota_used",
+                "Requests the robot used of its quota in the current period (day, month).",
+                &["robot_id", "period"],
+            ),
+            quota_limit: int_gauge(
+                &r,
+                "vla_quota_limit",
+                "The robot's quota for the period (day, month); absent when it has none.",
+                &["robot_id", "period"],
+            ),
             models_loaded,
             model_load_duration: histogram(
                 &r,
@@ -392,6 +455,21 @@ impl Metrics {
                 "vla_inference_worker_utilization_percent",
                 "Share of the model's executor time spent in forwards since it loaded, percent.",
                 &["model"],
+            ),
+            worker_active,
+            worker_total,
+            worker_task_duration: histogram(
+                &r,
+                "vla_worker_task_duration_seconds",
+                "One executor task: a batch from its start to its replies (stack, forward, copy back), in seconds.",
+                &["model"],
+                &STAGE_BUCKETS,
+            ),
+            exceptions: counter(
+                &r,
+                "vla_exceptions_total",
+                "Faults caught and answered as errors, by type (panic: a Rust panic caught in a model's executor or a task; model_forward: libtorch raised in a forward; internal: a 500 internal answer).",
+                &["type"],
             ),
             image_errors,
             output_rejected: counter(
@@ -488,6 +566,9 @@ impl Metrics {
             busy_ns: std::sync::Arc::new(AtomicU64::new(0)),
             memory: self.model_memory.with_label_values(&[model]),
             output_shape_rejected: self.output_rejected.with_label_values(&[model, "shape"]),
+            task_duration: self.worker_task_duration.with_label_values(&[model]),
+            panics: self.exceptions.with_label_values(&["panic"]),
+            forward_errors: self.exceptions.with_label_values(&["model_forward"]),
             gpu_memory_delta: None,
         }
     }
@@ -534,7 +615,36 @@ impl Metrics {
             if e.image {
                 self.image_errors.inc();
             }
+            if e.code == "internal" {
+                self.cached(Family::Exceptions, &["internal"]).inc();
+            }
         }
+    }
+
+    /// Counts one request refused by a rate limit or quota bucket (`rate`, `day`, `month`).
+    pub fn rate_limited(&self, robot_id: &str, bucket: &str) {
+        self.cached(Family::RateLimitHits, &[robot_id, bucket]).inc();
+        self.cached(Family::RateLimitExceeded, &[bucket]).inc();
+    }
+
+    /// Counts an action stopped before it reached the robot (`vla_safety_incidents_total`).
+    pub fn incident(&self, severity: &str, violation_type: &str) {
+        self.cached(Family::Incidents, &[severity, violation_type]).inc();
+    }
+
+    /// Counts one action through the safety stage, and whether it passed unmodified.
+    pub fn safety_outcome(&self, unmodified: bool) {
+        self.safety_seen.fetch_add(1, Ordering::Relaxed);
+        if unmodified {
+            self.safety_unmodified.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `vla_safety_score` from the counts of [`Metrics::safety_outcome`].
+    pub fn refresh_safety_score(&self) {
+        let seen = self.safety_seen.load(Ordering::Relaxed);
+        let passed = self.safety_unmodified.load(Ordering::Relaxed);
+        self.safety_score.set(if seen == 0 { 1.0 } else { passed as f64 / seen as f64 });
     }
 
     /// A counter of `family` with `labels`, from this thread's cache: the shared label map is
@@ -553,6 +663,10 @@ impl Metrics {
                 Family::Validation => &self.validation_failures,
                 Family::SafetyChecks => &self.safety_checks,
                 Family::Rejections => &self.safety_rejections,
+                Family::AdmissionRejections => &self.admission_rejections,
+                Family::Incidents => &self.safety_incidents,
+                Family::RateLimitExceeded => &self.rate_limit_exceeded,
+                Family::Exceptions => &self.exceptions,
                 Family::Modifications => &self.safety_modifications,
                 Family::PolicyFailures => &self.policy_failures,
                 Family::RateLimitHits => &self.rate_limit_hits,
@@ -595,6 +709,10 @@ pub enum Family {
     Validation,
     SafetyChecks,
     Rejections,
+    AdmissionRejections,
+    Incidents,
+    RateLimitExceeded,
+    Exceptions,
     Modifications,
     PolicyFailures,
     RateLimitHits,
@@ -651,6 +769,11 @@ pub struct ModelMetrics {
     /// `vla_model_output_rejected_total{problem="shape"}`: rows of batches whose outputs were
     /// not the declared shape.
     pub output_shape_rejected: IntCounter,
+    /// `vla_worker_task_duration_seconds`: one batch, start to replies.
+    pub task_duration: Histogram,
+    /// `vla_exceptions_total{type="panic"}` and `{type="model_forward"}`.
+    pub panics: IntCounter,
+    pub forward_errors: IntCounter,
     /// `vla_inference_gpu_memory_delta_bytes`, for a model on a CUDA device only.
     pub gpu_memory_delta: Option<Histogram>,
 }

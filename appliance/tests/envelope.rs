@@ -95,6 +95,12 @@ async fn no_policy_gets_an_action_past_the_envelope() {
     let error = jump.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
     assert!(error.contains("more than the envelope's max_delta 0.5"), "{error}");
     assert_eq!(app.infer(request("jumpy", "pick up the red block")).await.status(), StatusCode::OK);
+    // Each denial is a safety incident (what the safety alerts count); the clamp is not.
+    let incidents = r#"vla_safety_incidents_total{severity="high",violation_type="out_of_envelope_"#;
+    assert_eq!(metric(&app, &format!(r#"{incidents}max"}}"#)).await, 2.0);
+    assert_eq!(metric(&app, &format!(r#"{incidents}max_delta"}}"#)).await, 1.0);
+    let score = metric(&app, "vla_safety_score").await;
+    assert!(score > 0.0 && score < 1.0, "{score}");
 
     // A model without an envelope is served as before (the fixture's 1e30 gets through: this
     // is what the envelope is for), and /health says it has none.

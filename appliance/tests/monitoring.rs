@@ -79,6 +79,16 @@ async fn metrics_show_live_requests_queues_batches_policies_and_quotas_behind_a_
     assert_eq!(value(&text, r#"vla_rate_limit_tokens_remaining{limit_type="rate",robot_id="arm-1"}"#), Some(0.0));
     assert_eq!(value(&text, r#"vla_safety_modifications_total{policy="joint-limits"}"#), Some(3.0));
     assert_eq!(value(&text, r#"vla_safety_checks_total{result="deny"}"#), Some(1.0));
+    // The rate limit is an admission denial, not a safety rejection nor a safety incident.
+    assert_eq!(value(&text, r#"vla_admission_rejections_total{code="rate_limited",policy="rate-limit"}"#), Some(1.0));
+    assert_eq!(value(&text, r#"vla_rate_limit_exceeded_total{limit_type="rate"}"#), Some(1.0));
+    assert!(!text.contains("vla_safety_rejections_total{"), "{text}");
+    assert!(!text.contains("vla_safety_incidents_total{"), "{text}");
+    // joint-limits modified all three actions.
+    assert_eq!(value(&text, "vla_safety_score"), Some(0.0));
+    assert_eq!(value(&text, "vla_worker_total"), Some(1.0));
+    assert_eq!(value(&text, "vla_worker_active"), Some(0.0));
+    assert_eq!(value(&text, r#"vla_worker_task_duration_seconds_count{model="tiny-vla"}"#), Some(3.0));
     assert_eq!(value(&text, r#"vla_safety_check_duration_seconds_count{policy="rate-limit"}"#), Some(4.0));
     assert_eq!(value(&text, "vla_models_loaded"), Some(1.0));
     // The demo model holds about 9 M float parameters.

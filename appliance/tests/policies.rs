@@ -312,14 +312,14 @@ async fn signed_uploads_are_required_when_trusted_keys_are_configured() {
             app.upload_policy_bytes(component, &fields).await
         }
     };
-    for (signature, why) in [
-        (None, "required"),
-        (Some(b64(stranger.sign(&component).as_ref())), "not a valid"),
-        (Some(b64(trusted.sign(b"other bytes").as_ref())), "not a valid"),
-        (Some("AAAA".into()), "64 bytes"),
+    for (signature, status, why) in [
+        (None, StatusCode::FORBIDDEN, "must be signed"),
+        (Some(b64(stranger.sign(&component).as_ref())), StatusCode::FORBIDDEN, "not a valid"),
+        (Some(b64(trusted.sign(b"other bytes").as_ref())), StatusCode::FORBIDDEN, "not a valid"),
+        (Some("AAAA".into()), StatusCode::BAD_REQUEST, "64 bytes"),
     ] {
         let response = upload(signature).await;
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.status(), status);
         let body = json_of(response).await;
         assert!(body["error"].as_str().unwrap().contains(why), "{body}");
     }
@@ -510,4 +510,316 @@ async fn preloaded_policies_follow_the_configuration_until_an_operator_takes_the
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let err = appliance::run(config, listener, std::future::pending()).await.unwrap_err();
     assert!(err.to_string().contains("/nonexistent/joint-limits.wasm"), "{err}");
+}
+
+/// The description a trusted key signs for a change (`appliance::policy::change_description`).
+fn description(action: &str, policy: &str, revision: u64, fields: &[(&str, String)]) -> String {
+    appliance::policy::change_description(action, policy, revision, fields)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    appliance::store::hex(&sha2::Sha256::digest(bytes))
+}
+
+#[tokio::test]
+async fn with_trusted_keys_every_change_is_signed_required_policies_stay_and_the_trail_says_who() {
+    use base64::Engine;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let keypair = |rng| Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(rng).unwrap().as_ref()).unwrap();
+    let (trusted, stranger) = (keypair(&rng), keypair(&rng));
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let public = b64(trusted.public_key().as_ref());
+    let key = public.clone();
+    let app = TestAppliance::start(move |config, _| {
+        config.policy.trusted_keys = vec![key];
+        config.policy.required = vec!["joint-limits".into()];
+        config.policy.preload =
+            vec![preload("joint-limits", "safety", 10, json!({"robot_types": {"ur5e": {"velocity": CLAMP}}}))];
+    })
+    .await;
+    let signed_patch = |name: &str, body: &str, signature: Option<String>| {
+        let mut request = app
+            .admin(Method::PATCH, &format!("/admin/policies/{name}"))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(s) = signature {
+            request = request.header("x-vla-signature", s);
+        }
+        request.send()
+    };
+    let before = policy(&app, "joint-limits").await;
+    assert!(before.required && before.revision > 0, "{before:?}");
+
+    // Weakening the limits without a signature, or with a stranger's, is refused; the 403
+    // says what to sign.
+    let weaker = json!({"config": {"robot_types": {"ur5e": {"velocity": 100.0}}}}).to_string();
+    let text = description("patch", "joint-limits", before.revision, &[("body-sha256", sha256_hex(weaker.as_bytes()))]);
+    let response = signed_patch("joint-limits", &weaker, None).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body = json_of(response).await;
+    assert_eq!(body["code"], "forbidden");
+    assert!(body["error"].as_str().unwrap().contains(&format!("revision={}", before.revision)), "{body}");
+    let response =
+        signed_patch("joint-limits", &weaker, Some(b64(stranger.sign(text.as_bytes()).as_ref()))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(policy(&app, "joint-limits").await.version, before.version);
+
+    // Signed by the trusted key: applied. The same signed change again is refused (the
+    // revision moved on), so it cannot be replayed.
+    let signature = b64(trusted.sign(text.as_bytes()).as_ref());
+    let response = signed_patch("joint-limits", &weaker, Some(signature.clone())).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    let after = policy(&app, "joint-limits").await;
+    assert_eq!(after.version, before.version + 1);
+    assert!(after.revision > before.revision);
+    let replay = signed_patch("joint-limits", &weaker, Some(signature)).await.unwrap();
+    assert_eq!(replay.status(), StatusCode::FORBIDDEN);
+
+    // A required policy cannot be shadowed, disabled or deleted, signed or not.
+    for body in [r#"{"mode":"shadow"}"#, r#"{"enabled":false}"#] {
+        let text =
+            description("patch", "joint-limits", after.revision, &[("body-sha256", sha256_hex(body.as_bytes()))]);
+        let response =
+            signed_patch("joint-limits", body, Some(b64(trusted.sign(text.as_bytes()).as_ref()))).await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{body}");
+        assert!(json_of(response).await["error"].as_str().unwrap().contains("policy.required"));
+    }
+    let text = description("delete", "joint-limits", after.revision, &[]);
+    let response = app
+        .admin(Method::DELETE, "/admin/policies/joint-limits")
+        .header("x-vla-signature", b64(trusted.sign(text.as_bytes()).as_ref()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert!(policy(&app, "joint-limits").await.enabled);
+
+    // A signed upload of a shadow candidate (the description covers its metadata), which may
+    // not replace the required policy, and a signed delete of it.
+    let component = std::fs::read(common::policy_path("joint-limits")).unwrap();
+    let config = ur5e_limits(0.01);
+    let fields = [
+        ("component-sha256", sha256_hex(&component)),
+        ("world", "safety".to_string()),
+        ("mode", "shadow".to_string()),
+        ("order", "-".to_string()),
+        ("enabled", "-".to_string()),
+        ("config-sha256", sha256_hex(config.as_bytes())),
+    ];
+    let text = description("upload", "limits-v2", 0, &fields);
+    let upload = [
+        ("name", "limits-v2".to_string()),
+        ("world", "safety".into()),
+        ("mode", "shadow".into()),
+        ("config", config.clone()),
+        ("signature", b64(trusted.sign(text.as_bytes()).as_ref())),
+    ];
+    let upload: Vec<(&str, &str)> = upload.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    let response = app.upload_policy_bytes(component.clone(), &upload).await;
+    assert_eq!(response.status(), StatusCode::CREATED, "{}", response.text().await.unwrap());
+    // The same fields with the component's own signature: the metadata is not covered.
+    let mut legacy = upload.clone();
+    let component_signature = b64(trusted.sign(&component).as_ref());
+    legacy[0].1 = "limits-v3";
+    legacy[4].1 = &component_signature;
+    assert_eq!(app.upload_policy_bytes(component.clone(), &legacy).await.status(), StatusCode::FORBIDDEN);
+    let v2 = policy(&app, "limits-v2").await;
+    let body = r#"{"mode":"enforce","replace":"joint-limits"}"#;
+    let text = description("patch", "limits-v2", v2.revision, &[("body-sha256", sha256_hex(body.as_bytes()))]);
+    let response = signed_patch("limits-v2", body, Some(b64(trusted.sign(text.as_bytes()).as_ref()))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        app.admin(Method::DELETE, "/admin/policies/limits-v2").send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let text = description("delete", "limits-v2", v2.revision, &[]);
+    let response = app
+        .admin(Method::DELETE, "/admin/policies/limits-v2")
+        .header("x-vla-signature", b64(trusted.sign(text.as_bytes()).as_ref()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    app.robot_key("arm-1").await;
+
+    // The trail: every change made, newest first, with who, the key that signed it and the
+    // policy before and after; refused changes are not there.
+    let response = app.admin(Method::GET, "/admin/changes").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let trail: vla_api::AdminChangeList = response.json().await.unwrap();
+    let actions: Vec<(&str, &str)> = trail.changes.iter().map(|c| (c.action.as_str(), c.target.as_str())).collect();
+    assert_eq!(
+        actions,
+        [
+            ("robot.register", "arm-1"),
+            ("policy.delete", "limits-v2"),
+            ("policy.upload", "limits-v2"),
+            ("policy.patch", "joint-limits")
+        ],
+        "{trail:?}"
+    );
+    for change in &trail.changes {
+        assert!(change.who.starts_with("admin-token:"), "{change:?}");
+        assert!(change.peer.as_deref().unwrap().starts_with("127.0.0.1:"), "{change:?}");
+    }
+    let patch = &trail.changes[3];
+    assert_eq!(patch.signed_by.as_deref(), Some(public.as_str()));
+    assert_eq!(patch.seq, after.revision);
+    assert_eq!(patch.before["config"]["robot_types"]["ur5e"]["velocity"], json!(CLAMP));
+    assert_eq!(patch.after["config"]["robot_types"]["ur5e"]["velocity"], json!(100.0));
+    assert!(trail.changes[1].after.is_null() && trail.changes[1].before["name"] == "limits-v2");
+    assert_eq!(trail.changes[0].signed_by, None);
+    let policy_only = app.admin(Method::GET, "/admin/changes?action=policy&target=limits-v2").send().await.unwrap();
+    assert_eq!(policy_only.json::<vla_api::AdminChangeList>().await.unwrap().changes.len(), 2);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_required_policy_that_is_not_installed_stops_the_start() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(data.path());
+    config.policy.required = vec!["joint-limits".into()];
+    let repo = config.model_repository();
+    std::fs::create_dir_all(&repo).unwrap();
+    common::add_model(&repo, "tiny-vla", appliance::demo::MODEL_TOML);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = appliance::run(config, listener, std::future::pending()).await.unwrap_err().to_string();
+    assert!(err.contains("policy.required names `joint-limits`, which is not installed"), "{err}");
+}
+
+#[tokio::test]
+async fn components_built_against_0_1_and_0_2_run_side_by_side_and_denials_carry_their_severity() {
+    let app = TestAppliance::start(|config, _| {
+        config.policy.preload = vec![
+            preload("joint-limits", "safety", 10, json!({"robot_types": {"ur5e": {"velocity": 1.0}}})),
+            preload("legacy-deny", "safety", 20, json!({})),
+        ];
+    })
+    .await;
+    assert_eq!(policy(&app, "joint-limits").await.wit.as_deref(), Some("0.2.0"));
+    assert_eq!(policy(&app, "legacy-deny").await.wit.as_deref(), Some("0.1.0"));
+    // Both allow an ordinary request; the 0.1.0 one denies an attack, with no severity.
+    assert_eq!(app.infer(robot_request(1)).await.status(), StatusCode::OK);
+    let attack = vla_api::InferenceRequest { instruction: "attack the red block".into(), ..robot_request(1) };
+    let response = app.infer(attack).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = json_of(response).await;
+    assert_eq!(body["denied_by"]["name"], "legacy-deny", "{body}");
+    // The 0.2.0 policy denies a robot type it has no limits for, as `medium`.
+    let response = patch(&app, "joint-limits", json!({"config": {"robot_types": {}}})).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = app.infer(robot_request(2)).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = json_of(response).await;
+    let denial =
+        body["policy"]["policies"].as_array().unwrap().iter().find(|p| p["name"] == "joint-limits").unwrap().clone();
+    assert_eq!((denial["code"].as_str(), denial["severity"].as_str()), (Some("no_limits"), Some("medium")), "{body}");
+
+    let text = app.admin(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    for series in [
+        r#"vla_safety_rejections_total{policy="legacy-deny",severity="unspecified",violation_type="legacy_deny"} 1"#,
+        r#"vla_safety_rejections_total{policy="joint-limits",severity="medium",violation_type="no_limits"} 1"#,
+        r#"vla_safety_incidents_total{severity="medium",violation_type="no_limits"} 1"#,
+        r#"vla_safety_incidents_total{severity="unspecified",violation_type="legacy_deny"} 1"#,
+    ] {
+        assert!(text.contains(series), "{series} in {text}");
+    }
+    // The audit record holds what the decision depended on.
+    let records = audit(&app, "?policy=joint-limits&decision=deny").await.records;
+    let record = &records[0];
+    let installed = policy(&app, "joint-limits").await;
+    assert_eq!(record.severity.as_deref(), Some("medium"));
+    assert_eq!(record.instruction.as_deref(), Some("pick up the red block number 2"));
+    assert_eq!(record.state.as_ref().unwrap().len(), 7);
+    assert_eq!(record.sha256.as_deref(), Some(installed.sha256.as_str()));
+    assert_eq!(record.model_version.as_deref(), Some("1"));
+    assert_eq!(record.config_sha256.as_ref().map(String::len), Some(64));
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replay_reproduces_recorded_decisions_and_lists_exactly_what_a_tighter_candidate_would_change() {
+    let app = TestAppliance::start(|config, _| {
+        config.policy.preload = vec![
+            preload("joint-limits", "safety", 10, json!({"robot_types": {"ur5e": {"velocity": 1.0}}})),
+            preload("legacy-deny", "safety", 20, json!({})),
+        ];
+    })
+    .await;
+    // A recorded deny, then ordinary requests that every policy allows.
+    let attack = vla_api::InferenceRequest { instruction: "attack the red block".into(), ..robot_request(1) };
+    assert_eq!(app.infer(attack).await.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let mut peaks = Vec::new();
+    for seed in 1..=8 {
+        let response = app.infer(robot_request(seed)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: InferenceResponse = response.json().await.unwrap();
+        assert_eq!(body.policy.decision, "allow");
+        peaks.push((body.request_id.clone(), body.action.iter().fold(0f32, |m, v| m.max(v.abs()))));
+    }
+    let replay =
+        |name: &str, body: Value| app.admin(Method::POST, &format!("/admin/policies/{name}/replay")).json(&body).send();
+
+    // The recorded deny replays to the same decision: nothing changes.
+    let response = replay("legacy-deny", json!({})).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let report: vla_api::ReplayReport = response.json().await.unwrap();
+    assert_eq!((report.replayed, report.unchanged, report.changed.len()), (9, 9, 0), "{report:?}");
+
+    // A tighter joint limit: exactly the allowed requests whose actions exceed it would now be
+    // modified (the newest eight: the attack is left out with `limit`).
+    let mut sorted: Vec<f32> = peaks.iter().map(|(_, p)| *p).collect();
+    sorted.sort_by(f32::total_cmp);
+    let limit = (sorted[3] + sorted[4]) / 2.0;
+    let expected: std::collections::BTreeSet<String> =
+        peaks.iter().filter(|(_, p)| *p > limit).map(|(id, _)| id.clone()).collect();
+    assert!(!expected.is_empty() && expected.len() < peaks.len(), "{peaks:?}");
+    let tighter = json!({"robot_types": {"ur5e": {"velocity": limit}}});
+    let response = replay("joint-limits", json!({"config": tighter, "limit": 8})).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let report: vla_api::ReplayReport = response.json().await.unwrap();
+    assert_eq!(report.replayed, 8);
+    let changed: std::collections::BTreeSet<String> = report.changed.iter().map(|c| c.request_id.clone()).collect();
+    assert_eq!(changed, expected, "{report:?}");
+    for change in &report.changed {
+        assert_eq!((change.recorded.decision.as_str(), change.candidate.decision.as_str()), ("allow", "modify"));
+        assert!(change.candidate.action.as_ref().unwrap().iter().all(|v| v.abs() <= limit + 1e-6));
+    }
+    // An uploaded candidate (multipart) is replayed the same way, and nothing is installed.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "component",
+            reqwest::multipart::Part::bytes(std::fs::read(common::policy_path("joint-limits")).unwrap())
+                .file_name("p.wasm"),
+        )
+        .text("config", tighter.to_string());
+    let response =
+        app.admin(Method::POST, "/admin/policies/joint-limits/replay?limit=8").multipart(form).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{}", response.text().await.unwrap());
+    let uploaded: vla_api::ReplayReport = response.json().await.unwrap();
+    assert_eq!(uploaded.changed.len(), expected.len());
+    assert_eq!(policy(&app, "joint-limits").await.version, 1);
+    assert_eq!(replay("nope", json!({})).await.unwrap().status(), StatusCode::NOT_FOUND);
+    let bad = replay("joint-limits", json!({"limit": 0})).await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    // Offline, on the store, with the appliance stopped: the same answer.
+    let data = app.stop_keeping_data().await;
+    let config_file = data.path().join("offline.toml");
+    std::fs::write(&config_file, format!("[data]\ndir = {:?}\n", data.path().display().to_string())).unwrap();
+    std::fs::write(data.path().join("tighter.json"), tighter.to_string()).unwrap();
+    let out = common::appliance_binary(&config_file)
+        .args(["replay", "--policy"])
+        .arg(common::policy_path("joint-limits"))
+        .arg("--policy-config")
+        .arg(data.path().join("tighter.json"))
+        .args(["--limit", "8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let offline: vla_api::ReplayReport = serde_json::from_slice(&out.stdout).unwrap();
+    let changed: std::collections::BTreeSet<String> = offline.changed.iter().map(|c| c.request_id.clone()).collect();
+    assert_eq!(changed, expected);
 }

@@ -284,6 +284,10 @@ pub struct PolicyEval {
     pub code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A denial's severity (`low`, `medium`, `high`, `critical`), when the policy gave one
+    /// (`vla:policy@0.2.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
     /// Time of the call, instantiation included, in microseconds.
     pub eval_us: u64,
 }
@@ -306,6 +310,17 @@ pub struct PolicyInfo {
     pub size_bytes: u64,
     /// Whether the upload carried a valid signature of a trusted key.
     pub signed: bool,
+    /// Changes with every change of any kind to this policy (the admin change trail's
+    /// sequence number of the last one): a signed change names the revision it applies to.
+    #[serde(default)]
+    pub revision: u64,
+    /// In `policy.required`: it cannot be disabled, shadowed or deleted through the API.
+    #[serde(default)]
+    pub required: bool,
+    /// The `vla:policy` version the component was built against (`0.2.0`, `0.1.0`); none when
+    /// it cannot run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wit: Option<String>,
     /// The configuration handed to the policy (JSON).
     pub config: serde_json::Value,
     pub created_unix_ms: u64,
@@ -376,8 +391,9 @@ pub struct PolicyDenial {
     pub reason: String,
 }
 
-/// One audited decision (`GET /admin/audit`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One audited decision (`GET /admin/audit`), with everything it depended on: the request's
+/// context and the policy's exact component and configuration, so it can be replayed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     pub seq: u64,
     pub time_unix_ms: u64,
@@ -397,6 +413,22 @@ pub struct AuditRecord {
     pub code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A denial's severity, when the policy gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+    /// The serving model's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    /// The robot's instruction and joint state, as sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instruction: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "floats")]
+    pub state: Option<Vec<f32>>,
+    /// SHA-256 (hex) of the policy's component and of its configuration (the JSON it reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
     /// The action the policy was shown (safety policies). Non-finite values (which the host
     /// never lets a policy or a robot see, but a record must survive) are the strings `NaN`,
     /// `Infinity`, `-Infinity`.
@@ -476,6 +508,159 @@ pub mod floats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditList {
     pub records: Vec<AuditRecord>,
+}
+
+/// One request's policy decisions with everything they depended on, as the replay ring keeps
+/// it (`policy.replay_ring`): the context, the model's proposed action, each policy's exact
+/// component, configuration and decision, and the final action.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub seq: u64,
+    pub time_unix_ms: u64,
+    pub request_id: String,
+    pub robot_id: String,
+    pub robot_type: String,
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    pub instruction: String,
+    #[serde(default, with = "floats")]
+    pub state: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// The request's outcome at the policy stage: `allow`, `modify`, `deny` (or `error`: an
+    /// enforcing policy failed).
+    pub decision: String,
+    /// The action's shape as the policies saw it: `joint-velocity`, `joint-position` or
+    /// `end-effector-delta`, dof and horizon (none when admission refused the request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_kind: Option<String>,
+    #[serde(default)]
+    pub dof: u32,
+    #[serde(default)]
+    pub horizon: u32,
+    /// The model's action before any safety policy; none when admission refused the request.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "floats")]
+    pub proposed_action: Option<Vec<f32>>,
+    /// The action after the safety policies (before the host's action envelope).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "floats")]
+    pub final_action: Option<Vec<f32>>,
+    /// Each policy that ran, in order (admission, then safety).
+    pub policies: Vec<DecisionStep>,
+}
+
+/// One policy's part in a [`DecisionRecord`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionStep {
+    pub name: String,
+    pub version: u64,
+    pub world: String,
+    pub mode: String,
+    /// `allow`, `deny`, `modify` or `error`.
+    pub decision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+    /// SHA-256 (hex) of its component and of its configuration.
+    pub sha256: String,
+    pub config_sha256: String,
+    /// Its replacement action, when it returned `modify`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "floats")]
+    pub action: Option<Vec<f32>>,
+}
+
+/// `POST /admin/policies/{name}/replay` (JSON body; a multipart body uploads a candidate
+/// component instead, with the upload's fields plus these).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// The candidate's configuration; the installed policy's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    /// Only requests recorded at or after this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
+    /// Most recorded requests to replay, newest first (default 1000, at most 10,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// The installed policy the candidate stands in for (the name in the path by default): it
+    /// is shown what that policy was shown and compared with what it decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+}
+
+/// What a candidate policy would have decided on recorded requests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// The candidate: name, world, the `vla:policy` version, component and config SHA-256.
+    pub policy: String,
+    pub world: String,
+    pub sha256: String,
+    pub config_sha256: String,
+    /// The installed policy it was compared with.
+    pub replaces: String,
+    /// Requests replayed, those it decided as recorded, those it would decide otherwise.
+    pub replayed: u64,
+    pub unchanged: u64,
+    /// Requests it could not be shown (a safety candidate on a request admission refused).
+    pub skipped: u64,
+    pub changed: Vec<ReplayChange>,
+}
+
+/// One recorded request a candidate would decide otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplayChange {
+    pub seq: u64,
+    pub request_id: String,
+    pub robot_id: String,
+    pub time_unix_ms: u64,
+    pub recorded: ReplayOutcome,
+    pub candidate: ReplayOutcome,
+}
+
+/// A decision in a replay: `allow`, `modify` (with the action), `deny` (with the code) or
+/// `error` (the candidate failed: it would have denied, fail closed).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplayOutcome {
+    pub decision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "floats")]
+    pub action: Option<Vec<f32>>,
+}
+
+/// One change made through the admin API (`GET /admin/changes`), newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminChange {
+    pub seq: u64,
+    pub time_unix_ms: u64,
+    /// Who: `admin-token:<first 8 hex of the token's SHA-256>`, with the client certificate's
+    /// names when the connection presented one.
+    pub who: String,
+    /// The peer address the change came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// What: `policy.upload`, `policy.patch`, `policy.delete`, `robot.register`,
+    /// `robot.revoke`, `robot.rotate_key`, `quota.set`, `quota.reset`, `model.load`,
+    /// `model.unload`.
+    pub action: String,
+    /// The policy, robot or model changed.
+    pub target: String,
+    /// The base64 public key whose signature authorised the change, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+    /// The target before and after (secrets left out); `null` where it did not exist.
+    pub before: serde_json::Value,
+    pub after: serde_json::Value,
+}
+
+/// `GET /admin/changes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminChangeList {
+    pub changes: Vec<AdminChange>,
 }
 
 /// Limits of one robot or group: `PUT /admin/quotas/{robot}`, and `quota.robots.<id>` /
@@ -629,6 +814,8 @@ mod tests {
             count: 3,
             last_unix_ms: Some(9),
             seed: Some(5),
+            state: Some(vec![0.1, f32::NAN]),
+            ..AuditRecord::default()
         };
         let json = serde_json::to_string(&record).expect("serialises");
         assert!(json.contains(r#"[0.5,"NaN","Infinity","-Infinity"]"#), "{json}");

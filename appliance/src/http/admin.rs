@@ -14,14 +14,23 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use vla_api::{RegisterRobot, Robot, RobotKey, RobotList};
 
-use super::state::{AdminBody, AppState, Params, blocking};
+use super::state::{Actor, AdminBody, AppState, Params, blocking};
 use crate::error::ApiError;
 
 /// `POST /admin/robots`.
-pub async fn register_robot(State(app): State<AppState>, AdminBody(body): AdminBody) -> Result<Response, ApiError> {
+pub async fn register_robot(
+    State(app): State<AppState>,
+    actor: Actor,
+    AdminBody(body): AdminBody,
+) -> Result<Response, ApiError> {
     let request: RegisterRobot = crate::validate::parse_json(&body)?;
-    let store = app.store.clone();
-    let key = blocking(move || Ok(crate::robots::register(&store, &request)?)).await?;
+    let (store, changes) = (app.store.clone(), app.changes.clone());
+    let key = blocking(move || {
+        let key = crate::robots::register(&store, &request)?;
+        actor.record(&changes, 0, "robot.register", &key.robot.robot_id, None, None::<()>, &key.robot);
+        Ok(key)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(key)).into_response())
 }
 
@@ -41,17 +50,30 @@ pub async fn get_robot(State(app): State<AppState>, params: Params) -> Result<Js
 }
 
 /// `POST /admin/robots/{robot_id}/rotate-key`: a new key; the old one stops working at once.
-pub async fn rotate_key(State(app): State<AppState>, params: Params) -> Result<Json<RobotKey>, ApiError> {
+pub async fn rotate_key(State(app): State<AppState>, params: Params, actor: Actor) -> Result<Json<RobotKey>, ApiError> {
     let robot_id = params.get("robot_id").to_string();
-    let (store, data_dir) = (app.store.clone(), app.config.data.dir.clone());
-    blocking(move || Ok(Json(crate::robots::rotate(&store, &data_dir, &robot_id)?))).await
+    let (store, data_dir, changes) = (app.store.clone(), app.config.data.dir.clone(), app.changes.clone());
+    blocking(move || {
+        let before = store.robot(&robot_id)?.map(|r| crate::robots::view(&r));
+        let key = crate::robots::rotate(&store, &data_dir, &robot_id)?;
+        let after = store.robot(&robot_id)?.map(|r| crate::robots::view(&r));
+        actor.record(&changes, 0, "robot.rotate_key", &robot_id, None, before, after);
+        Ok(Json(key))
+    })
+    .await
 }
 
 /// `DELETE /admin/robots/{robot_id}`: revokes; the robot's next request is refused.
-pub async fn revoke_robot(State(app): State<AppState>, params: Params) -> Result<Json<Robot>, ApiError> {
+pub async fn revoke_robot(State(app): State<AppState>, params: Params, actor: Actor) -> Result<Json<Robot>, ApiError> {
     let robot_id = params.get("robot_id").to_string();
-    let (store, data_dir) = (app.store.clone(), app.config.data.dir.clone());
-    blocking(move || Ok(Json(crate::robots::revoke(&store, &data_dir, &robot_id)?))).await
+    let (store, data_dir, changes) = (app.store.clone(), app.config.data.dir.clone(), app.changes.clone());
+    blocking(move || {
+        let before = store.robot(&robot_id)?.map(|r| crate::robots::view(&r));
+        let after = crate::robots::revoke(&store, &data_dir, &robot_id)?;
+        actor.record(&changes, 0, "robot.revoke", &robot_id, None, before, &after);
+        Ok(Json(after))
+    })
+    .await
 }
 
 /// One entry of `POST /v2/repository/index`.
@@ -95,11 +117,19 @@ pub async fn repository_index(State(app): State<AppState>, AdminBody(body): Admi
 
 /// `POST /v2/repository/models/{model}/load`: loads or reloads; warm before it takes traffic,
 /// and a failed load keeps the serving version.
-pub async fn load_model(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+pub async fn load_model(State(app): State<AppState>, params: Params, actor: Actor) -> Result<Response, ApiError> {
     let model = params.get("model").to_string();
-    let models = app.models.clone();
+    let (models, changes) = (app.models.clone(), app.changes.clone());
     let name = model.clone();
-    let loaded = blocking(move || Ok(models.load_model(&name))).await?;
+    let loaded = blocking(move || {
+        let before = model_view(&models, &name);
+        let loaded = models.load_model(&name);
+        if loaded.is_ok() {
+            actor.record(&changes, 0, "model.load", &name, None, before, model_view(&models, &name));
+        }
+        Ok(loaded)
+    })
+    .await?;
     match loaded {
         Ok(m) => {
             Ok(Json(serde_json::json!({"name": m.spec.name, "version": m.spec.version, "state": "READY"}))
@@ -109,11 +139,25 @@ pub async fn load_model(State(app): State<AppState>, params: Params) -> Result<R
     }
 }
 
+/// A serving model as the change trail shows it (`None` when it does not serve).
+fn model_view(models: &crate::repository::Models, name: &str) -> Option<serde_json::Value> {
+    let m = models.resolve(Some(name)).ok()?;
+    Some(
+        serde_json::json!({"name": m.spec.name, "version": m.spec.version, "device": crate::model::device_name(m.device)}),
+    )
+}
+
 /// `POST /v2/repository/models/{model}/unload`.
-pub async fn unload_model(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+pub async fn unload_model(State(app): State<AppState>, params: Params, actor: Actor) -> Result<Response, ApiError> {
     let model = params.get("model").to_string();
-    let models = app.models.clone();
+    let (models, changes) = (app.models.clone(), app.changes.clone());
     let name = model.clone();
-    blocking(move || Ok(models.unload_model(&name)?)).await?;
+    blocking(move || {
+        let before = model_view(&models, &name);
+        models.unload_model(&name)?;
+        actor.record(&changes, 0, "model.unload", &name, None, before, None::<()>);
+        Ok(())
+    })
+    .await?;
     Ok(Json(serde_json::json!({"name": model, "state": "UNAVAILABLE"})).into_response())
 }

@@ -125,6 +125,12 @@ impl Authenticator {
     /// they must name the same robot. A certificate that maps to no registered robot is refused
     /// unless a valid key comes with it. With `client_auth = required`, a robot needs a
     /// certificate.
+    /// The admin token's id in the change trail: `admin-token:` and the first 8 hex digits of
+    /// its SHA-256 (which tells tokens apart across a rotation and gives nothing away).
+    pub fn admin_id(&self) -> String {
+        format!("admin-token:{}", crate::store::hex(&self.admin_hash[..4]))
+    }
+
     pub fn authenticate(&self, headers: &HeaderMap, peer: Option<&PeerIdentity>) -> Result<Caller, ApiError> {
         let token = presented_token(headers)?;
         if let Some(token) = token

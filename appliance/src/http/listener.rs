@@ -37,6 +37,10 @@ use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::tls::PeerIdentity;
 
+/// The peer address of the connection a request came on (in its extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
 /// The listener's bounds (see the module header), from `[server]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenerLimits {
@@ -213,6 +217,7 @@ async fn serve_connection<I>(
         if let Some(identity) = &identity {
             request.extensions_mut().insert(identity.clone());
         }
+        request.extensions_mut().insert(PeerAddr(peer));
         let router = router.clone();
         async move {
             let response = router.oneshot(request.map(Body::new)).await;

@@ -39,6 +39,7 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
     let serving = app.models.serving();
     m.models_loaded.set(serving.len() as i64);
     m.model_info.reset();
+    let (mut workers, mut busy_workers) = (0, 0);
     for model in &serving {
         let name = model.spec.name.as_str();
         let stats = model.batcher.stats();
@@ -56,10 +57,15 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
         }
         let instances = model.spec.batching.instances.max(1);
         m.workers_active.with_label_values(&[name]).set(instances as i64);
+        workers += instances as i64;
+        busy_workers += model.metrics.in_flight.get();
         let wall = model.loaded_at.elapsed().as_nanos() as f64 * instances as f64;
         let busy = model.metrics.busy_ns.load(std::sync::atomic::Ordering::Relaxed) as f64;
         m.worker_utilization.with_label_values(&[name]).set(if wall > 0.0 { busy * 100.0 / wall } else { 0.0 });
     }
+    m.worker_total.set(workers);
+    m.worker_active.set(busy_workers);
+    m.refresh_safety_score();
     catch_up(&m.store_flushes, app.quotas.flushes());
     if let Ok(bytes) = app.store.db().and_then(|db| Ok(db.size_on_disk()?)) {
         m.store_size.set(bytes as i64);
@@ -72,13 +78,19 @@ fn refresh(app: &AppState) -> Result<(), ApiError> {
     let now = crate::clock::now_ms();
     m.rate_limit_remaining.reset();
     m.quota_usage.reset();
+    m.quota_used.reset();
+    m.quota_limit.reset();
     for robot in robots.iter().filter(|r| r.revoked_unix_ms.is_none()) {
         let view = crate::quota::robot_view(&app.quotas, robot, now);
         for b in view.buckets.iter().filter(|b| b.scope == "robot") {
             let id = robot.robot_id.as_str();
             m.rate_limit_remaining.with_label_values(&[id, &b.bucket]).set(b.remaining as i64);
-            if b.bucket != "rate" && b.limit > 0 {
-                m.quota_usage.with_label_values(&[id, &b.bucket]).set(b.used as f64 * 100.0 / b.limit as f64);
+            if b.bucket != "rate" {
+                m.quota_used.with_label_values(&[id, &b.bucket]).set(b.used as i64);
+                m.quota_limit.with_label_values(&[id, &b.bucket]).set(b.limit as i64);
+                if b.limit > 0 {
+                    m.quota_usage.with_label_values(&[id, &b.bucket]).set(b.used as f64 * 100.0 / b.limit as f64);
+                }
             }
         }
     }

@@ -2,9 +2,14 @@
 //!
 //! - `POST /admin/policies` (multipart): upload a component with its metadata;
 //! - `GET /admin/policies`, `GET|PATCH|DELETE /admin/policies/{name}`;
-//! - `GET /admin/audit?robot_id=&policy=&decision=&since_unix_ms=&limit=`.
+//! - `GET /admin/audit?robot_id=&policy=&decision=&since_unix_ms=&limit=`;
+//! - `POST /admin/policies/{name}/replay`: a candidate against the replay ring;
+//! - `GET /admin/changes?target=&action=&since_unix_ms=&limit=`: the admin change trail.
 //!
-//! Changes compile and dry-run the policy: they run on the blocking pool.
+//! Changes compile and dry-run the policy: they run on the blocking pool. With
+//! `policy.trusted_keys` set, a patch or delete carries its signature in the
+//! `x-vla-signature` header (base64), an upload in its `signature` field
+//! ([`crate::policy::change_description`] says what is signed).
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -12,14 +17,19 @@ use axum::extract::{FromRequest, Multipart, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use sha2::Digest;
 use vla_api::{AuditList, PolicyList, PolicyPatch};
 
 use super::body;
-use super::state::{AdminBody, AppState, Params, blocking};
+use super::state::{Actor, AdminBody, AppState, Params, blocking};
 use crate::error::ApiError;
 use crate::names::clip;
 use crate::policy::audit::{self, DEFAULT_LIMIT, MAX_LIMIT};
-use crate::policy::{Mode, Upload, World};
+use crate::policy::{Mode, Proof, Upload, World};
+use crate::store::hex;
+
+/// The header that carries a patch's or a delete's signature.
+pub const SIGNATURE_HEADER: &str = "x-vla-signature";
 
 /// Room for the multipart framing and metadata fields around the component.
 const UPLOAD_OVERHEAD_BYTES: usize = 1024 * 1024;
@@ -35,17 +45,32 @@ pub async fn show(State(app): State<AppState>, params: Params) -> Result<Respons
 
 /// `POST /admin/policies`: multipart fields `name`, `world`, `component` (the `.wasm`),
 /// optional `config` (JSON object or TOML table), `order`, `mode`, `enabled`, `signature`
-/// (base64, or the raw 64 bytes, of an ed25519 signature over the component). 201 for a new
-/// policy, 200 for a new version.
-pub async fn upload(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+/// (base64, or the raw 64 bytes, of an ed25519 signature over the change's description, or
+/// over the component alone when no other field is set). 201 for a new policy, 200 for a new
+/// version.
+pub async fn upload(State(app): State<AppState>, actor: Actor, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let limit = app.config.policy.max_component_bytes + UPLOAD_OVERHEAD_BYTES;
     let body = body::read(&parts.headers, body, app.body_limits().with_max_bytes(limit)).await?;
     let upload = parse_upload(parts, body).await?;
-    let policies = app.policies.clone();
-    let (info, created) = blocking(move || Ok(policies.upload(upload)?)).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(info)).into_response())
+    let (policies, changes) = (app.policies.clone(), app.changes.clone());
+    let changed = blocking(move || {
+        let name = upload.name.clone();
+        let changed = policies.upload(upload)?;
+        actor.record(
+            &changes,
+            changed.revision,
+            "policy.upload",
+            &name,
+            changed.signed_by.clone(),
+            &changed.before,
+            &changed.info,
+        );
+        Ok(changed)
+    })
+    .await?;
+    let status = if changed.before.is_none() { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(changed.info)).into_response())
 }
 
 /// The upload in a multipart body already read whole (`parts` carries its content type).
@@ -56,7 +81,12 @@ pub async fn parse_upload(parts: axum::http::request::Parts, body: Bytes) -> Res
     read_upload(multipart).await
 }
 
-async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {
+async fn read_upload(multipart: Multipart) -> Result<Upload, ApiError> {
+    read_fields(multipart, true).await
+}
+
+/// The fields of an upload form; `name` may be left out when the path names the policy.
+async fn read_fields(mut multipart: Multipart, require_name: bool) -> Result<Upload, ApiError> {
     let mut upload = Upload::default();
     let mut seen = std::collections::HashSet::new();
     let mut component = false;
@@ -89,6 +119,7 @@ async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {
                 })
             }
             "config" => {
+                upload.config_sha256 = Some(hex(&sha2::Sha256::digest(&bytes)));
                 upload.config = Some(parse_config(text()?, file_name.as_deref()).map_err(|p| invalid(&name, p))?)
             }
             "signature" => upload.signature = Some(parse_signature(&bytes).map_err(|p| invalid(&name, p))?),
@@ -104,7 +135,7 @@ async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {
             }
         }
     }
-    if upload.name.is_empty() {
+    if upload.name.is_empty() && require_name {
         return Err(invalid("name", "required".into()));
     }
     if !component {
@@ -145,23 +176,152 @@ fn short(s: &str) -> String {
     clip(s, 40)
 }
 
+/// The `x-vla-signature` header, when sent.
+fn header_signature(headers: &axum::http::HeaderMap) -> Result<Option<Vec<u8>>, ApiError> {
+    let invalid = |problem: String| ApiError::InvalidField { field: SIGNATURE_HEADER.into(), problem };
+    headers.get(SIGNATURE_HEADER).map(|v| parse_signature(v.as_bytes()).map_err(invalid)).transpose()
+}
+
 pub async fn patch(
     State(app): State<AppState>,
     params: Params,
+    actor: Actor,
+    headers: axum::http::HeaderMap,
     AdminBody(body): AdminBody,
 ) -> Result<Response, ApiError> {
     let patch: PolicyPatch = crate::validate::parse_json(&body)?;
+    let proof = Proof { signature: header_signature(&headers)?, body_sha256: hex(&sha2::Sha256::digest(&body)) };
     let name = params.get("name").to_string();
-    let policies = app.policies.clone();
-    let info = blocking(move || Ok(policies.patch(&name, patch)?)).await?;
-    Ok(Json(info).into_response())
+    let (policies, changes) = (app.policies.clone(), app.changes.clone());
+    let changed = blocking(move || {
+        let changed = policies.patch(&name, patch, &proof)?;
+        actor.record(
+            &changes,
+            changed.revision,
+            "policy.patch",
+            &name,
+            changed.signed_by.clone(),
+            &changed.before,
+            &changed.info,
+        );
+        Ok(changed)
+    })
+    .await?;
+    Ok(Json(changed.info).into_response())
 }
 
-pub async fn delete(State(app): State<AppState>, params: Params) -> Result<Response, ApiError> {
+pub async fn delete(
+    State(app): State<AppState>,
+    params: Params,
+    actor: Actor,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let proof = Proof { signature: header_signature(&headers)?, body_sha256: String::new() };
     let name = params.get("name").to_string();
-    let policies = app.policies.clone();
-    blocking(move || Ok(policies.delete(&name)?)).await?;
+    let (policies, changes) = (app.policies.clone(), app.changes.clone());
+    blocking(move || {
+        let changed = policies.delete(&name, &proof)?;
+        actor.record(
+            &changes,
+            changed.revision,
+            "policy.delete",
+            &name,
+            changed.signed_by,
+            &changed.before,
+            None::<()>,
+        );
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /admin/policies/{name}/replay`'s query string (a multipart body's replay settings).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayQuery {
+    since_unix_ms: Option<u64>,
+    limit: Option<usize>,
+    replaces: Option<String>,
+}
+
+/// `POST /admin/policies/{name}/replay`: what a candidate would decide on the replay ring's
+/// recorded requests. A JSON body ([`vla_api::ReplayRequest`], `{}` for all defaults) replays
+/// the installed policy `name`, with another `config` if given; a multipart body (the upload's
+/// fields, `name` optional, replay settings in the query string) replays an uploaded component
+/// standing in for `name`. Nothing is installed or changed.
+pub async fn replay(
+    State(app): State<AppState>,
+    params: Params,
+    query: Result<Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidField { field: "query".into(), problem: e.body_text() })?;
+    let name = params.get("name").to_string();
+    let (parts, body) = request.into_parts();
+    let multipart = parts
+        .headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (upload, request) = if multipart {
+        let limit = app.config.policy.max_component_bytes + UPLOAD_OVERHEAD_BYTES;
+        let body = body::read(&parts.headers, body, app.body_limits().with_max_bytes(limit)).await?;
+        let form = Multipart::from_request(Request::from_parts(parts, Body::from(body)), &())
+            .await
+            .map_err(|e| ApiError::InvalidField { field: "body".into(), problem: e.body_text() })?;
+        let upload = read_fields(form, false).await?;
+        let request = vla_api::ReplayRequest {
+            config: None,
+            since_unix_ms: q.since_unix_ms,
+            limit: q.limit,
+            replaces: q.replaces,
+        };
+        (Some(upload), request)
+    } else {
+        let limits = app.body_limits().with_max_bytes(app.config.server.admin_body_limit_bytes);
+        let body = body::read(&parts.headers, body, limits).await?;
+        let mut request: vla_api::ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            Default::default()
+        } else {
+            crate::validate::parse_json(&body)?
+        };
+        request.since_unix_ms = request.since_unix_ms.or(q.since_unix_ms);
+        request.limit = request.limit.or(q.limit);
+        request.replaces = request.replaces.or(q.replaces);
+        (None, request)
+    };
+    let report = app.policies.replay(&name, upload, request).await?;
+    Ok(Json(report).into_response())
+}
+
+/// `GET /admin/changes`'s query string.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesQuery {
+    target: Option<String>,
+    action: Option<String>,
+    since_unix_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /admin/changes`: the admin change trail, newest first, filtered.
+pub async fn changes(
+    State(app): State<AppState>,
+    query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<vla_api::AdminChangeList>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidField { field: "query".into(), problem: e.body_text() })?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > crate::changes::MAX_LIMIT {
+        return Err(ApiError::InvalidValue {
+            field: "limit".into(),
+            problem: format!("must be 1-{}", crate::changes::MAX_LIMIT),
+        });
+    }
+    let query = crate::changes::Query { target: q.target, action: q.action, since_unix_ms: q.since_unix_ms, limit };
+    let changes = app.changes.clone();
+    let list = blocking(move || changes.query(&query).map_err(|e| ApiError::Internal(e.to_string()))).await?;
+    Ok(Json(vla_api::AdminChangeList { changes: list }))
 }
 
 /// `GET /admin/audit`'s query string.

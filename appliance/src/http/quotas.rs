@@ -11,7 +11,7 @@ use axum::Json;
 use axum::extract::State;
 use vla_api::{QuotaLimits, QuotaList, RobotQuota};
 
-use super::state::{AdminBody, AppState, Params, blocking};
+use super::state::{Actor, AdminBody, AppState, Params, blocking};
 use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::quota::{Limits, Scope, robot_view};
@@ -47,13 +47,14 @@ pub async fn show(State(app): State<AppState>, params: Params) -> Result<Json<Ro
 pub async fn put(
     State(app): State<AppState>,
     params: Params,
+    actor: Actor,
     AdminBody(body): AdminBody,
 ) -> Result<Json<RobotQuota>, ApiError> {
     let robot_id = params.get("robot_id").to_string();
     let wire: QuotaLimits = crate::validate::parse_json(&body)?;
     let limits =
         Limits::parse(&wire).map_err(|(field, problem)| ApiError::InvalidField { field: field.into(), problem })?;
-    let (store, quotas) = (app.store.clone(), app.quotas.clone());
+    let (store, quotas, changes) = (app.store.clone(), app.quotas.clone(), app.changes.clone());
     blocking(move || {
         // Limits for a robot that does not exist are a mistake in the request, not a resource
         // to create: 400 naming the robot.
@@ -61,21 +62,25 @@ pub async fn put(
             field: "robot_id".into(),
             problem: format!("robot `{}` is not registered", crate::names::clip(&robot_id, 80)),
         })?;
+        let before = robot_view(&quotas, &robot, now_ms());
         quotas.set_override(Scope::Robot, &robot.robot_id, Some(limits))?;
-        tracing::info!(robot = %robot.robot_id, "quota override set: {wire:?}");
-        Ok(Json(robot_view(&quotas, &robot, now_ms())))
+        let after = robot_view(&quotas, &robot, now_ms());
+        actor.record(&changes, 0, "quota.set", &robot.robot_id, None, &before, &after);
+        Ok(Json(after))
     })
     .await
 }
 
-pub async fn reset(State(app): State<AppState>, params: Params) -> Result<Json<RobotQuota>, ApiError> {
+pub async fn reset(State(app): State<AppState>, params: Params, actor: Actor) -> Result<Json<RobotQuota>, ApiError> {
     let robot_id = params.get("robot_id").to_string();
-    let (store, quotas) = (app.store.clone(), app.quotas.clone());
+    let (store, quotas, changes) = (app.store.clone(), app.quotas.clone(), app.changes.clone());
     blocking(move || {
         let robot = registered(&store, &robot_id)?.ok_or_else(|| not_found(&robot_id))?;
+        let before = robot_view(&quotas, &robot, now_ms());
         quotas.reset(Scope::Robot, &robot.robot_id)?;
-        tracing::info!(robot = %robot.robot_id, "quota usage reset");
-        Ok(Json(robot_view(&quotas, &robot, now_ms())))
+        let after = robot_view(&quotas, &robot, now_ms());
+        actor.record(&changes, 0, "quota.reset", &robot.robot_id, None, &before, &after);
+        Ok(Json(after))
     })
     .await
 }

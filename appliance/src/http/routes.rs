@@ -54,7 +54,9 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
             get(policies::list).post(policies::upload).layer(axum::extract::DefaultBodyLimit::disable()),
         ),
         ("/admin/policies/{name}", get(policies::show).patch(policies::patch).delete(policies::delete)),
+        ("/admin/policies/{name}/replay", post(policies::replay).layer(axum::extract::DefaultBodyLimit::disable())),
         ("/admin/audit", get(policies::audit_log)),
+        ("/admin/changes", get(policies::changes)),
         // Admin: quotas.
         ("/admin/quotas", get(quotas::list)),
         ("/admin/quotas/{robot_id}", get(quotas::show).put(quotas::put)),

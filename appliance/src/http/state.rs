@@ -32,6 +32,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Admission and safety policies, and the audit log.
     pub policies: Arc<Policies>,
+    /// The admin change trail.
+    pub changes: Arc<crate::changes::Changes>,
     /// Rate limits and quotas the admission policies charge (also `policies.quotas()`).
     pub quotas: Arc<Quotas>,
     /// The metric catalogue `/metrics` renders.
@@ -105,6 +107,54 @@ impl axum::extract::FromRequest<AppState> for AdminBody {
         let limits = app.body_limits().with_max_bytes(app.config.server.admin_body_limit_bytes);
         let (parts, body) = request.into_parts();
         super::body::read(&parts.headers, body, limits).await.map(AdminBody)
+    }
+}
+
+/// Who made an admin change, for the change trail: the admin token's id, the client
+/// certificate's names when the connection presented one, and the peer address.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub who: String,
+    pub peer: Option<String>,
+}
+
+impl axum::extract::FromRequestParts<AppState> for Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, app: &AppState) -> Result<Self, ApiError> {
+        let mut who = app.auth.admin_id();
+        if let Some(identity) = parts.extensions.get::<crate::tls::PeerIdentity>() {
+            who.push_str(&format!(" (certificate: {})", identity.names.join(", ")));
+        }
+        let peer = parts.extensions.get::<super::listener::PeerAddr>().map(|p| p.0.to_string());
+        Ok(Actor { who, peer })
+    }
+}
+
+impl Actor {
+    /// Records the change in the trail (blocking: call from the blocking pool).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        changes: &crate::changes::Changes,
+        seq: u64,
+        action: &str,
+        target: &str,
+        signed_by: Option<String>,
+        before: impl serde::Serialize,
+        after: impl serde::Serialize,
+    ) {
+        changes.record(vla_api::AdminChange {
+            seq,
+            time_unix_ms: crate::clock::now_ms(),
+            who: self.who.clone(),
+            peer: self.peer.clone(),
+            action: action.into(),
+            target: target.into(),
+            signed_by,
+            before: serde_json::to_value(before).unwrap_or_default(),
+            after: serde_json::to_value(after).unwrap_or_default(),
+        });
     }
 }
 

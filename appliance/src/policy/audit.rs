@@ -295,10 +295,8 @@ mod tests {
             code: None,
             reason: None,
             original_action: Some(vec![1.0]),
-            final_action: None,
             count: 1,
-            last_unix_ms: None,
-            seed: None,
+            ..AuditRecord::default()
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use vla_api::{AuditRecord, PolicyEval, PolicyTrace};
+use vla_api::{AuditRecord, DecisionStep, PolicyEval, PolicyTrace};
 
 use super::bindings::{Action, Decision, RequestContext};
 use super::installed::Installed;
@@ -65,9 +65,23 @@ pub fn check_decision(world: World, decision: Decision, shown: Option<&Action>) 
     Ok(decision)
 }
 
+/// The `severity` label of a denial: the policy's, or `unspecified` (a `vla:policy@0.1.0`
+/// component's denials, or a 0.2.0 one that gave none).
+pub fn severity_label(denial: &super::bindings::Denial) -> &'static str {
+    use super::bindings::Severity;
+    match denial.severity {
+        None => "unspecified",
+        Some(Severity::Low) => "low",
+        Some(Severity::Medium) => "medium",
+        Some(Severity::High) => "high",
+        Some(Severity::Critical) => "critical",
+    }
+}
+
 /// Runs `policies` (one world's chain, in order) on `ctx` and `action`. Blocking.
 ///
-/// Returns the chain's outcome and the audit records it produced (written by the caller).
+/// Returns the chain's outcome, the audit records it produced (written by the caller) and each
+/// policy's step for the replay ring.
 ///
 /// An admission chain gets the request's quota `session`: enforcing policies charge it, shadow
 /// ones only see what a charge would do. If the chain refuses, its charges are given back.
@@ -77,8 +91,9 @@ pub fn run_chain(
     ctx: &RequestContext,
     action: Option<Action>,
     mut session: Option<crate::quota::Session>,
-) -> (Result<Passed, Refusal>, Vec<AuditRecord>) {
+) -> (Result<Passed, Refusal>, Vec<AuditRecord>, Vec<DecisionStep>) {
     let mut evals = Vec::with_capacity(chain.len());
+    let mut steps = Vec::with_capacity(chain.len());
     let mut audit = Vec::new();
     let mut current = action;
     let mut modified = false;
@@ -99,6 +114,10 @@ pub fn run_chain(
             Ok(Decision::Modify(m)) => ("modify", None, Some(m.reason.clone())),
             Err(f) => ("error", Some(f.kind().to_string()), Some(f.to_string())),
         };
+        let severity = match &outcome {
+            Ok(Decision::Deny(d)) if d.severity.is_some() => Some(severity_label(d).to_string()),
+            _ => None,
+        };
         evals.push(PolicyEval {
             name: record.name.clone(),
             version: record.version,
@@ -107,13 +126,37 @@ pub fn run_chain(
             decision: decision.into(),
             code: code.clone(),
             reason: reason.clone(),
+            severity: severity.clone(),
             eval_us,
+        });
+        steps.push(DecisionStep {
+            name: record.name.clone(),
+            version: record.version,
+            world: record.world.as_str().into(),
+            mode: record.mode.as_str().into(),
+            decision: decision.into(),
+            code: code.clone(),
+            severity: severity.clone(),
+            sha256: record.sha256.clone(),
+            config_sha256: policy.config_sha256.clone(),
+            action: match &outcome {
+                Ok(Decision::Modify(m)) => Some(m.action.values.clone()),
+                _ => None,
+            },
         });
         let enforce = record.mode == Mode::Enforce;
         let m = env.metrics;
         match &outcome {
             Ok(Decision::Deny(d)) if enforce => {
-                m.cached(Family::Rejections, &[&record.name, &policy.health.code_label(&d.code)]).inc()
+                let code = policy.health.code_label(&d.code);
+                match record.world {
+                    World::Admission => m.cached(Family::AdmissionRejections, &[&record.name, &code]).inc(),
+                    World::Safety => {
+                        let severity = severity_label(d);
+                        m.cached(Family::Rejections, &[&record.name, &code, severity]).inc();
+                        m.incident(severity, &code);
+                    }
+                }
             }
             Ok(Decision::Modify(_)) if enforce => m.cached(Family::Modifications, &[&record.name]).inc(),
             Err(f) => m.cached(Family::PolicyFailures, &[&record.name, f.kind()]).inc(),
@@ -139,11 +182,15 @@ pub fn run_chain(
                 applied: enforce,
                 code: code.clone(),
                 reason: reason.clone(),
+                severity,
+                instruction: Some(ctx.instruction.clone()),
+                state: Some(ctx.state.clone()),
+                sha256: Some(record.sha256.clone()),
+                config_sha256: Some(policy.config_sha256.clone()),
                 original_action: current.as_ref().map(|a| a.values.clone()),
                 final_action: replacement,
                 count: 1,
-                last_unix_ms: None,
-                seed: None,
+                ..AuditRecord::default()
             });
         }
         if !enforce {
@@ -161,7 +208,7 @@ pub fn run_chain(
                 let m = env.metrics;
                 m.cached(Family::SafetyChecks, &[if failed { "error" } else { "deny" }]).inc();
                 if let Some(status) = &rate_limit {
-                    m.cached(Family::RateLimitHits, &[&ctx.robot_id, status.bucket.as_str()]).inc();
+                    m.rate_limited(&ctx.robot_id, status.bucket.as_str());
                 }
                 // Dropping the charges unkept gives them back.
                 drop(session.and_then(crate::quota::Session::finish));
@@ -174,7 +221,7 @@ pub fn run_chain(
                     rate_limit,
                     trace: PolicyTrace { decision: "deny".into(), policies: evals },
                 };
-                return (Err(refusal), audit);
+                return (Err(refusal), audit, steps);
             }
         }
     }
@@ -182,7 +229,7 @@ pub fn run_chain(
         env.metrics.cached(Family::SafetyChecks, &[if modified { "modify" } else { "allow" }]).inc();
     }
     let charged = session.and_then(crate::quota::Session::finish);
-    (Ok(Passed { evals, action: current, modified, charged }), audit)
+    (Ok(Passed { evals, action: current, modified, charged, steps: Vec::new() }), audit, steps)
 }
 
 impl Installed {
@@ -300,7 +347,9 @@ mod tests {
 
     #[test]
     fn denials_are_bounded() {
-        let deny = |code: &str, reason: &str| Decision::Deny(Denial { code: code.into(), reason: reason.into() });
+        let deny = |code: &str, reason: &str| {
+            Decision::Deny(Denial { code: code.into(), reason: reason.into(), severity: None })
+        };
         assert!(check_decision(World::Admission, deny("c", "r"), None).is_ok());
         assert!(check_decision(World::Admission, deny(&"c".repeat(65), "r"), None).is_err());
         assert!(check_decision(World::Admission, deny("c", &"r".repeat(1025)), None).is_err());

@@ -37,8 +37,15 @@ pub struct PolicyConfig {
     /// A denial (or failure) identical to the robot's previous record within this many ms of
     /// that record's first is folded into it (its `count` goes up); 0 folds nothing.
     pub audit_fold_ms: u64,
-    /// Base64 ed25519 public keys; when any is set, uploads must carry a valid `signature`.
+    /// Recent requests kept with their whole context for replays (every outcome); 0 keeps
+    /// none.
+    pub replay_ring: u64,
+    /// Base64 ed25519 public keys; when any is set, every change to a policy (upload, patch,
+    /// delete) must carry a valid signature of its description by one of them.
     pub trusted_keys: Vec<String>,
+    /// Policies that cannot be disabled, shadowed, replaced or deleted through the API, signed
+    /// or not; each must be installed, enabled and enforcing once the start is done.
+    pub required: Vec<String>,
     /// Policies installed at start when none of that name is stored yet (an operator's later
     /// changes through the admin API win). A missing file stops the start.
     pub preload: Vec<PreloadPolicy>,
@@ -97,7 +104,9 @@ impl Default for PolicyConfig {
             audit_retention: 100_000,
             audit_retention_per_robot: 10_000,
             audit_fold_ms: 60_000,
+            replay_ring: 10_000,
             trusted_keys: Vec::new(),
+            required: Vec::new(),
             preload: vec![
                 // First: a flood is refused before any other policy spends time on it.
                 shipped(
@@ -168,12 +177,20 @@ pub fn check(p: &PolicyConfig) -> Result<(), (String, String)> {
     if !(1..=p.audit_retention).contains(&p.audit_retention_per_robot) {
         return invalid("audit_retention_per_robot", "must be 1 to policy.audit_retention");
     }
+    if p.replay_ring > 1_000_000 {
+        return invalid("replay_ring", "must be at most 1000000");
+    }
     if p.audit_fold_ms > 3_600_000 {
         return invalid("audit_fold_ms", "must be at most 3600000 (an hour)");
     }
     for (i, key) in p.trusted_keys.iter().enumerate() {
         if let Err(problem) = parse_public_key(key) {
             return Err((format!("trusted_keys[{i}]"), problem));
+        }
+    }
+    for (i, name) in p.required.iter().enumerate() {
+        if let Err(problem) = check_name(name) {
+            return Err((format!("required[{i}]"), problem));
         }
     }
     for (i, item) in p.preload.iter().enumerate() {

@@ -17,6 +17,9 @@ pub struct PolicyRecord {
     pub name: String,
     pub world: World,
     pub version: u64,
+    /// The sequence number of the last change to it (see [`vla_api::PolicyInfo::revision`]).
+    #[serde(default)]
+    pub revision: u64,
     pub order: i64,
     pub mode: Mode,
     pub enabled: bool,
@@ -38,8 +41,9 @@ pub struct PolicyRecord {
 pub struct Installed {
     pub record: PolicyRecord,
     pub name: Arc<str>,
-    /// `record.config` as the JSON text the policy reads.
+    /// `record.config` as the JSON text the policy reads, and its SHA-256 (hex).
     pub config: Arc<str>,
+    pub config_sha256: String,
     /// `Err`: the policy cannot run (its file is missing or no longer compiles); enforcing, it
     /// denies every request it sees.
     pub compiled: Result<Compiled, String>,
@@ -118,6 +122,9 @@ pub fn info(p: &Installed) -> PolicyInfo {
         sha256: r.sha256.clone(),
         size_bytes: r.size_bytes,
         signed: r.signed,
+        revision: r.revision,
+        required: false,
+        wit: p.compiled.as_ref().ok().map(|c| c.package_version().to_string()),
         config: r.config.clone(),
         created_unix_ms: r.created_unix_ms,
         updated_unix_ms: r.updated_unix_ms,

@@ -29,14 +29,15 @@ pub mod chain;
 pub mod config;
 pub mod installed;
 pub mod registry;
+pub mod replay;
 pub mod runtime;
 pub mod types;
 
 pub use bindings::{Action, ActionKind, Decision, RequestContext};
 pub use config::{PolicyConfig, PreloadPolicy};
 pub use installed::{Installed, PolicyRecord, PolicySet, action_kind};
-pub use registry::{ChangeError, Policies, Upload};
+pub use registry::{ChangeError, Changed, Policies, Proof, Upload, change_description};
 pub use types::{
-    Health, MAX_CODE_BYTES, MAX_REASON_BYTES, Mode, Passed, Refusal, World, check_name, context, parse_public_key,
-    trace,
+    Health, MAX_CODE_BYTES, MAX_REASON_BYTES, Mode, Passed, Provenance, Refusal, World, check_name, context,
+    parse_public_key, trace,
 };

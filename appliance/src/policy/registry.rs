@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
-use vla_api::{PolicyInfo, PolicyPatch, PolicyTrace};
+use vla_api::{DecisionRecord, DecisionStep, PolicyInfo, PolicyPatch, PolicyTrace};
 
 use super::audit::Audit;
 use super::bindings::{Action, ActionKind, RequestContext};
@@ -22,7 +22,7 @@ use super::chain::{Env, check_decision, run_chain};
 use super::config::PolicyConfig;
 use super::installed::{Installed, PolicyRecord, PolicySet, action_kind, info};
 use super::runtime::{Compiled, Input, Runtime};
-use super::types::{Health, Mode, Passed, Refusal, World, check_name, parse_public_key, trace};
+use super::types::{Health, Mode, Passed, Provenance, Refusal, World, check_name, parse_public_key, trace};
 use crate::metrics::Metrics;
 use crate::quota::{Quotas, Session};
 use crate::spec::ModelSpec;
@@ -34,9 +34,10 @@ pub enum ChangeError {
     /// The component or its metadata is unusable (400 `policy_invalid`).
     #[error("{0}")]
     Invalid(String),
-    /// The signature is missing or does not verify (400 `signature_invalid`).
+    /// Not allowed: unsigned or not signed by a trusted key while `policy.trusted_keys` is
+    /// set, or weakening a policy in `policy.required` (403 `forbidden`).
     #[error("{0}")]
-    Signature(String),
+    Forbidden(String),
     #[error("policy `{0}` is not installed")]
     NotFound(String),
     #[error("{0}")]
@@ -58,8 +59,55 @@ pub struct Upload {
     pub order: Option<i64>,
     pub mode: Option<Mode>,
     pub enabled: Option<bool>,
-    /// Detached ed25519 signature over `bytes`.
+    /// Detached ed25519 signature over the change's description ([`change_description`]), or
+    /// over `bytes` alone for an upload that sets no `config`, `mode`, `order` or `enabled`.
     pub signature: Option<Vec<u8>>,
+    /// SHA-256 (hex) of the `config` field as sent, for the change's description.
+    pub config_sha256: Option<String>,
+}
+
+/// What authorises a patch or a delete when `policy.trusted_keys` is set.
+#[derive(Debug, Clone, Default)]
+pub struct Proof {
+    /// Detached ed25519 signature over the change's description ([`change_description`]).
+    pub signature: Option<Vec<u8>>,
+    /// SHA-256 (hex) of the patch's body as sent.
+    pub body_sha256: String,
+}
+
+/// A change made: the policy after it (`None` when deleted) and before it, for the admin
+/// change trail.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    pub info: Option<PolicyInfo>,
+    pub before: Option<PolicyInfo>,
+    /// The change's sequence number: the policy's new revision.
+    pub revision: u64,
+    /// The trusted key (base64) whose signature authorised it.
+    pub signed_by: Option<String>,
+}
+
+/// The text a trusted key signs to authorise a change to a policy: one `key=value` per line,
+/// each line ending in `\n`, in this order:
+///
+/// ```text
+/// vla-policy-change/1
+/// action=upload|patch|delete
+/// policy=<name>
+/// revision=<the policy's revision now; 0 when it is not installed>
+/// <the action's fields>
+/// ```
+///
+/// An upload's fields are `component-sha256`, `world`, `mode`, `order`, `enabled` and
+/// `config-sha256` (of the `config` field as sent), `-` for one not sent; a patch's is
+/// `body-sha256` (of the body as sent); a delete has none. The revision changes with every
+/// change, so a signed change applies once, to the state it was signed for.
+pub fn change_description(action: &str, policy: &str, revision: u64, fields: &[(&str, String)]) -> String {
+    let mut text = format!("vla-policy-change/1\naction={action}\npolicy={policy}\nrevision={revision}\n");
+    for (key, value) in fields {
+        text.push_str(&format!("{key}={value}\n"));
+    }
+    text
 }
 
 /// What dry runs are shown: a request to the default model as it is configured.
@@ -95,11 +143,16 @@ impl Sample {
 pub struct Policies {
     runtime: Arc<Runtime>,
     config: PolicyConfig,
-    trusted_keys: Vec<[u8; 32]>,
+    /// Each trusted key, parsed and as configured (base64).
+    trusted_keys: Vec<([u8; 32], String)>,
     dir: PathBuf,
     /// Tree `policies` is asked of it for each change, never kept (see [`crate::store`]).
     store: Arc<Store>,
     audit: Audit,
+    /// The replay ring of recent requests.
+    ring: super::replay::Ring,
+    /// One replay at a time.
+    replaying: Mutex<()>,
     set: RwLock<Arc<PolicySet>>,
     /// Counters and breaker per name, kept across versions.
     health: Mutex<HashMap<String, Arc<Health>>>,
@@ -129,7 +182,8 @@ impl Policies {
         let runtime = Runtime::new(config, &data_dir.join("policy-cache"))?;
         let dir = data_dir.join("policies");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let trusted_keys = config.trusted_keys.iter().map(|k| parse_public_key(k)).collect::<Result<_, _>>()?;
+        let trusted_keys =
+            config.trusted_keys.iter().map(|k| Ok((parse_public_key(k)?, k.clone()))).collect::<Result<_, String>>()?;
         store.tree("policies").map_err(|e| e.to_string())?;
         let bounds = super::audit::Bounds {
             retention: config.audit_retention,
@@ -137,6 +191,7 @@ impl Policies {
             fold_ms: config.audit_fold_ms,
         };
         let audit = Audit::open(store.clone(), bounds).map_err(|e| e.to_string())?;
+        let ring = super::replay::Ring::open(store.clone(), config.replay_ring).map_err(|e| e.to_string())?;
         let policies = Policies {
             runtime: Arc::new(runtime),
             config: config.clone(),
@@ -144,6 +199,8 @@ impl Policies {
             dir,
             store: store.clone(),
             audit,
+            ring,
+            replaying: Mutex::new(()),
             set: RwLock::new(Arc::new(PolicySet::default())),
             health: Mutex::new(HashMap::new()),
             write: Mutex::new(()),
@@ -154,6 +211,7 @@ impl Policies {
         };
         policies.restore()?;
         policies.preload()?;
+        policies.check_required()?;
         Ok(policies)
     }
 
@@ -188,7 +246,10 @@ impl Policies {
     }
 
     /// Runs `chain` off the async workers, holding one of the sandbox's slots, and records what
-    /// it decided in the audit log (with the request's noise `seed`, to replay it).
+    /// it decided in the audit log (with the request's `provenance`, to replay it). The request
+    /// goes into the replay ring once its policy stage is over: after its safety chain (with
+    /// the admission chain's steps, `prior`), or when admission refused it.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         self: &Arc<Self>,
         set: &Arc<PolicySet>,
@@ -196,14 +257,15 @@ impl Policies {
         ctx: RequestContext,
         group: String,
         action: Option<Action>,
-        seed: Option<u64>,
+        provenance: Provenance,
+        prior: Vec<DecisionStep>,
     ) -> Result<Passed, Box<Refusal>> {
         let chain = match world {
             World::Admission => &set.admission,
             World::Safety => &set.safety,
         };
-        if chain.iter().all(|p| !p.record.enabled) {
-            return Ok(Passed { evals: Vec::new(), action, modified: false, charged: None });
+        if chain.iter().all(|p| !p.record.enabled) && prior.is_empty() {
+            return Ok(Passed { evals: Vec::new(), action, modified: false, charged: None, steps: Vec::new() });
         }
         let refusal = |reason: String| {
             Box::new(Refusal {
@@ -230,15 +292,48 @@ impl Policies {
             };
             let session = (world == World::Admission)
                 .then(|| Session::new(policies.quotas.clone(), &ctx.robot_id, &group, ctx.time_ms));
-            let (outcome, mut audit) = run_chain(policies.env(), chain, &ctx, action, session);
+            let proposed = action.clone();
+            let (outcome, mut audit, steps) = run_chain(policies.env(), chain, &ctx, action, session);
             for record in &mut audit {
-                record.seed = seed;
+                record.seed = provenance.seed;
+                record.model_version.clone_from(&provenance.model_version);
             }
             policies.audit.append(audit);
+            let mut all = prior;
+            all.extend(steps);
+            if world == World::Admission && outcome.is_ok() {
+                return outcome.map(|passed| Passed { steps: all, ..passed }).map_err(Box::new);
+            }
+            let (decision, final_action) = match &outcome {
+                Ok(passed) => (if passed.modified { "modify" } else { "allow" }, passed.action.as_ref()),
+                Err(refusal) => (if refusal.failed { "error" } else { "deny" }, None),
+            };
+            policies.ring.append(DecisionRecord {
+                seq: 0,
+                time_unix_ms: ctx.time_ms,
+                request_id: ctx.request_id.clone(),
+                robot_id: ctx.robot_id.clone(),
+                robot_type: ctx.robot_type.clone(),
+                model: ctx.model.clone(),
+                model_version: provenance.model_version.clone(),
+                instruction: ctx.instruction.clone(),
+                state: Some(ctx.state.clone()),
+                seed: provenance.seed,
+                decision: decision.into(),
+                action_kind: proposed.as_ref().map(|a| kind_name(a.kind).into()),
+                dof: proposed.as_ref().map_or(0, |a| a.dof),
+                horizon: proposed.as_ref().map_or(0, |a| a.horizon),
+                final_action: final_action.map(|a| a.values.clone()),
+                proposed_action: proposed.map(|a| a.values),
+                policies: all,
+            });
             outcome.map_err(Box::new)
         })
         .await;
-        joined.unwrap_or_else(|e| Err(refusal(format!("policy task failed: {e}"))))
+        joined.unwrap_or_else(|e| {
+            self.metrics.cached(crate::metrics::Family::Exceptions, &["panic"]).inc();
+            Err(refusal(format!("policy task failed: {e}")))
+        })
     }
 
     /// The admission chain for one request from a robot of `group`; a refusal is the robot's
@@ -248,9 +343,9 @@ impl Policies {
         set: &Arc<PolicySet>,
         ctx: &RequestContext,
         group: &str,
-        seed: Option<u64>,
+        provenance: Provenance,
     ) -> Result<Passed, Box<Refusal>> {
-        self.run(set, World::Admission, ctx.clone(), group.into(), None, seed).await
+        self.run(set, World::Admission, ctx.clone(), group.into(), None, provenance, Vec::new()).await
     }
 
     /// The safety chain on `proposed` (the model's action, checked by the host: its shape is
@@ -262,9 +357,10 @@ impl Policies {
         ctx: RequestContext,
         admitted: &Passed,
         proposed: Action,
-        seed: Option<u64>,
+        provenance: Provenance,
     ) -> Result<(Vec<f32>, PolicyTrace), Box<Refusal>> {
-        match self.run(set, World::Safety, ctx, String::new(), Some(proposed), seed).await {
+        match self.run(set, World::Safety, ctx, String::new(), Some(proposed), provenance, admitted.steps.clone()).await
+        {
             Ok(passed) => {
                 let trace = trace(admitted, &passed);
                 Ok((passed.action.map(|a| a.values).unwrap_or_default(), trace))
@@ -278,22 +374,127 @@ impl Policies {
         }
     }
 
+    /// The replay ring of recent requests.
+    pub fn ring(&self) -> &super::replay::Ring {
+        &self.ring
+    }
+
+    /// Replays a candidate against the ring (see [`super::replay`]): the installed policy
+    /// `name` (with `request.config` when given) or, with `upload`, an uploaded component
+    /// standing in for `name`. Off the request path: one replay at a time, holding one sandbox
+    /// slot, each call within the usual limits.
+    pub async fn replay(
+        self: &Arc<Self>,
+        name: &str,
+        upload: Option<Upload>,
+        request: vla_api::ReplayRequest,
+    ) -> Result<vla_api::ReplayReport, ChangeError> {
+        let limit = request.limit.unwrap_or(super::replay::DEFAULT_LIMIT);
+        if limit == 0 || limit > super::replay::MAX_LIMIT {
+            return Err(ChangeError::Invalid(format!("field `limit`: must be 1-{}", super::replay::MAX_LIMIT)));
+        }
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return Err(ChangeError::Conflict("the policy sandbox is shutting down".into()));
+        };
+        let policies = self.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let Ok(_one) = policies.replaying.try_lock() else {
+                return Err(ChangeError::Conflict("another replay is running; try again when it is done".into()));
+            };
+            let candidate = policies.candidate(&name, upload, &request)?;
+            let records = policies.ring.recent(request.since_unix_ms, limit)?;
+            Ok(super::replay::replay(&policies.runtime, &policies.quotas, &candidate, &records))
+        })
+        .await
+        .map_err(|e| ChangeError::Io(format!("replay task failed: {e}")))?
+    }
+
+    /// The candidate of a replay (see [`Policies::replay`]).
+    fn candidate(
+        &self,
+        name: &str,
+        upload: Option<Upload>,
+        request: &vla_api::ReplayRequest,
+    ) -> Result<super::replay::Candidate, ChangeError> {
+        let installed = self.snapshot().get(name).cloned();
+        let config_text = |config: &serde_json::Value| -> Result<Arc<str>, ChangeError> {
+            check_config(config)?;
+            Ok(serde_json::to_string(config).unwrap_or_default().into())
+        };
+        let replaces = request.replaces.clone().unwrap_or_else(|| name.to_string());
+        match upload {
+            Some(upload) => {
+                let world = upload
+                    .world
+                    .or(installed.as_ref().map(|p| p.record.world))
+                    .ok_or_else(|| ChangeError::Invalid("field `world`: required (`admission` or `safety`)".into()))?;
+                if upload.bytes.len() > self.config.max_component_bytes {
+                    return Err(ChangeError::Invalid(format!(
+                        "field `component`: {} bytes, more than policy.max_component_bytes ({})",
+                        upload.bytes.len(),
+                        self.config.max_component_bytes
+                    )));
+                }
+                let compiled = self
+                    .runtime
+                    .compile(&upload.bytes, world)
+                    .map_err(|p| ChangeError::Invalid(format!("field `component`: {p}")))?;
+                let config = match upload.config.as_ref().or(request.config.as_ref()) {
+                    Some(c) => config_text(c)?,
+                    None => installed.as_ref().map_or_else(|| "{}".into(), |p| p.config.clone()),
+                };
+                Ok(super::replay::Candidate {
+                    name: name.into(),
+                    world,
+                    compiled,
+                    config_sha256: hex(&Sha256::digest(config.as_bytes())),
+                    config,
+                    sha256: hex(&Sha256::digest(&upload.bytes)),
+                    replaces,
+                })
+            }
+            None => {
+                let installed = installed.ok_or_else(|| ChangeError::NotFound(name.into()))?;
+                let compiled = installed.compiled.clone().map_err(|p| {
+                    ChangeError::Invalid(format!("policy `{name}` cannot run ({p}); upload a candidate instead"))
+                })?;
+                let config = match &request.config {
+                    Some(c) => config_text(c)?,
+                    None => installed.config.clone(),
+                };
+                Ok(super::replay::Candidate {
+                    name: installed.name.clone(),
+                    world: installed.record.world,
+                    compiled,
+                    config_sha256: hex(&Sha256::digest(config.as_bytes())),
+                    config,
+                    sha256: installed.record.sha256.clone(),
+                    replaces,
+                })
+            }
+        }
+    }
+
     /// Every installed policy, in run order (admission first).
     pub fn list(&self) -> Vec<PolicyInfo> {
-        self.snapshot().all().map(|p| info(p)).collect()
+        self.snapshot().all().map(|p| self.info(p)).collect()
     }
 
     pub fn get(&self, name: &str) -> Option<PolicyInfo> {
-        self.snapshot().get(name).map(|p| info(p))
+        self.snapshot().get(name).map(|p| self.info(p))
     }
 
-    /// Installs `upload` as a new policy or a new version of one. Returns it and whether it is
-    /// new. Blocking (compiles).
-    pub fn upload(&self, upload: Upload) -> Result<(PolicyInfo, bool), ChangeError> {
+    /// Installs `upload` as a new policy or a new version of one. Blocking (compiles).
+    pub fn upload(&self, upload: Upload) -> Result<Changed, ChangeError> {
         let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         check_name(&upload.name).map_err(|p| ChangeError::Invalid(format!("field `name`: {p}")))?;
-        let signed = self.verify_signature(&upload)?;
         let previous = self.snapshot().get(&upload.name).cloned();
+        let signed_by = self.verify_upload(&upload, previous.as_ref().map_or(0, |p| p.record.revision))?;
+        if self.is_required(&upload.name) && (upload.mode == Some(Mode::Shadow) || upload.enabled == Some(false)) {
+            return Err(self.required_refusal(&upload.name, "shadowed or disabled"));
+        }
         let world = match (upload.world, &previous) {
             (Some(w), Some(p)) if w != p.record.world => {
                 return Err(ChangeError::Conflict(format!(
@@ -315,13 +516,14 @@ impl Policies {
         let record = PolicyRecord {
             name: upload.name.clone(),
             world,
+            revision: self.next_revision()?,
             version: previous.as_ref().map_or(1, |p| p.record.version + 1),
             order: upload.order.or(previous.as_ref().map(|p| p.record.order)).unwrap_or(100),
             mode: upload.mode.or(previous.as_ref().map(|p| p.record.mode)).unwrap_or(Mode::Enforce),
             enabled: upload.enabled.or(previous.as_ref().map(|p| p.record.enabled)).unwrap_or(true),
             sha256: hex(&Sha256::digest(&upload.bytes)),
             size_bytes: upload.bytes.len() as u64,
-            signed,
+            signed: signed_by.is_some(),
             config,
             created_unix_ms: previous.as_ref().map_or(now, |p| p.record.created_unix_ms),
             updated_unix_ms: now,
@@ -338,14 +540,22 @@ impl Policies {
             sha256 = %installed.record.sha256,
             "policy installed"
         );
-        Ok((info(&installed), previous.is_none()))
+        Ok(Changed {
+            revision: installed.record.revision,
+            info: Some(self.info(&installed)),
+            before: previous.map(|p| self.info(&p)),
+            signed_by,
+        })
     }
 
     /// Applies `patch` to the policy `name`. Any patch also closes its circuit breaker.
-    pub fn patch(&self, name: &str, patch: PolicyPatch) -> Result<PolicyInfo, ChangeError> {
+    pub fn patch(&self, name: &str, patch: PolicyPatch, proof: &Proof) -> Result<Changed, ChangeError> {
         let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         let set = self.snapshot();
         let current = set.get(name).ok_or_else(|| ChangeError::NotFound(name.into()))?;
+        let description =
+            change_description("patch", name, current.record.revision, &[("body-sha256", proof.body_sha256.clone())]);
+        let signed_by = self.authorise(&description, proof.signature.as_deref())?;
         let mode = patch
             .mode
             .as_deref()
@@ -366,6 +576,7 @@ impl Policies {
             Some(other) if other == name => {
                 return Err(ChangeError::Invalid("field `replace`: a policy cannot replace itself".into()));
             }
+            Some(other) if self.is_required(other) => return Err(self.required_refusal(other, "replaced")),
             Some(other) => {
                 let other = set.get(other).ok_or_else(|| ChangeError::NotFound(other.clone()))?;
                 if other.record.world != current.record.world {
@@ -377,7 +588,11 @@ impl Policies {
                 Some(other.record.name.clone())
             }
         };
+        if self.is_required(name) && (patch.enabled == Some(false) || mode == Some(Mode::Shadow)) {
+            return Err(self.required_refusal(name, "shadowed or disabled"));
+        }
         let mut record = current.record.clone();
+        record.revision = self.next_revision()?;
         record.enabled = patch.enabled.unwrap_or(record.enabled);
         record.mode = mode.unwrap_or(record.mode);
         record.order = patch.order.unwrap_or(record.order);
@@ -399,6 +614,7 @@ impl Policies {
                 record,
                 name: current.name.clone(),
                 config: current.config.clone(),
+                config_sha256: current.config_sha256.clone(),
                 compiled: current.compiled.clone(),
                 health: current.health.clone(),
                 duration: current.duration.clone(),
@@ -407,17 +623,73 @@ impl Policies {
         };
         self.commit(Some(installed.clone()), replaced.as_deref())?;
         tracing::info!(policy = name, version = installed.record.version, ?replaced, "policy changed");
-        Ok(info(&installed))
+        Ok(Changed {
+            revision: installed.record.revision,
+            info: Some(self.info(&installed)),
+            before: Some(self.info(current)),
+            signed_by,
+        })
     }
 
     /// Removes the policy `name`; requests already past it finish with it.
-    pub fn delete(&self, name: &str) -> Result<(), ChangeError> {
+    pub fn delete(&self, name: &str, proof: &Proof) -> Result<Changed, ChangeError> {
         let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.snapshot().get(name).is_none() {
+        let Some(current) = self.snapshot().get(name).cloned() else {
             return Err(ChangeError::NotFound(name.into()));
+        };
+        let description = change_description("delete", name, current.record.revision, &[]);
+        let signed_by = self.authorise(&description, proof.signature.as_deref())?;
+        if self.is_required(name) {
+            return Err(self.required_refusal(name, "deleted"));
         }
+        let revision = self.next_revision()?;
         self.commit(None, Some(name))?;
         tracing::info!(policy = name, "policy deleted");
+        Ok(Changed { info: None, before: Some(self.info(&current)), revision, signed_by })
+    }
+
+    /// A policy as the admin API shows it.
+    fn info(&self, p: &Installed) -> PolicyInfo {
+        PolicyInfo { required: self.is_required(&p.record.name), ..info(p) }
+    }
+
+    fn is_required(&self, name: &str) -> bool {
+        self.config.required.iter().any(|r| r == name)
+    }
+
+    fn required_refusal(&self, name: &str, what: &str) -> ChangeError {
+        ChangeError::Forbidden(format!(
+            "policy `{name}` is in policy.required: it cannot be {what} through the admin API (change the configuration and restart to remove it from the list)"
+        ))
+    }
+
+    /// The next change's sequence number (shared with the admin change trail).
+    fn next_revision(&self) -> Result<u64, ChangeError> {
+        let db = self.store.db()?;
+        // sled's ids start at 0, which means "not installed" in a signed change.
+        Ok(db.generate_id().map_err(|e| self.store.fault(e))? + 1)
+    }
+
+    /// Every `policy.required` policy is installed, enabled and enforcing: the start stops
+    /// otherwise.
+    fn check_required(&self) -> Result<(), String> {
+        let set = self.snapshot();
+        for name in &self.config.required {
+            match set.get(name) {
+                None => {
+                    return Err(format!(
+                        "policy.required names `{name}`, which is not installed (add it to policy.preload)"
+                    ));
+                }
+                Some(p) if !p.record.enabled || p.record.mode != Mode::Enforce => {
+                    return Err(format!(
+                        "policy.required names `{name}`, which is {} (enable it in enforce mode before requiring it)",
+                        if p.record.enabled { "in shadow mode" } else { "disabled" }
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
         Ok(())
     }
 
@@ -500,10 +772,12 @@ impl Policies {
     fn installed(&self, record: PolicyRecord, compiled: Result<Compiled, String>) -> Arc<Installed> {
         let health =
             self.health.lock().unwrap_or_else(PoisonError::into_inner).entry(record.name.clone()).or_default().clone();
+        let config = serde_json::to_string(&record.config).unwrap_or_default();
         Arc::new(Installed {
             duration: self.metrics.safety_duration.with_label_values(&[&record.name]),
             name: record.name.as_str().into(),
-            config: serde_json::to_string(&record.config).unwrap_or_default().into(),
+            config_sha256: hex(&Sha256::digest(&config)),
+            config: config.into(),
             record,
             compiled,
             health,
@@ -511,30 +785,55 @@ impl Policies {
         })
     }
 
-    fn verify_signature(&self, upload: &Upload) -> Result<bool, ChangeError> {
-        use ring::signature::{ED25519, UnparsedPublicKey};
-        match (&upload.signature, self.trusted_keys.is_empty()) {
-            (None, true) => Ok(false),
-            (None, false) => Err(ChangeError::Signature(
-                "field `signature`: required; policy.trusted_keys is set, so uploads must be signed".into(),
-            )),
-            (Some(_), true) => Err(ChangeError::Signature(
+    /// Checks an upload's signature: over its description, or (an upload setting no metadata)
+    /// over the component alone. Returns the key that signed it.
+    fn verify_upload(&self, upload: &Upload, revision: u64) -> Result<Option<String>, ChangeError> {
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let fields = [
+            ("component-sha256", hex(&Sha256::digest(&upload.bytes))),
+            ("world", or_dash(upload.world.map(|w| w.to_string()))),
+            ("mode", or_dash(upload.mode.map(|m| m.as_str().to_string()))),
+            ("order", or_dash(upload.order.map(|o| o.to_string()))),
+            ("enabled", or_dash(upload.enabled.map(|e| e.to_string()))),
+            ("config-sha256", or_dash(upload.config_sha256.clone())),
+        ];
+        let description = change_description("upload", &upload.name, revision, &fields);
+        let metadata =
+            upload.config.is_some() || upload.mode.is_some() || upload.order.is_some() || upload.enabled.is_some();
+        if !metadata
+            && let Some(signature) = &upload.signature
+            && let Some(key) = self.signed_by(&upload.bytes, signature)
+        {
+            return Ok(Some(key));
+        }
+        self.authorise(&description, upload.signature.as_deref())
+    }
+
+    /// Checks that `signature` signs `description` by a trusted key, when any is configured.
+    fn authorise(&self, description: &str, signature: Option<&[u8]>) -> Result<Option<String>, ChangeError> {
+        match (signature, self.trusted_keys.is_empty()) {
+            (None, true) => Ok(None),
+            (None, false) => Err(ChangeError::Forbidden(format!(
+                "policy.trusted_keys is set: this change must be signed by a trusted key; sign exactly this text (README, Policies): {description:?}"
+            ))),
+            (Some(_), true) => Err(ChangeError::Invalid(
                 "field `signature`: cannot be verified, no policy.trusted_keys are configured".into(),
             )),
-            (Some(signature), false) => {
-                if self
-                    .trusted_keys
-                    .iter()
-                    .any(|k| UnparsedPublicKey::new(&ED25519, k).verify(&upload.bytes, signature).is_ok())
-                {
-                    Ok(true)
-                } else {
-                    Err(ChangeError::Signature(
-                        "field `signature`: not a valid ed25519 signature of the component by a trusted key".into(),
-                    ))
-                }
-            }
+            (Some(signature), false) => self.signed_by(description.as_bytes(), signature).map(Some).ok_or_else(|| {
+                ChangeError::Forbidden(format!(
+                    "the signature is not a valid ed25519 signature by a trusted key of this change: {description:?}"
+                ))
+            }),
         }
+    }
+
+    /// The trusted key (base64) that signed `message`, if one did.
+    fn signed_by(&self, message: &[u8], signature: &[u8]) -> Option<String> {
+        use ring::signature::{ED25519, UnparsedPublicKey};
+        self.trusted_keys
+            .iter()
+            .find(|(k, _)| UnparsedPublicKey::new(&ED25519, k).verify(message, signature).is_ok())
+            .map(|(_, b64)| b64.clone())
     }
 
     fn component_path(&self, sha256: &str) -> PathBuf {
@@ -641,6 +940,7 @@ impl Policies {
             let record = PolicyRecord {
                 name: item.name.clone(),
                 world,
+                revision: self.next_revision().map_err(|e| e.to_string())?,
                 version: current.as_ref().map_or(1, |p| p.record.version + 1),
                 order: item.order,
                 mode,
@@ -661,6 +961,15 @@ impl Policies {
             tracing::info!(policy = %item.name, version = installed.record.version, "policy installed from the configuration");
         }
         Ok(())
+    }
+}
+
+/// An action kind as the WIT names it.
+fn kind_name(kind: ActionKind) -> &'static str {
+    match kind {
+        ActionKind::JointVelocity => "joint-velocity",
+        ActionKind::JointPosition => "joint-position",
+        ActionKind::EndEffectorDelta => "end-effector-delta",
     }
 }
 

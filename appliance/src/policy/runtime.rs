@@ -16,8 +16,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 
 use super::bindings::{
-    ADMISSION_IMPORTS, Action, Admission, AdmissionPre, Decision, LogLevel, PACKAGE_VERSION, RequestContext,
-    SAFETY_IMPORTS, SafetyPre, host, quota, types,
+    ADMISSION_IMPORTS, Action, Admission, AdmissionPre, Decision, LogLevel, PACKAGE_VERSIONS, RequestContext,
+    SAFETY_IMPORTS, SafetyPre, host, quota, types, v0_1,
 };
 use super::config::PolicyConfig;
 use super::types::World;
@@ -29,11 +29,24 @@ const LOG_LINE_BYTES: usize = 512;
 /// Epoch tick: the granularity of the wall-clock budget.
 const TICK: Duration = Duration::from_millis(1);
 
-/// A compiled policy, ready to instantiate.
+/// A compiled policy, ready to instantiate, built against `vla:policy@0.2.0` or (`…V0_1`)
+/// `@0.1.0`.
 #[derive(Clone)]
 pub enum Compiled {
     Admission(AdmissionPre<HostState>),
     Safety(SafetyPre<HostState>),
+    AdmissionV0_1(v0_1::AdmissionPre<HostState>),
+    SafetyV0_1(v0_1::SafetyPre<HostState>),
+}
+
+impl Compiled {
+    /// The WIT package version the component was built against.
+    pub fn package_version(&self) -> &'static str {
+        match self {
+            Compiled::Admission(_) | Compiled::Safety(_) => "0.2.0",
+            Compiled::AdmissionV0_1(_) | Compiled::SafetyV0_1(_) => "0.1.0",
+        }
+    }
 }
 
 impl std::fmt::Debug for Compiled {
@@ -41,6 +54,8 @@ impl std::fmt::Debug for Compiled {
         f.write_str(match self {
             Compiled::Admission(_) => "Compiled::Admission",
             Compiled::Safety(_) => "Compiled::Safety",
+            Compiled::AdmissionV0_1(_) => "Compiled::AdmissionV0_1",
+            Compiled::SafetyV0_1(_) => "Compiled::SafetyV0_1",
         })
     }
 }
@@ -148,6 +163,77 @@ impl quota::Host for HostState {
     }
 }
 
+// `vla:policy@0.1.0`'s imports: the same host, its values converted.
+impl v0_1::types::Host for HostState {}
+
+impl v0_1::host::Host for HostState {
+    fn log(&mut self, level: v0_1::host::LogLevel, message: String) {
+        let level = match level {
+            v0_1::host::LogLevel::Debug => LogLevel::Debug,
+            v0_1::host::LogLevel::Info => LogLevel::Info,
+            v0_1::host::LogLevel::Warn => LogLevel::Warn,
+            v0_1::host::LogLevel::Error => LogLevel::Error,
+        };
+        host::Host::log(self, level, message)
+    }
+
+    fn config(&mut self) -> String {
+        host::Host::config(self)
+    }
+}
+
+impl v0_1::quota::Host for HostState {
+    fn peek(
+        &mut self,
+        scope: v0_1::quota::Scope,
+        defaults: v0_1::quota::Limits,
+    ) -> wasmtime::Result<Vec<v0_1::quota::Status>> {
+        let statuses = quota::Host::peek(self, scope_now(scope), limits_now(defaults))?;
+        Ok(statuses.iter().map(status_v0_1).collect())
+    }
+
+    fn try_consume(
+        &mut self,
+        scope: v0_1::quota::Scope,
+        defaults: v0_1::quota::Limits,
+        amount: u32,
+    ) -> wasmtime::Result<Result<Vec<v0_1::quota::Status>, v0_1::quota::Status>> {
+        Ok(match quota::Host::try_consume(self, scope_now(scope), limits_now(defaults), amount)? {
+            Ok(statuses) => Ok(statuses.iter().map(status_v0_1).collect()),
+            Err(refused) => Err(status_v0_1(&refused)),
+        })
+    }
+}
+
+fn scope_now(s: v0_1::quota::Scope) -> quota::Scope {
+    match s {
+        v0_1::quota::Scope::Robot => quota::Scope::Robot,
+        v0_1::quota::Scope::Group => quota::Scope::Group,
+    }
+}
+
+fn limits_now(l: v0_1::quota::Limits) -> quota::Limits {
+    quota::Limits {
+        rate: l.rate.map(|r| quota::RateLimit { requests: r.requests, period_ms: r.period_ms, burst: r.burst }),
+        day: l.day,
+        month: l.month,
+    }
+}
+
+fn status_v0_1(s: &quota::Status) -> v0_1::quota::Status {
+    v0_1::quota::Status {
+        bucket: match s.bucket {
+            quota::Bucket::Rate => v0_1::quota::Bucket::Rate,
+            quota::Bucket::Day => v0_1::quota::Bucket::Day,
+            quota::Bucket::Month => v0_1::quota::Bucket::Month,
+        },
+        limit: s.limit,
+        remaining: s.remaining,
+        reset_ms: s.reset_ms,
+        retry_after_ms: s.retry_after_ms,
+    }
+}
+
 fn no_quota() -> wasmtime::Error {
     wasmtime::format_err!("the quota store is only available to admission policies serving a request")
 }
@@ -250,8 +336,9 @@ impl Runtime {
         let engine = Engine::new(&wasm).map_err(|e| format!("WebAssembly engine: {e}"))?;
 
         let mut linker = Linker::new(&engine);
-        // Both worlds import the same interfaces; one linker serves both.
+        // Both worlds import the same interfaces; one linker serves both, at both versions.
         Admission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| format!("linker: {e}"))?;
+        v0_1::Admission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| format!("linker: {e}"))?;
 
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -299,7 +386,11 @@ impl Runtime {
             return Err(format!(
                 "imports {} beyond the {world} world's {}; policies get no WASI or other capabilities",
                 offending.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
-                imports_of(world).iter().map(|i| format!("`{i}@{PACKAGE_VERSION}`")).collect::<Vec<_>>().join(", ")
+                imports_of(world)
+                    .iter()
+                    .map(|i| format!("`{i}@{}`", PACKAGE_VERSIONS[0]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
@@ -317,14 +408,15 @@ impl Runtime {
             return Err(format!("does not implement the {world} world: no export `{wanted}`{hint}"));
         }
         let pre = self.linker.instantiate_pre(&component).map_err(|e| format!("cannot be linked: {e:#}"))?;
-        match world {
-            World::Admission => AdmissionPre::new(pre)
-                .map(Compiled::Admission)
-                .map_err(|e| format!("does not implement the admission world: {e:#}")),
-            World::Safety => SafetyPre::new(pre)
-                .map(Compiled::Safety)
-                .map_err(|e| format!("does not implement the safety world: {e:#}")),
+        // The export's types say which version it was built against.
+        let v0_1 = ty.imports(&self.engine).any(|(name, _)| name.starts_with("vla:policy/") && name.contains("@0.1."));
+        match (world, v0_1) {
+            (World::Admission, false) => AdmissionPre::new(pre).map(Compiled::Admission),
+            (World::Safety, false) => SafetyPre::new(pre).map(Compiled::Safety),
+            (World::Admission, true) => v0_1::AdmissionPre::new(pre).map(Compiled::AdmissionV0_1),
+            (World::Safety, true) => v0_1::SafetyPre::new(pre).map(Compiled::SafetyV0_1),
         }
+        .map_err(|e| format!("does not implement the {world} world: {e:#}"))
     }
 
     /// One call, instantiation included, within every limit. Blocking.
@@ -376,6 +468,22 @@ impl Runtime {
                     return (Err(failure), store.into_data().quota);
                 }
             },
+            (Compiled::AdmissionV0_1(pre), Input::Admit(ctx)) => match pre.instantiate(&mut store) {
+                Ok(bindings) => bindings.call_admit(&mut store, &v0_1::context(ctx)).map(v0_1::decision),
+                Err(e) => {
+                    let failure = self.classify(e, &store, true);
+                    return (Err(failure), store.into_data().quota);
+                }
+            },
+            (Compiled::SafetyV0_1(pre), Input::Evaluate(ctx, action)) => match pre.instantiate(&mut store) {
+                Ok(bindings) => {
+                    bindings.call_evaluate(&mut store, &v0_1::context(ctx), &v0_1::action(action)).map(v0_1::decision)
+                }
+                Err(e) => {
+                    let failure = self.classify(e, &store, true);
+                    return (Err(failure), store.into_data().quota);
+                }
+            },
             _ => {
                 let failure = Failure::Instantiate("policy called with the other world's input".into());
                 return (Err(failure), store.into_data().quota);
@@ -413,8 +521,10 @@ fn imports_of(world: World) -> &'static [&'static str] {
 
 fn allowed_import(world: World, name: &str) -> bool {
     let (interface, version) = name.split_once('@').unwrap_or((name, ""));
-    let compatible = version == PACKAGE_VERSION
-        || version.strip_prefix("0.1.").is_some_and(|patch| patch.chars().all(|c| c.is_ascii_digit()));
+    // A patch release of either version the host implements.
+    let compatible = ["0.2.", "0.1."].iter().any(|minor| {
+        version.strip_prefix(minor).is_some_and(|patch| !patch.is_empty() && patch.chars().all(|c| c.is_ascii_digit()))
+    });
     imports_of(world).contains(&interface) && compatible
 }
 
@@ -447,7 +557,9 @@ mod tests {
         assert!(allowed_import(a, "vla:policy/types@0.1.3"));
         assert!(allowed_import(a, "vla:policy/quota@0.1.0"));
         assert!(!allowed_import(World::Safety, "vla:policy/quota@0.1.0"));
-        assert!(!allowed_import(a, "vla:policy/host@0.2.0"));
+        assert!(allowed_import(a, "vla:policy/host@0.2.0"));
+        assert!(allowed_import(World::Safety, "vla:policy/types@0.2.1"));
+        assert!(!allowed_import(a, "vla:policy/host@0.3.0"));
         assert!(!allowed_import(a, "vla:policy/host"));
         assert!(!allowed_import(a, "wasi:filesystem/types@0.2.0"));
         assert!(!allowed_import(a, "wasi:cli/environment@0.2.0"));

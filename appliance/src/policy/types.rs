@@ -188,6 +188,8 @@ pub struct Passed {
     /// What the admission chain charged to the robot's quotas; given back unless the request
     /// [keeps](Passed::keep_charges) it.
     pub charged: Option<Arc<crate::quota::Charged>>,
+    /// The admission chain's steps, carried to the safety chain for the replay ring.
+    pub steps: Vec<vla_api::DecisionStep>,
 }
 
 impl Passed {
@@ -213,6 +215,14 @@ pub fn trace(admission: &Passed, safety: &Passed) -> PolicyTrace {
     policies.extend(safety.evals.iter().cloned());
     let decision = if admission.modified || safety.modified { "modify" } else { "allow" };
     PolicyTrace { decision: decision.into(), policies }
+}
+
+/// What a request's audit records carry beside its context, to replay it: the noise seed it
+/// ran with and the serving model's version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Provenance {
+    pub seed: Option<u64>,
+    pub model_version: Option<String>,
 }
 
 /// What a request's policies see of it. `time_ms` is the host's clock at arrival, so a

@@ -299,6 +299,13 @@ impl TestAppliance {
         self.admin(reqwest::Method::POST, "/admin/policies").multipart(form).send().await.unwrap()
     }
 
+    /// Stops, handing back the data directory (to work on the store offline).
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        self.signal_shutdown();
+        self.task.take().unwrap().await.unwrap().unwrap();
+        std::mem::replace(&mut self.data, tempfile::tempdir().unwrap())
+    }
+
     /// Signals shutdown and waits for `run` to return.
     pub async fn stop(mut self) -> Result<(), appliance::RunError> {
         self.signal_shutdown();

@@ -15,7 +15,7 @@ mod bindings {
 use bindings::{Decision, Guest, RequestContext};
 use guest_util::truncate_reason;
 
-use bindings::vla::policy::types::Denial;
+use bindings::vla::policy::types::{Denial, Severity};
 
 struct InstructionFilter;
 
@@ -76,7 +76,9 @@ pub fn decide(config_json: &str, ctx: &RequestContext) -> Decision {
 }
 
 fn deny(code: &str, reason: String) -> Decision {
-    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason) })
+    // An instruction refused before anything was computed: nothing reached the robot.
+    let severity = Severity::Medium;
+    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason), severity: Some(severity) })
 }
 
 #[cfg(test)]
@@ -99,7 +101,7 @@ mod tests {
 
     fn denied(d: Decision) -> (String, String) {
         match d {
-            Decision::Deny(Denial { code, reason }) => (code, reason),
+            Decision::Deny(Denial { code, reason, .. }) => (code, reason),
             other => panic!("expected deny, got {other:?}"),
         }
     }

@@ -19,7 +19,7 @@ mod bindings {
 use bindings::{Action, Decision, Guest, RequestContext};
 use guest_util::truncate_reason;
 
-use bindings::vla::policy::types::{ActionKind, Denial, Modification};
+use bindings::vla::policy::types::{ActionKind, Denial, Modification, Severity};
 
 struct JointLimits;
 
@@ -238,7 +238,14 @@ pub fn decide(config_json: &str, ctx: &RequestContext, action: &Action) -> Decis
 }
 
 fn deny(code: &str, reason: String) -> Decision {
-    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason) })
+    // A non-finite action is the worst a robot could be sent; a malformed one next; a gap in
+    // the configuration (which denies every action of the robot type) least.
+    let severity = match code {
+        "non_finite" => Severity::Critical,
+        "bad_action" => Severity::High,
+        _ => Severity::Medium,
+    };
+    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason), severity: Some(severity) })
 }
 
 #[cfg(test)]
@@ -270,7 +277,7 @@ mod tests {
 
     fn denied(d: Decision) -> (String, String) {
         match d {
-            Decision::Deny(Denial { code, reason }) => (code, reason),
+            Decision::Deny(Denial { code, reason, .. }) => (code, reason),
             other => panic!("expected deny, got {other:?}"),
         }
     }
@@ -359,6 +366,17 @@ mod tests {
         assert!(reason.contains("value 2"), "{reason}");
         let a = action(ActionKind::EndEffectorDelta, 3, vec![0.0, f32::INFINITY, 0.0]);
         assert_eq!(denied(decide(DEMO, &ctx("demo"), &a)).0, "non_finite");
+    }
+
+    #[test]
+    fn denials_carry_a_severity() {
+        let severity = |d: Decision| match d {
+            Decision::Deny(Denial { severity, .. }) => severity,
+            other => panic!("expected deny, got {other:?}"),
+        };
+        let nan = vel(vec![0.0, 0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(severity(decide(DEMO, &ctx("demo"), &nan)), Some(Severity::Critical));
+        assert_eq!(severity(decide(DEMO, &ctx("other"), &vel(vec![0.0; 7]))), Some(Severity::Medium));
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod bindings {
 }
 
 use bindings::vla::policy::quota::{self, Bucket, Limits, RateLimit, Scope, Status};
-use bindings::vla::policy::types::Denial;
+use bindings::vla::policy::types::{Denial, Severity};
 use bindings::{Decision, Guest, RequestContext};
 use guest_util::truncate_reason;
 
@@ -209,7 +209,12 @@ fn seconds(ms: u64) -> String {
 }
 
 fn deny(code: &str, reason: String) -> Decision {
-    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason) })
+    // A robot over its limits is a capacity matter, not a safety one.
+    let severity = match code {
+        "bad_config" => Severity::Medium,
+        _ => Severity::Low,
+    };
+    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason), severity: Some(severity) })
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -280,7 +285,7 @@ mod tests {
     fn an_exhausted_bucket_denies_with_when_to_retry() {
         let d = decide(CFG, &ctx("arm", "pick"), |_, _| Err(status(Bucket::Rate, 5_001)));
         match d {
-            Decision::Deny(Denial { code, reason }) => {
+            Decision::Deny(Denial { code, reason, .. }) => {
                 assert_eq!(code, "rate_limited");
                 assert!(reason.contains("robot `arm-1`") && reason.contains("retry in 6 s"), "{reason}");
             }
@@ -292,7 +297,7 @@ mod tests {
             if scope == Scope::Group { Err(status(Bucket::Day, 3_600_000)) } else { Ok(vec![]) }
         });
         assert!(
-            matches!(d, Decision::Deny(Denial { ref code, ref reason }) if code == "quota_exhausted" && reason.contains("group"))
+            matches!(d, Decision::Deny(Denial { ref code, ref reason, .. }) if code == "quota_exhausted" && reason.contains("group"))
         );
         assert_eq!(calls, 2);
     }

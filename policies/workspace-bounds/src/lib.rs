@@ -15,7 +15,7 @@ mod bindings {
 use bindings::{Action, Decision, Guest, RequestContext};
 use guest_util::truncate_reason;
 
-use bindings::vla::policy::types::{ActionKind, Denial};
+use bindings::vla::policy::types::{ActionKind, Denial, Severity};
 
 struct WorkspaceBounds;
 
@@ -134,7 +134,14 @@ pub fn decide(config_json: &str, ctx: &RequestContext, action: &Action) -> Decis
 }
 
 fn deny(code: &str, reason: String) -> Decision {
-    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason) })
+    // A non-finite target is the worst a robot could be sent; one outside the workspace or
+    // malformed next; a gap in the configuration least.
+    let severity = match code {
+        "non_finite" => Severity::Critical,
+        "outside_workspace" | "bad_action" => Severity::High,
+        _ => Severity::Medium,
+    };
+    Decision::Deny(Denial { code: code.to_string(), reason: truncate_reason(reason), severity: Some(severity) })
 }
 
 #[cfg(test)]
@@ -163,7 +170,7 @@ mod tests {
 
     fn denied(d: Decision) -> (String, String) {
         match d {
-            Decision::Deny(Denial { code, reason }) => (code, reason),
+            Decision::Deny(Denial { code, reason, .. }) => (code, reason),
             other => panic!("expected deny, got {other:?}"),
         }
     }
