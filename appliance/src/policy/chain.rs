@@ -129,6 +129,10 @@ pub fn run_chain(
             severity: severity.clone(),
             eval_us,
         });
+        let replacement = match &outcome {
+            Ok(Decision::Modify(m)) => Some(m.action.values.clone()),
+            _ => None,
+        };
         steps.push(DecisionStep {
             name: record.name.clone(),
             version: record.version,
@@ -139,10 +143,7 @@ pub fn run_chain(
             severity: severity.clone(),
             sha256: record.sha256.clone(),
             config_sha256: policy.config_sha256.clone(),
-            action: match &outcome {
-                Ok(Decision::Modify(m)) => Some(m.action.values.clone()),
-                _ => None,
-            },
+            action: replacement.clone(),
         });
         let enforce = record.mode == Mode::Enforce;
         let m = env.metrics;
@@ -163,10 +164,6 @@ pub fn run_chain(
             _ => {}
         }
         if decision != "allow" {
-            let replacement = match &outcome {
-                Ok(Decision::Modify(m)) => Some(m.action.values.clone()),
-                _ => None,
-            };
             audit.push(AuditRecord {
                 seq: 0,
                 time_unix_ms: ctx.time_ms,

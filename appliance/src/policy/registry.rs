@@ -374,11 +374,6 @@ impl Policies {
         }
     }
 
-    /// The replay ring of recent requests.
-    pub fn ring(&self) -> &super::replay::Ring {
-        &self.ring
-    }
-
     /// Replays a candidate against the ring (see [`super::replay`]): the installed policy
     /// `name` (with `request.config` when given) or, with `upload`, an uploaded component
     /// standing in for `name`. Off the request path: one replay at a time, holding one sandbox

@@ -94,14 +94,6 @@ impl Ring {
         }
         Ok(out)
     }
-
-    pub fn len(&self) -> u64 {
-        *self.len.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A policy to replay: its component compiled, its name, world and configuration.
