@@ -4,7 +4,8 @@
 //! An operator watches live traffic (queue and GPU views), spots a rate-limited robot, uploads
 //! a policy in shadow mode through the console's form, sees its decisions in the audit view,
 //! promotes it to enforce, sees the robot refused, and the console reconnects after the
-//! appliance restarts.
+//! appliance restarts. Another replays a shadow candidate against the recent requests, promotes
+//! it in the place of the policy it replaces, and finds the action envelope's violations.
 //!
 //! The console binary is built by `cargo test --workspace` (the `vla-console` package has
 //! integration tests, so its binary is built beside ours); with `cargo test -p appliance`
@@ -41,7 +42,10 @@ struct Tmux {
 
 impl Tmux {
     fn start(command: &str, width: u16, height: u16) -> Tmux {
-        let tmux = Tmux { socket: format!("vla-console-test-{}", std::process::id()) };
+        // One server per test: the tests of this file run side by side in one process.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmux = Tmux { socket: format!("vla-console-test-{}-{n}", std::process::id()) };
         // The pane stays after the console exits, so its exit status (or a crash) can be read.
         let status = Command::new("tmux")
             .args([
@@ -221,7 +225,10 @@ async fn an_operator_watches_uploads_promotes_and_audits_from_the_console() {
     tmux.wait_for("the policy view", |s| s.contains("Policies (2)")).await;
     // Admission policies are listed first: the upload (order 100) is the second row.
     tmux.keys(&["j", "m"]);
-    tmux.wait_for("the confirmation", |s| s.contains("Switch no-forbidden to enforce?")).await;
+    // No enforcing policy shares its name: the chooser offers to replace nothing.
+    tmux.wait_for("the promote chooser", |s| s.contains("▶ replace nothing: enforce beside the others")).await;
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the confirmation", |s| s.contains("Promote no-forbidden to enforce beside the others?")).await;
     tmux.keys(&["y"]);
     tmux.wait_for("the policy, enforcing", |s| s.lines().any(|l| l.contains("no-forbidden") && l.contains("enforce")))
         .await;
@@ -310,5 +317,111 @@ async fn the_console_trusts_a_pinned_certificate_or_a_ca_file_and_nothing_else()
     let bad = Connection::new(&url, "vlaadm_wrong".into(), &Trust::Pin(pin_bytes), timeout).unwrap();
     let err = bad.snapshot().await.unwrap_err();
     assert!(format!("{err:#}").contains("401"), "{err:#}");
+    app.stop().await.unwrap();
+}
+
+/// A new version of a safety policy, trialled in shadow mode beside the enforcing one: the
+/// operator replays it from the console against what the cell recently saw (the changed
+/// decisions listed, as the REST replay reports them), promotes it in the old one's place in
+/// one change, and finds the host's action envelope stopping a hostile policy's action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_replays_a_candidate_promotes_it_in_place_and_sees_envelope_violations() {
+    use serde_json::json;
+    let app = TestAppliance::start(|config, _| {
+        let tighter = json!({"robot_types": {"ur5e": {"velocity": 0.001}}});
+        config.policy.preload = vec![
+            common::preload("joint-limits", "safety", 10, json!({"robot_types": {"ur5e": {"velocity": 1.0}}})),
+            appliance::config::PreloadPolicy {
+                name: "joint-limits-v2".into(),
+                mode: "shadow".into(),
+                ..common::preload("joint-limits", "safety", 20, tighter)
+            },
+            // Turns the action of a request that says `attack` into 1e30s: the envelope stops it.
+            common::preload("oversized-output", "safety", 100, json!({"huge": true})),
+        ];
+    })
+    .await;
+    for seed in 1..=3 {
+        assert_eq!(app.infer(common::robot_request(seed)).await.status(), StatusCode::OK);
+    }
+    let attack = vla_api::InferenceRequest { instruction: "attack the red block".into(), ..common::robot_request(4) };
+    let response = app.infer(attack).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "action_out_of_envelope", "{body}");
+
+    let tmux = Tmux::start(&console_command(&app), 110, 32);
+    tmux.wait_for("the overview, connected", |s| s.contains("● connected")).await;
+
+    // The audit view: the envelope's denial stands out, and `v` keeps only those.
+    tmux.keys(&["7"]);
+    tmux.wait_for("the envelope's denial", |s| {
+        s.lines().any(|l| l.contains("arm-4") && l.contains("⚠ envelope") && l.contains("deny"))
+    })
+    .await;
+    tmux.keys(&["v"]);
+    let screen = tmux
+        .wait_for("only the envelope's records", |s| {
+            s.contains("filter \"kind:envelope\"") && s.contains("action envelope of tiny-vla")
+        })
+        .await;
+    assert!(!screen.lines().any(|l| l.contains("joint-limits-v2")), "{screen}");
+    assert!(screen.contains("→ denied, nothing sent"), "{screen}");
+
+    // Replay the shadow candidate in place of the enforcing version (chosen by its name).
+    tmux.keys(&["5"]);
+    tmux.wait_for("the policy view", |s| s.contains("Policies (3)")).await;
+    tmux.keys(&["j", "r"]);
+    tmux.wait_for("the replay chooser", |s| {
+        s.contains("Replay joint-limits-v2 on what the cell recently saw") && s.contains("▶ in place of joint-limits ")
+    })
+    .await;
+    tmux.keys(&["Enter"]);
+    let screen =
+        tmux.wait_for("the replay's report", |s| s.contains("Replay: joint-limits-v2 in place of joint-limits")).await;
+    let expected: vla_api::ReplayReport = app
+        .admin(reqwest::Method::POST, "/admin/policies/joint-limits-v2/replay")
+        .json(&json!({"replaces": "joint-limits"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(expected.replayed, 4, "{expected:?}");
+    assert!(!expected.changed.is_empty(), "{expected:?}");
+    let summary = format!("replayed {} · unchanged {} ·", expected.replayed, expected.unchanged);
+    assert!(screen.contains(&summary), "{summary}\n{screen}");
+    assert!(screen.contains(&format!("would change {}", expected.changed.len())), "{screen}");
+    let rows = screen.lines().filter(|l| l.contains("allow") && l.contains("→") && l.contains("modify")).count();
+    assert_eq!(rows, expected.changed.len(), "{screen}");
+    assert!(screen.contains("candidate: modify"), "{screen}");
+    tmux.keys(&["Escape"]);
+
+    // Promote it: the chooser offers the old version, and one change swaps them.
+    tmux.keys(&["m"]);
+    tmux.wait_for("the promote chooser", |s| s.contains("Promote to enforce") && s.contains("▶ replace joint-limits "))
+        .await;
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the confirmation", |s| s.contains("Promote joint-limits-v2 to enforce, replacing joint-limits?"))
+        .await;
+    tmux.keys(&["y"]);
+    tmux.wait_for("the new version enforcing, the old one gone", |s| {
+        s.contains("Policies (2)") && s.lines().any(|l| l.contains("joint-limits-v2") && l.contains("enforce"))
+    })
+    .await;
+    let list: vla_api::PolicyList =
+        app.admin(reqwest::Method::GET, "/admin/policies").send().await.unwrap().json().await.unwrap();
+    let names: Vec<(&str, &str)> = list.policies.iter().map(|p| (p.name.as_str(), p.mode.as_str())).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&("joint-limits-v2", "enforce")) && !names.iter().any(|(n, _)| *n == "joint-limits"));
+    // The robot now gets the tighter limit.
+    let response = app.infer(common::robot_request(1)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: vla_api::InferenceResponse = response.json().await.unwrap();
+    assert_eq!(body.policy.decision, "modify");
+    assert!(body.action.iter().all(|v| v.abs() <= 0.001 + 1e-6), "{:?}", body.action);
+
+    tmux.keys(&["q"]);
     app.stop().await.unwrap();
 }

@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use vla_api::{AuditRecord, PolicyInfo, PolicyPatch};
+use vla_api::{AuditRecord, PolicyInfo, PolicyPatch, ReplayReport};
 
-use crate::client::{Command, Snapshot, Upload};
+use crate::client::{Command, Reply, Snapshot, Upload};
 use crate::prom::{self, Scrape};
 
 /// Points of history kept per series (two minutes at the default 1 s poll).
@@ -62,7 +62,8 @@ impl Tab {
             Tab::Policies => &[
                 ("j/k ↑/↓", "", "select policy"),
                 ("u", "upload", "upload a .wasm with its config (shadow mode first)"),
-                ("m", "mode", "switch enforce ⇄ shadow"),
+                ("m", "mode", "shadow → enforce, choosing the policy it replaces; enforce → shadow"),
+                ("r", "replay", "replay against the recent requests, showing changed decisions"),
                 ("e", "enable", "enable ⇄ disable"),
                 ("d", "delete", "delete"),
                 ("/", "filter", "filter by name"),
@@ -70,7 +71,8 @@ impl Tab {
             ],
             Tab::Audit => &[
                 ("j/k ↑/↓", "", "select record"),
-                ("/", "filter", "filter: text, robot:<id>, policy:<name>"),
+                ("v", "envelope", "only the action envelope's violations ⇄ every record"),
+                ("/", "filter", "filter: text, robot:<id>, policy:<name>, kind:envelope"),
                 ("Esc", "", "clear the filter"),
             ],
             Tab::Queue | Tab::Models => &[("j/k ↑/↓", "", "select model")],
@@ -198,11 +200,53 @@ impl RobotSort {
 /// The upload form's fields, in order.
 pub const UPLOAD_FIELDS: [&str; 6] = ["path", "name", "world", "mode", "order", "config"];
 
+/// The audit filter that keeps the host's action-envelope records only.
+pub const ENVELOPE_FILTER: &str = "kind:envelope";
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Modal {
     Help,
-    Confirm { prompt: String, command: Command },
-    UploadForm { form: Upload, field: usize, error: Option<String> },
+    Confirm {
+        prompt: String,
+        command: Command,
+    },
+    UploadForm {
+        form: Upload,
+        field: usize,
+        error: Option<String>,
+    },
+    /// Which enforcing policy the shadow policy `name` takes over from, or stands in for.
+    Choose {
+        purpose: Purpose,
+        name: String,
+        choices: Vec<Choice>,
+        selected: usize,
+        error: Option<String>,
+    },
+    /// A replay's report: the decisions that would change, one selected.
+    Replay {
+        report: Box<ReplayReport>,
+        selected: usize,
+    },
+}
+
+/// What the chooser picks an installed policy for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Switch to enforce, removing the chosen policy in the same change (`replace`).
+    Promote,
+    /// Replay against the recent requests in the chosen policy's place (`replaces`).
+    Replay,
+}
+
+/// One line of the chooser.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The installed policy; `None`: replace nothing (promote), or itself (replay).
+    pub target: Option<String>,
+    pub label: String,
+    /// Why it cannot be chosen (a required policy cannot be replaced).
+    pub blocked: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -283,12 +327,30 @@ impl App {
         self.conn = Conn::Lost(error);
     }
 
-    /// The outcome of an action the poller ran.
-    pub fn action_done(&mut self, result: Result<String, String>) {
-        self.status = Some(match result {
-            Ok(text) => Status { text, error: false, at_ms: self.now_ms },
-            Err(text) => Status { text: format!("refused: {text}"), error: true, at_ms: self.now_ms },
-        });
+    /// The outcome of an action the poller ran. A replay's report opens over the view unless
+    /// the operator is in the middle of a form or a confirmation.
+    pub fn action_done(&mut self, result: Result<Reply, String>) {
+        let text = match result {
+            Ok(Reply::Done(text)) => text,
+            Ok(Reply::Replay(report)) => {
+                let text = format!(
+                    "replay of {} in place of {}: {} replayed, {} would change",
+                    report.policy,
+                    report.replaces,
+                    report.replayed,
+                    report.changed.len()
+                );
+                if matches!(self.modal, None | Some(Modal::Help | Modal::Replay { .. })) {
+                    self.modal = Some(Modal::Replay { report, selected: 0 });
+                }
+                text
+            }
+            Err(text) => {
+                self.status = Some(Status { text: format!("refused: {text}"), error: true, at_ms: self.now_ms });
+                return;
+            }
+        };
+        self.status = Some(Status { text, error: false, at_ms: self.now_ms });
     }
 
     fn derive(&mut self, snapshot: &Snapshot) {
@@ -414,8 +476,8 @@ impl App {
         prom::quantile(0.99, &buckets).map(|s| s * 1000.0)
     }
 
-    /// Audit records, newest first, filtered (`robot:<id>`, `policy:<name>`, or text in
-    /// either, the code or the reason).
+    /// Audit records, newest first, filtered (`robot:<id>`, `policy:<name>`, `kind:envelope`
+    /// for the host's action-envelope records, or text in the robot, policy, code or reason).
     pub fn audit_rows(&self) -> Vec<&AuditRecord> {
         let Some(list) = self.snapshot.as_ref().and_then(|s| s.audit.as_ref()) else { return Vec::new() };
         list.records
@@ -426,6 +488,8 @@ impl App {
                         r.robot_id.contains(robot)
                     } else if let Some(policy) = term.strip_prefix("policy:") {
                         r.policy.contains(policy)
+                    } else if term == ENVELOPE_FILTER {
+                        is_envelope(r)
                     } else {
                         [&r.robot_id, &r.policy, r.code.as_deref().unwrap_or(""), r.reason.as_deref().unwrap_or("")]
                             .iter()
@@ -505,7 +569,14 @@ impl App {
                     Upload { world: "safety".into(), mode: "shadow".into(), order: "100".into(), ..Upload::default() };
                 self.modal = Some(Modal::UploadForm { form, field: 0, error: None });
             }
-            KeyCode::Char(c @ ('m' | 'e' | 'd')) if self.tab == Tab::Policies => self.ask_policy_action(c),
+            KeyCode::Char(c @ ('m' | 'e' | 'd' | 'r')) if self.tab == Tab::Policies => self.ask_policy_action(c),
+            KeyCode::Char('v') if self.tab == Tab::Audit => {
+                if self.filter == ENVELOPE_FILTER {
+                    self.filter.clear();
+                } else {
+                    self.filter = ENVELOPE_FILTER.into();
+                }
+            }
             _ => {}
         }
         self.clamp_selection();
@@ -526,15 +597,16 @@ impl App {
         };
         let name = p.name.clone();
         let (prompt, command) = match key {
+            'm' | 'r' if key == 'r' || p.mode != "enforce" => {
+                let purpose = if key == 'm' { Purpose::Promote } else { Purpose::Replay };
+                let (choices, selected) = self.choices(p, purpose);
+                self.modal = Some(Modal::Choose { purpose, name, choices, selected, error: None });
+                return;
+            }
             'm' => {
-                let mode = if p.mode == "enforce" { "shadow" } else { "enforce" };
-                let what = if mode == "enforce" {
-                    "its denials and changes will apply to robots"
-                } else {
-                    "its decisions will only be recorded"
-                };
-                let patch = PolicyPatch { mode: Some(mode.into()), ..PolicyPatch::default() };
-                (format!("Switch {name} to {mode}? {what}."), Command::Patch { name, patch })
+                let patch = PolicyPatch { mode: Some("shadow".into()), ..PolicyPatch::default() };
+                let prompt = format!("Switch {name} to shadow? Its decisions will only be recorded.");
+                (prompt, Command::Patch { name, patch })
             }
             'e' => {
                 let enable = !p.enabled;
@@ -546,9 +618,108 @@ impl App {
         self.modal = Some(Modal::Confirm { prompt, command });
     }
 
+    /// The chooser's lines for policy `p`: every enabled enforcing policy of its world, then
+    /// "none" (promote: beside the others; replay: against its own decisions). The line
+    /// selected at first is the policy whose name shares the longest start with `p`'s (a new
+    /// version is usually named after the old one), or "none" when no name is alike.
+    fn choices(&self, p: &PolicyInfo, purpose: Purpose) -> (Vec<Choice>, usize) {
+        let all = self.snapshot.as_ref().and_then(|s| s.policies.as_ref()).map_or(&[][..], |l| &l.policies[..]);
+        let mut others: Vec<&PolicyInfo> =
+            all.iter().filter(|o| o.world == p.world && o.name != p.name && o.mode == "enforce" && o.enabled).collect();
+        others.sort_by_key(|o| (o.order, o.name.clone()));
+        let mut choices: Vec<Choice> = others
+            .iter()
+            .map(|o| Choice {
+                target: Some(o.name.clone()),
+                label: format!(
+                    "{} {} (v{}, order {})",
+                    if purpose == Purpose::Promote { "replace" } else { "in place of" },
+                    o.name,
+                    o.version,
+                    o.order
+                ),
+                blocked: (purpose == Purpose::Promote && o.required)
+                    .then(|| format!("{} is required (policy.required): it cannot be replaced", o.name)),
+            })
+            .collect();
+        choices.push(Choice {
+            target: None,
+            label: match purpose {
+                Purpose::Promote => "replace nothing: enforce beside the others".into(),
+                Purpose::Replay => format!("as {} itself: against its own recorded decisions", p.name),
+            },
+            blocked: None,
+        });
+        let alike = |o: &str| o.chars().zip(p.name.chars()).take_while(|(a, b)| a == b).count();
+        let selected = choices
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.blocked.is_none())
+            .filter_map(|(i, c)| Some((i, alike(c.target.as_deref()?))))
+            .filter(|(_, n)| *n >= 3)
+            .max_by_key(|(i, n)| (*n, std::cmp::Reverse(*i)))
+            .map_or(choices.len() - 1, |(i, _)| i);
+        (choices, selected)
+    }
+
     fn on_modal_key(&mut self, modal: Modal, key: KeyEvent) -> Option<Command> {
         match modal {
             Modal::Help => None,
+            Modal::Replay { report, mut selected } => {
+                match key.code {
+                    KeyCode::Down | KeyCode::Char('j') => {
+                        selected = (selected + 1).min(report.changed.len().saturating_sub(1))
+                    }
+                    KeyCode::Up | KeyCode::Char('k') => selected = selected.saturating_sub(1),
+                    _ => return None,
+                }
+                self.modal = Some(Modal::Replay { report, selected });
+                None
+            }
+            Modal::Choose { purpose, name, choices, mut selected, .. } => {
+                let mut error = None;
+                match key.code {
+                    KeyCode::Esc | KeyCode::Char('q') => {
+                        self.status = Some(Status { text: "cancelled".into(), error: false, at_ms: self.now_ms });
+                        return None;
+                    }
+                    KeyCode::Down | KeyCode::Char('j') => selected = (selected + 1) % choices.len(),
+                    KeyCode::Up | KeyCode::Char('k') => selected = (selected + choices.len() - 1) % choices.len(),
+                    KeyCode::Enter => match (&choices[selected], purpose) {
+                        (Choice { blocked: Some(why), .. }, _) => error = Some(why.clone()),
+                        (Choice { target, .. }, Purpose::Replay) => {
+                            let text = match target {
+                                Some(t) => format!("replaying {name} in place of {t} against the recent requests…"),
+                                None => format!("replaying {name} against its recent decisions…"),
+                            };
+                            self.status = Some(Status { text, error: false, at_ms: self.now_ms });
+                            return Some(Command::Replay { name, replaces: target.clone() });
+                        }
+                        (Choice { target, .. }, Purpose::Promote) => {
+                            let prompt = match target {
+                                Some(t) => format!(
+                                    "Promote {name} to enforce, replacing {t}? {t} is removed in the same change: \
+                                     no moment with neither or both enforcing."
+                                ),
+                                None => format!(
+                                    "Promote {name} to enforce beside the others? Its denials and changes will \
+                                     apply to robots."
+                                ),
+                            };
+                            let patch = PolicyPatch {
+                                mode: Some("enforce".into()),
+                                replace: target.clone(),
+                                ..PolicyPatch::default()
+                            };
+                            self.modal = Some(Modal::Confirm { prompt, command: Command::Patch { name, patch } });
+                            return None;
+                        }
+                    },
+                    _ => {}
+                }
+                self.modal = Some(Modal::Choose { purpose, name, choices, selected, error });
+                None
+            }
             Modal::Confirm { prompt, command } => match key.code {
                 KeyCode::Char('y' | 'Y') => {
                     self.status = Some(Status {
@@ -600,6 +771,12 @@ impl App {
     }
 }
 
+/// Whether a record is the host's action envelope stopping or clamping an action (after every
+/// policy), rather than a policy's decision.
+pub fn is_envelope(r: &AuditRecord) -> bool {
+    r.world == "host" && r.policy == "envelope"
+}
+
 pub fn upload_field(form: &mut Upload, field: usize) -> &mut String {
     match field {
         0 => &mut form.path,
@@ -639,6 +816,105 @@ mod tests {
 
     fn key(c: char) -> KeyEvent {
         KeyEvent::from(KeyCode::Char(c))
+    }
+
+    fn policy(name: &str, mode: &str, order: i64, required: bool) -> PolicyInfo {
+        PolicyInfo {
+            name: name.into(),
+            world: "safety".into(),
+            version: 1,
+            order,
+            mode: mode.into(),
+            enabled: true,
+            sha256: String::new(),
+            size_bytes: 0,
+            signed: false,
+            revision: 1,
+            required,
+            wit: None,
+            config: serde_json::json!({}),
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            state: "ready".into(),
+            problem: None,
+            stats: Default::default(),
+        }
+    }
+
+    fn with_policies(policies: Vec<PolicyInfo>) -> App {
+        let mut app = App::new("https://x");
+        let list = vla_api::PolicyList { policies };
+        app.ingest(Snapshot { at_ms: 1, policies: Some(list), ..Snapshot::default() });
+        app.on_key(key('5'));
+        app
+    }
+
+    #[test]
+    fn promoting_a_shadow_policy_picks_the_one_it_replaces() {
+        let mut app = with_policies(vec![
+            policy("joint-limits", "enforce", 10, false),
+            policy("speed-cap", "enforce", 20, true),
+            policy("joint-limits-v2", "shadow", 30, false),
+        ]);
+        app.on_key(key('j'));
+        app.on_key(key('j'));
+        assert_eq!(app.selected_policy().unwrap().name, "joint-limits-v2");
+        app.on_key(key('m'));
+        let Some(Modal::Choose { purpose: Purpose::Promote, choices, selected, .. }) = &app.modal else {
+            panic!("{:?}", app.modal)
+        };
+        // The old version by name, the required one marked, and "beside the others" last.
+        assert_eq!(choices[*selected].target.as_deref(), Some("joint-limits"));
+        assert!(choices[1].blocked.is_some());
+        assert_eq!(choices[2].target, None);
+        // A required policy cannot be chosen; the chooser says why and stays open.
+        app.on_key(key('j'));
+        app.on_key(KeyEvent::from(KeyCode::Enter));
+        let Some(Modal::Choose { error: Some(e), .. }) = &app.modal else { panic!("{:?}", app.modal) };
+        assert!(e.contains("required"), "{e}");
+        app.on_key(key('k'));
+        app.on_key(KeyEvent::from(KeyCode::Enter));
+        let Some(Modal::Confirm { prompt, command: Command::Patch { name, patch } }) = &app.modal else {
+            panic!("{:?}", app.modal)
+        };
+        assert!(prompt.contains("replacing joint-limits"), "{prompt}");
+        assert_eq!(name, "joint-limits-v2");
+        assert_eq!((patch.mode.as_deref(), patch.replace.as_deref()), (Some("enforce"), Some("joint-limits")));
+        // An enforcing policy's `m` still switches it to shadow, with no chooser.
+        app.on_key(key('n'));
+        app.on_key(key('k'));
+        app.on_key(key('k'));
+        app.on_key(key('m'));
+        assert!(matches!(&app.modal, Some(Modal::Confirm { prompt, .. }) if prompt.contains("to shadow")));
+    }
+
+    #[test]
+    fn a_replay_runs_without_confirmation_and_its_report_opens() {
+        let mut app = with_policies(vec![policy("a", "enforce", 10, false), policy("b", "shadow", 20, false)]);
+        app.on_key(key('j'));
+        app.on_key(key('r'));
+        // No alike name: the default is the policy's own decisions.
+        let Some(Modal::Choose { choices, selected, .. }) = &app.modal else { panic!("{:?}", app.modal) };
+        assert_eq!(choices[*selected].target, None);
+        app.on_key(key('k'));
+        let command = app.on_key(KeyEvent::from(KeyCode::Enter));
+        assert_eq!(command, Some(Command::Replay { name: "b".into(), replaces: Some("a".into()) }));
+        let change = vla_api::ReplayChange { request_id: "r1".into(), ..Default::default() };
+        let report = ReplayReport {
+            policy: "b".into(),
+            replaces: "a".into(),
+            replayed: 3,
+            changed: vec![change.clone(), change],
+            ..Default::default()
+        };
+        app.action_done(Ok(Reply::Replay(Box::new(report))));
+        assert!(matches!(&app.modal, Some(Modal::Replay { selected: 0, .. })));
+        assert!(app.status.as_ref().unwrap().text.contains("3 replayed, 2 would change"));
+        app.on_key(key('j'));
+        app.on_key(key('j'));
+        assert!(matches!(&app.modal, Some(Modal::Replay { selected: 1, .. })));
+        app.on_key(KeyEvent::from(KeyCode::Esc));
+        assert!(app.modal.is_none());
     }
 
     #[test]

@@ -11,7 +11,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
-use vla_api::{AuditList, GpuStats, ModelsStats, PolicyList, PolicyPatch, QueueStats, QuotaList};
+use vla_api::{
+    AuditList, GpuStats, ModelsStats, PolicyList, PolicyPatch, QueueStats, QuotaList, ReplayReport, ReplayRequest,
+};
 
 use crate::prom::Scrape;
 
@@ -66,9 +68,33 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Upload(Upload),
-    Patch { name: String, patch: PolicyPatch },
-    Delete { name: String },
+    Patch {
+        name: String,
+        patch: PolicyPatch,
+    },
+    Delete {
+        name: String,
+    },
+    /// Replays the installed policy `name` against the appliance's ring of recent requests,
+    /// standing in for `replaces` (itself when `None`). Changes nothing.
+    Replay {
+        name: String,
+        replaces: Option<String>,
+    },
 }
+
+/// What an action that went through gave back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// What to tell the operator.
+    Done(String),
+    /// A replay's report, for the console to show.
+    Replay(Box<ReplayReport>),
+}
+
+/// How long a replay may take (it runs through up to a thousand recorded requests in the
+/// sandbox, one replay at a time); the poll's time limit is much shorter.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A policy upload as the form collects it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -168,21 +194,36 @@ impl Connection {
         })
     }
 
-    /// Runs an operator action; `Ok` holds what to tell the operator, `Err` the appliance's
-    /// refusal verbatim (or why it could not be asked).
-    pub async fn run(&self, command: Command) -> Result<String, String> {
+    /// Runs an operator action; `Ok` holds what came back, `Err` the appliance's refusal
+    /// verbatim (or why it could not be asked).
+    pub async fn run(&self, command: Command) -> Result<Reply, String> {
         match command {
-            Command::Upload(upload) => self.upload(upload).await,
+            Command::Upload(upload) => self.upload(upload).await.map(Reply::Done),
             Command::Patch { name, patch } => {
                 let url = format!("{}/admin/policies/{name}", self.base);
                 let response = self.client.patch(url).bearer_auth(&self.token).json(&patch).send().await;
                 let what = describe_patch(&patch);
-                answer(response, format!("{name}: {what}")).await
+                answer(response, format!("{name}: {what}")).await.map(Reply::Done)
             }
             Command::Delete { name } => {
                 let url = format!("{}/admin/policies/{name}", self.base);
                 let response = self.client.delete(url).bearer_auth(&self.token).send().await;
-                answer(response, format!("{name}: deleted")).await
+                answer(response, format!("{name}: deleted")).await.map(Reply::Done)
+            }
+            Command::Replay { name, replaces } => {
+                let url = format!("{}/admin/policies/{name}/replay", self.base);
+                let body = ReplayRequest { replaces, ..ReplayRequest::default() };
+                let response =
+                    self.client.post(url).bearer_auth(&self.token).timeout(REPLAY_TIMEOUT).json(&body).send().await;
+                let response = response.map_err(|e| describe(&e))?;
+                let status = response.status();
+                let body = response.bytes().await.map_err(|e| describe(&e))?;
+                if !status.is_success() {
+                    return Err(refusal(status, &body));
+                }
+                let report: ReplayReport =
+                    serde_json::from_slice(&body).map_err(|e| format!("replay of {name}: unexpected answer: {e}"))?;
+                Ok(Reply::Replay(Box::new(report)))
             }
         }
     }
@@ -214,6 +255,9 @@ fn describe_patch(patch: &PolicyPatch) -> String {
     }
     if let Some(mode) = &patch.mode {
         parts.push(format!("now {mode}"));
+    }
+    if let Some(replaced) = &patch.replace {
+        parts.push(format!("{replaced} replaced and removed"));
     }
     parts.join(", ")
 }

@@ -4,14 +4,14 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::client::{Command, Connection, Snapshot};
+use crate::client::{Command, Connection, Reply, Snapshot};
 
 /// What the poller tells the UI.
 #[derive(Debug)]
 pub enum Event {
     Snapshot(Box<Snapshot>),
     PollFailed(String),
-    ActionDone(Result<String, String>),
+    ActionDone(Result<Reply, String>),
 }
 
 /// Events waiting for the UI at most: it drains them every 100 ms, so a full channel means the

@@ -9,7 +9,11 @@ use ratatui::widgets::{
     Bar, BarChart, BarGroup, Block, Cell, Clear, Gauge, Paragraph, Row, Sparkline, Table, TableState, Tabs, Wrap,
 };
 
-use crate::app::{App, Conn, GLOBAL_KEYS, Modal, Series, Tab, UPLOAD_FIELDS, upload_field};
+use vla_api::{ReplayOutcome, ReplayReport};
+
+use crate::app::{
+    App, Choice, Conn, GLOBAL_KEYS, Modal, Purpose, Series, Tab, UPLOAD_FIELDS, is_envelope, upload_field,
+};
 
 const DIM: Style = Style::new().fg(Color::DarkGray);
 const HEADER: Style = Style::new().add_modifier(Modifier::BOLD);
@@ -38,6 +42,10 @@ pub fn draw(frame: &mut Frame, app: &App) {
     match &app.modal {
         Some(Modal::Help) => help(frame, app),
         Some(Modal::Confirm { prompt, .. }) => confirm(frame, prompt),
+        Some(Modal::Choose { purpose, name, choices, selected, error }) => {
+            choose(frame, *purpose, name, choices, *selected, error.as_deref())
+        }
+        Some(Modal::Replay { report, selected }) => replay(frame, report, *selected),
         Some(Modal::UploadForm { form, field, error }) => {
             let mut form = form.clone();
             let lines: Vec<Line> = UPLOAD_FIELDS
@@ -421,11 +429,12 @@ fn policies(frame: &mut Frame, app: &App, area: Rect) {
     let text = match app.selected_policy() {
         Some(p) => vec![
             Line::from(format!(
-                "{} v{}  sha256 {}…  {}  {} B",
+                "{} v{}  sha256 {}…  {}{}  {} B",
                 p.name,
                 p.version,
                 p.sha256.get(..12).unwrap_or(&p.sha256),
                 if p.signed { "signed" } else { "unsigned" },
+                if p.required { "  required" } else { "" },
                 p.size_bytes
             )),
             Line::from(format!(
@@ -435,7 +444,7 @@ fn policies(frame: &mut Frame, app: &App, area: Rect) {
             Line::styled(format!("config {}", p.config), DIM),
             match &p.problem {
                 Some(problem) => Line::styled(problem.clone(), Style::new().fg(Color::Red)),
-                None => Line::styled("u upload · m enforce⇄shadow · e enable⇄disable · d delete", DIM),
+                None => Line::styled("u upload · m promote⇄shadow · r replay · e enable⇄disable · d delete", DIM),
             },
         ],
         None => vec![Line::styled("no policies · u uploads one", DIM)],
@@ -536,6 +545,7 @@ fn models(frame: &mut Frame, app: &App, area: Rect) {
 
 fn audit(frame: &mut Frame, app: &App, area: Rect) {
     let records = app.audit_rows();
+    let envelope = records.iter().filter(|r| is_envelope(r)).count();
     let [table_area, detail] = Layout::vertical([Constraint::Min(5), Constraint::Length(5)]).areas(area);
     let rows: Vec<Row> = records
         .iter()
@@ -545,12 +555,21 @@ fn audit(frame: &mut Frame, app: &App, area: Rect) {
                 (d, false) => Cell::from(format!("{d}*")).style(Style::new().fg(Color::Cyan)),
                 (d, true) => Cell::from(d.to_string()).style(Style::new().fg(Color::Yellow)),
             };
+            let policy = if is_envelope(r) {
+                Cell::from("⚠ envelope").style(Style::new().fg(Color::Magenta).add_modifier(Modifier::BOLD))
+            } else {
+                Cell::from(r.policy.clone())
+            };
             Row::new(vec![
                 Cell::from(clock(r.time_unix_ms)),
                 Cell::from(r.robot_id.clone()),
-                Cell::from(r.policy.clone()),
+                policy,
                 decision,
-                Cell::from(r.code.clone().unwrap_or_default()),
+                Cell::from(match r.code.as_deref() {
+                    // The envelope's codes all start so; the kind (min, max, max_delta) is the news.
+                    Some(code) if is_envelope(r) => code.trim_start_matches("out_of_envelope_").to_string(),
+                    code => code.unwrap_or_default().to_string(),
+                }),
                 Cell::from(r.reason.clone().unwrap_or_default()),
             ])
         })
@@ -567,8 +586,11 @@ fn audit(frame: &mut Frame, app: &App, area: Rect) {
     let filter = filter_note(app);
     let table = Table::new(rows, widths).header(header).row_highlight_style(SELECTED).block(
         Block::bordered()
-            .title(format!(" Audit: denials and modifications ({}){filter} ", records.len()))
-            .title_bottom(Line::styled(" * shadow: recorded, not applied ", DIM)),
+            .title(format!(" Audit: denials and modifications ({}, {envelope} envelope){filter} ", records.len()))
+            .title_bottom(Line::styled(
+                " * shadow, not applied · ⚠ envelope: the host's limits, after every policy ",
+                DIM,
+            )),
     );
     frame.render_stateful_widget(
         table,
@@ -576,6 +598,32 @@ fn audit(frame: &mut Frame, app: &App, area: Rect) {
         &mut TableState::default().with_selected(Some(app.selected[Tab::Audit.index()])),
     );
     let text = match records.get(app.selected[Tab::Audit.index()]) {
+        Some(r) if is_envelope(r) => vec![
+            Line::from(format!(
+                "action envelope of {} {} (host, after every policy) on {} [{}]",
+                r.model,
+                r.model_version.as_deref().map(|v| format!("v{v}")).unwrap_or_default(),
+                r.robot_id,
+                r.robot_type,
+            )),
+            Line::from(r.reason.clone().unwrap_or_default()),
+            Line::styled(
+                match r.decision.as_str() {
+                    "deny" => format!(
+                        "action {} → denied, nothing sent · request {}",
+                        action(r.original_action.as_deref()),
+                        r.request_id
+                    ),
+                    _ => format!(
+                        "action {} → clamped {} · request {}",
+                        action(r.original_action.as_deref()),
+                        action(r.final_action.as_deref()),
+                        r.request_id
+                    ),
+                },
+                DIM,
+            ),
+        ],
         Some(r) => vec![
             Line::from(format!(
                 "{} v{} ({}, {}) on {} [{}] request {}",
@@ -593,6 +641,135 @@ fn audit(frame: &mut Frame, app: &App, area: Rect) {
         Paragraph::new(text).wrap(Wrap { trim: true }).block(Block::bordered().title(" Selected ")),
         detail,
     );
+}
+
+fn choose(frame: &mut Frame, purpose: Purpose, name: &str, choices: &[Choice], selected: usize, error: Option<&str>) {
+    let (title, question) = match purpose {
+        Purpose::Promote => {
+            (" Promote to enforce ", format!("{name} enforces from now on. Which policy does it replace?"))
+        }
+        Purpose::Replay => (
+            " Replay against recent requests ",
+            format!("Replay {name} on what the cell recently saw, in place of which policy?"),
+        ),
+    };
+    let mut lines = vec![Line::from(question), Line::from("")];
+    for (i, c) in choices.iter().enumerate() {
+        let marker = if i == selected { "▶ " } else { "  " };
+        let style = match (i == selected, &c.blocked) {
+            (true, _) => SELECTED,
+            (false, Some(_)) => DIM,
+            (false, None) => Style::new(),
+        };
+        let note = if c.blocked.is_some() { "  (required)" } else { "" };
+        lines.push(Line::styled(format!("{marker}{}{note}", c.label), style));
+    }
+    lines.push(Line::from(""));
+    lines.push(match error {
+        Some(e) => Line::styled(e.to_string(), Style::new().fg(Color::Red)),
+        None => Line::styled("j/k choose · Enter select · Esc cancel", DIM),
+    });
+    let area = centered(frame.area(), 76, lines.len() as u16 + 2);
+    frame.render_widget(Clear, area);
+    frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }).block(Block::bordered().title(title)), area);
+}
+
+/// A replay's report over the whole body: the counts, the decisions that would change, and
+/// the selected one's reasons and actions.
+fn replay(frame: &mut Frame, report: &ReplayReport, selected: usize) {
+    let full = frame.area();
+    // The whole body, between the tabs and the footer.
+    let area = Rect { x: full.x, y: full.y + 2, width: full.width, height: full.height.saturating_sub(3) };
+    frame.render_widget(Clear, area);
+    let title = if report.replaces == report.policy {
+        format!(" Replay: {} against its own decisions ", report.policy)
+    } else {
+        format!(" Replay: {} in place of {} ", report.policy, report.replaces)
+    };
+    let block = Block::bordered().title(title).title_bottom(Line::styled(" j/k select · any other key closes ", DIM));
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let [summary, table_area, detail] =
+        Layout::vertical([Constraint::Length(1), Constraint::Min(3), Constraint::Length(4)]).areas(inner);
+    let changed = report.changed.len();
+    frame.render_widget(
+        Line::from(vec![
+            Span::raw(format!(
+                "replayed {} · unchanged {} · skipped {} · ",
+                report.replayed, report.unchanged, report.skipped
+            )),
+            Span::styled(
+                format!("would change {changed}"),
+                if changed > 0 {
+                    Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)
+                } else {
+                    Style::new().fg(Color::Green)
+                },
+            ),
+        ]),
+        summary,
+    );
+    let rows: Vec<Row> = report
+        .changed
+        .iter()
+        .map(|c| {
+            Row::new(vec![
+                Cell::from(clock(c.time_unix_ms)),
+                Cell::from(c.robot_id.clone()),
+                Cell::from(c.request_id.clone()),
+                Cell::from(outcome(&c.recorded)),
+                Cell::from("→"),
+                Cell::from(outcome(&c.candidate)).style(Style::new().fg(Color::Yellow)),
+            ])
+        })
+        .collect();
+    let header = Row::new(["time UTC", "robot", "request", "recorded", "", "candidate"]).style(HEADER);
+    let widths = [
+        Constraint::Length(8),
+        Constraint::Length(12),
+        Constraint::Length(16),
+        Constraint::Min(12),
+        Constraint::Length(1),
+        Constraint::Min(12),
+    ];
+    frame.render_stateful_widget(
+        Table::new(rows, widths).header(header).row_highlight_style(SELECTED),
+        table_area,
+        &mut TableState::default().with_selected((changed > 0).then_some(selected)),
+    );
+    let text = match report.changed.get(selected) {
+        Some(c) => vec![
+            Line::from(format!("recorded:  {}", outcome_detail(&c.recorded))),
+            Line::from(format!("candidate: {}", outcome_detail(&c.candidate))),
+        ],
+        None => vec![Line::styled(
+            format!("no recorded decision would change ({} requests in the ring were replayed)", report.replayed),
+            DIM,
+        )],
+    };
+    frame.render_widget(
+        Paragraph::new(text).wrap(Wrap { trim: true }).block(Block::new().borders(ratatui::widgets::Borders::TOP)),
+        detail,
+    );
+}
+
+/// `deny joint_limit`, `modify`, `allow` for a table cell.
+fn outcome(o: &ReplayOutcome) -> String {
+    match &o.code {
+        Some(code) => format!("{} {code}", o.decision),
+        None => o.decision.clone(),
+    }
+}
+
+fn outcome_detail(o: &ReplayOutcome) -> String {
+    let mut text = outcome(o);
+    if let Some(reason) = &o.reason {
+        text.push_str(&format!(": {reason}"));
+    }
+    if o.action.is_some() {
+        text.push_str(&format!("  action {}", action(o.action.as_deref())));
+    }
+    text
 }
 
 fn help(frame: &mut Frame, app: &App) {
@@ -683,7 +860,9 @@ fn action(a: Option<&[f32]>) -> String {
     match a {
         None => "none".into(),
         Some(a) => {
-            let head: Vec<String> = a.iter().take(4).map(|v| format!("{v:.2}")).collect();
+            // Far-out values (what the envelope stops) in exponent form, to stay readable.
+            let value = |v: &f32| if v.abs() >= 1e4 { format!("{v:.1e}") } else { format!("{v:.2}") };
+            let head: Vec<String> = a.iter().take(4).map(value).collect();
             format!("[{}{}]", head.join(", "), if a.len() > 4 { ", …" } else { "" })
         }
     }

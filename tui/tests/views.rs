@@ -96,6 +96,10 @@ fn snapshot(poll: u64, gpu: bool) -> Snapshot {
                                   policy("speed-cap", "safety", 20, "shadow", 800, 9)]},
         "quotas": {"robots": [quota("arm-1", 44), quota("arm-2", 0)]},
         "audit": {"records": [
+            {"seq": 4, "time_unix_ms": T0 - 500, "request_id": "r-4", "robot_id": "arm-2", "robot_type": "ur5e", "model": "tiny-vla",
+             "model_version": "1", "policy": "envelope", "version": 0, "world": "host", "mode": "enforce", "decision": "deny", "applied": true,
+             "code": "out_of_envelope_max", "reason": "step 0, dof 2: 1e30 is above the envelope's max 1", "severity": "high",
+             "original_action": [0.1, 0.2, 1e30, 0.0, 0.0, 0.0, 0.5]},
             {"seq": 3, "time_unix_ms": T0 - 1_000, "request_id": "r-3", "robot_id": "arm-1", "robot_type": "ur5e", "model": "tiny-vla",
              "policy": "speed-cap", "version": 2, "world": "safety", "mode": "shadow", "decision": "deny", "applied": false,
              "code": "too_fast", "reason": "joint 3 at 2.10 rad/s exceeds 1.50", "original_action": [0.1, 0.2, 2.1, 0.0, 0.0, 0.0, 0.5]},
@@ -181,7 +185,7 @@ fn audit_filters_by_robot_and_policy() {
     keys(&mut app, "7/robot:arm-1 policy:speed");
     app.on_key(KeyEvent::from(KeyCode::Enter));
     let screen = render(&app, 80, 24);
-    assert!(screen.contains("(1)"), "{screen}");
+    assert!(screen.contains("(1, 0 envelope)"), "{screen}");
     assert!(screen.contains("too_fast"), "{screen}");
 }
 
@@ -191,6 +195,9 @@ fn help_confirm_and_upload_overlays() {
     keys(&mut app, "5?");
     insta::assert_snapshot!("help_policies", render(&app, 80, 24));
     keys(&mut app, " jjm");
+    insta::assert_snapshot!("choose_replaced", render(&app, 80, 24));
+    keys(&mut app, "k");
+    app.on_key(KeyEvent::from(KeyCode::Enter));
     insta::assert_snapshot!("confirm_promote", render(&app, 80, 24));
     app.on_key(KeyEvent::from(KeyCode::Esc));
     keys(&mut app, "u/srv/policies/speed-cap.wasm");
@@ -198,6 +205,51 @@ fn help_confirm_and_upload_overlays() {
     app.on_key(KeyEvent::from(KeyCode::Tab));
     app.on_key(KeyEvent::from(KeyCode::Backspace));
     insta::assert_snapshot!("upload_form", render(&app, 80, 24));
+}
+
+#[test]
+fn envelope_violations_stand_out_in_the_audit_view() {
+    let mut app = app(true);
+    keys(&mut app, "7v");
+    let screen = render(&app, 80, 24);
+    assert!(screen.contains("(1, 1 envelope) filter \"kind:envelope\""), "{screen}");
+    assert!(screen.contains("⚠ envelope") && screen.contains("above the envelope's max 1"), "{screen}");
+    assert!(screen.contains("action envelope of tiny-vla v1 (host, after every policy) on arm-2"), "{screen}");
+    keys(&mut app, "v");
+    assert!(render(&app, 80, 24).contains("(4, 1 envelope)"));
+}
+
+#[test]
+fn a_replay_report_lists_the_changed_decisions() {
+    use vla_api::{ReplayChange, ReplayOutcome, ReplayReport};
+    let mut app = app(true);
+    keys(&mut app, "5jj");
+    let change = |seq: u64, robot: &str, code: &str| ReplayChange {
+        seq,
+        request_id: format!("r-{seq}"),
+        robot_id: robot.into(),
+        time_unix_ms: T0 - 60_000 + seq * 1000,
+        recorded: ReplayOutcome { decision: "allow".into(), ..ReplayOutcome::default() },
+        candidate: ReplayOutcome {
+            decision: "deny".into(),
+            code: Some(code.into()),
+            reason: Some("joint 3 at 1.40 rad/s exceeds 1.20".into()),
+            action: None,
+        },
+    };
+    let report = ReplayReport {
+        policy: "speed-cap".into(),
+        world: "safety".into(),
+        replaces: "joint-limits".into(),
+        replayed: 120,
+        unchanged: 118,
+        skipped: 3,
+        changed: vec![change(7, "arm-1", "too_fast"), change(9, "arm-2", "too_fast")],
+        ..ReplayReport::default()
+    };
+    app.action_done(Ok(vla_console::client::Reply::Replay(Box::new(report))));
+    keys(&mut app, "j");
+    insta::assert_snapshot!("replay_report", render(&app, 80, 24));
 }
 
 #[test]
