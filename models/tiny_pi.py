@@ -40,7 +40,7 @@ max_batch_size = 16
 
 [batching]
 enabled = true
-max_queue_delay_us = 2000
+max_queue_delay_us = 0
 preferred_batch_sizes = [4, 8]
 queue_capacity = 256
 instances = 1

@@ -42,15 +42,6 @@ pub struct Done {
     pub batch_size: usize,
 }
 
-/// libtorch intra-op threads per executor when the configuration leaves it to the appliance:
-/// one core is left to the server's own work (TLS, JSON, image decoding, policies) and the
-/// rest shared between the executors, at least one each. An OpenMP team that wants every core
-/// stalls at each barrier whenever the server takes one of them: on 2 cores under load,
-/// forwards ran 2–3× slower than alone (`bench suite`, README *Measured performance*).
-pub fn auto_cpu_threads(cores: usize, instances: usize) -> usize {
-    (cores.saturating_sub(1) / instances.max(1)).max(1)
-}
-
 /// Why a request got no action.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
@@ -117,6 +108,15 @@ struct State {
     closed: bool,
 }
 
+/// How a CPU model's executors got their libtorch thread count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuThreads {
+    pub threads: usize,
+    /// Measured at warm-up (`models.cpu_threads = 0`, see [`crate::threads`]), with the
+    /// timings; `None` when the configuration set it.
+    pub measured: Option<Vec<crate::threads::Timing>>,
+}
+
 struct Shared {
     state: Mutex<State>,
     /// Signalled on every push and on close; executors wait on it when there is nothing to run.
@@ -139,6 +139,8 @@ pub struct Batcher {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     capacity: usize,
+    /// CPU models only.
+    cpu_threads: Option<CpuThreads>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -150,7 +152,9 @@ impl std::fmt::Debug for Batcher {
 impl Batcher {
     /// Starts `spec.batching.instances` executor threads, each loading `<dir>/model.pt` onto
     /// `device` and warming it up on its own thread; returns once all are ready, or the first
-    /// error after stopping the others.
+    /// error after stopping the others. On the CPU, `cpu_threads` libtorch threads each, or (0)
+    /// as many as the first executor measures to be fastest ([`crate::threads`]): the others
+    /// load once it has chosen, so that nothing else runs while it measures.
     pub fn start(
         dir: &Path,
         spec: &ModelSpec,
@@ -172,35 +176,66 @@ impl Batcher {
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
-        let cpu_threads = match cpu_threads {
-            0 => auto_cpu_threads(std::thread::available_parallelism().map_or(1, |n| n.get()), spec.batching.instances),
-            n => n,
-        };
-        if device == Device::Cpu {
-            tracing::info!(model = %spec.name, instances = spec.batching.instances, cpu_threads, "libtorch threads per executor");
+        let instances = spec.batching.instances;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let measure = device == Device::Cpu && cpu_threads == 0;
+        // The first executor's choice, for the others (and the report).
+        let (chosen_tx, chosen_rx) = std::sync::mpsc::channel::<CpuThreads>();
+        let (mut followers, mut waits) = (Vec::new(), vec![None]);
+        for _ in 1..instances {
+            let (tx, rx) = std::sync::mpsc::channel::<usize>();
+            followers.push(tx);
+            waits.push(Some(rx));
         }
-        for i in 0..spec.batching.instances {
+        let mut followers = Some(followers);
+        for (i, wait) in waits.into_iter().enumerate() {
             let shared = shared.clone();
             let memory = shared.metrics.memory.clone();
             let ready = ready_tx.clone();
             let dir = dir.to_path_buf();
             let thread_spec = spec.clone();
             let warmup = spec.warmup_batch_sizes();
+            let measure_sizes = vec![1, spec.effective_max_batch()];
+            // Executor 0 tells the others (and `start`) its count; they wait for it.
+            let tell = followers.take().map(|f| (chosen_tx.clone(), f));
             let spawned = std::thread::Builder::new().name(format!("exec-{}-{i}", spec.name)).spawn(move || {
+                let mut threads =
+                    if cpu_threads == 0 { crate::threads::leave_one_core(cores, instances) } else { cpu_threads };
+                if let Some(wait) = wait {
+                    // Executor 0 failed when this closes: `start` then stops everything.
+                    let Ok(n) = wait.recv() else { return };
+                    threads = n;
+                }
                 if device == Device::Cpu {
-                    tch::set_num_threads(cpu_threads as i32);
+                    tch::set_num_threads(threads as i32);
                 }
                 // A libtorch panic (out of memory at the largest warm-up batch, say) must fail
                 // the load, not leave a model that looks ready with no executor.
                 let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    LoadedModel::load(&dir, &thread_spec, device).and_then(|m| {
-                        m.warm_up(&warmup, 2)?;
-                        Ok(m)
-                    })
+                    let m = LoadedModel::load(&dir, &thread_spec, device)?;
+                    m.warm_up(&warmup, 2)?;
+                    let mut measured = None;
+                    if measure && tell.is_some() {
+                        let choice = crate::threads::choose(cores, instances, &measure_sizes, |n, batch| {
+                            tch::set_num_threads(n as i32);
+                            m.time_forward(batch, 3)
+                        })?;
+                        threads = choice.threads;
+                        tch::set_num_threads(threads as i32);
+                        m.warm_up(&measure_sizes, 1)?;
+                        measured = Some(choice.timings);
+                    }
+                    Ok((m, measured))
                 }))
                 .unwrap_or_else(|panic| Err(ModelError::Forward(panic_message(&panic))));
                 match loaded {
-                    Ok(model) => {
+                    Ok((model, measured)) => {
+                        if let Some((chosen, followers)) = tell {
+                            for f in &followers {
+                                let _ = f.send(threads);
+                            }
+                            let _ = chosen.send(CpuThreads { threads, measured });
+                        }
                         memory.add(model.weight_bytes(&dir) as i64);
                         let _ = ready.send(Ok(()));
                         drop(ready);
@@ -220,7 +255,9 @@ impl Batcher {
             }
         }
         drop(ready_tx);
-        let batcher = Batcher { shared, threads: Mutex::new(threads), capacity: spec.batching.queue_capacity };
+        drop(chosen_tx);
+        let mut batcher =
+            Batcher { shared, threads: Mutex::new(threads), capacity: spec.batching.queue_capacity, cpu_threads: None };
         let mut ready = 0;
         for result in ready_rx.iter() {
             match result {
@@ -234,6 +271,20 @@ impl Batcher {
         if ready != spec.batching.instances {
             batcher.shutdown();
             return Err(ModelError::Forward(format!("only {ready} of {} executors started", spec.batching.instances)));
+        }
+        if device == Device::Cpu {
+            let chosen = chosen_rx.try_recv().ok();
+            if let Some(c) = &chosen {
+                let timings: Vec<String> = c
+                    .measured
+                    .iter()
+                    .flatten()
+                    .map(|t| format!("{}×b{}: {:.2} ms", t.threads, t.batch_size, t.forward.as_secs_f64() * 1e3))
+                    .collect();
+                let how = if c.measured.is_some() { "measured at warm-up" } else { "models.cpu_threads" };
+                tracing::info!(model = %spec.name, instances, threads = c.threads, how, timings = %timings.join(", "), "libtorch threads per executor");
+            }
+            batcher.cpu_threads = chosen;
         }
         Ok(batcher)
     }
@@ -278,6 +329,11 @@ impl Batcher {
         }
         self.shared.wake.notify_one();
         Ok(Ticket { rx, state, deadline, shared: self.shared.clone() })
+    }
+
+    /// The libtorch threads of each executor (CPU models).
+    pub fn cpu_threads(&self) -> Option<&CpuThreads> {
+        self.cpu_threads.as_ref()
     }
 
     pub fn stats(&self) -> ModelStats {
@@ -498,21 +554,5 @@ impl Drop for Ticket {
         if self.state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.shared.counters.dropped_disconnect.fetch_add(1, Ordering::Relaxed);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::auto_cpu_threads;
-
-    #[test]
-    fn one_core_is_left_to_the_server() {
-        assert_eq!(auto_cpu_threads(2, 1), 1);
-        assert_eq!(auto_cpu_threads(16, 1), 15);
-        assert_eq!(auto_cpu_threads(16, 3), 5);
-        // Never fewer than one thread per executor.
-        assert_eq!(auto_cpu_threads(1, 1), 1);
-        assert_eq!(auto_cpu_threads(4, 8), 1);
-        assert_eq!(auto_cpu_threads(0, 0), 1);
     }
 }

@@ -154,8 +154,8 @@ pub struct ModelsConfig {
     pub demo: bool,
     /// Model used when a request names none; absent means the only model, or `tiny-vla`.
     pub default_model: Option<String>,
-    /// libtorch intra-op threads per executor on CPU; 0: one core left to the server, the
-    /// others shared by the executors ([`crate::batcher::auto_cpu_threads`]).
+    /// libtorch intra-op threads per executor on CPU; 0: measured at warm-up, the fastest for
+    /// this machine and model by the rule in [`crate::threads`].
     pub cpu_threads: usize,
 }
 

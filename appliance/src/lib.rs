@@ -15,7 +15,7 @@
 //! | stage | [`text`] | instruction → token ids and mask: a Hugging Face `tokenizer.json`, or UTF-8 bytes |
 //! | stage | [`repository`] | the model repository: loading, reloading, resolving a request's model |
 //! | stage | [`queue`] | per-model bounded priority queue and the batching rule (pure state) |
-//! | stage | [`batcher`] | executor threads take batches, run them, answer each request |
+//! | stage | [`batcher`] | executor threads take batches, run them, answer each request ([`threads`]: their libtorch threads, measured at warm-up) |
 //! | stage | [`model`] | TorchScript module or AOTInductor package ([`aoti`]) on CPU or CUDA: stack, forward, split ([`cuda_memory`]: the memory a batch needed) |
 //! | domain | [`policy`] | operator-uploaded WebAssembly policies: admission (with [`quota`]) and safety; the audit log |
 //! | domain | [`quota`] | durable rate limits and quotas in sled, charged by admission policies |
@@ -57,6 +57,7 @@ pub mod robots;
 pub mod spec;
 pub mod store;
 pub mod text;
+pub mod threads;
 pub mod tls;
 pub mod validate;
 

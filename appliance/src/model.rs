@@ -184,22 +184,41 @@ impl LoadedModel {
     /// first robot request meets a warm model (allocator pools, cuDNN/oneDNN kernel choice).
     pub fn warm_up(&self, batch_sizes: &[usize], rounds: usize) -> Result<(), ModelError> {
         for &n in batch_sizes {
-            let inputs: Vec<Tensor> = self
-                .input_dims
-                .iter()
-                .zip(self.input_kinds.iter().copied())
-                .map(|(dims, kind)| {
-                    let mut shape = vec![n as i64];
-                    shape.extend(dims);
-                    Tensor::zeros(&shape, (kind, self.device))
-                })
-                .collect();
+            let inputs = self.zeros(n);
             for _ in 0..rounds {
                 // Checks every output's shape against the spec.
                 self.forward_outputs(&inputs, n)?;
             }
         }
         Ok(())
+    }
+
+    /// The median of `rounds` forwards at batch size `n` (after one untimed), from zeros; one
+    /// timed forward when a single one takes over 200 ms (the measurement stays short).
+    pub fn time_forward(&self, n: usize, rounds: usize) -> Result<std::time::Duration, ModelError> {
+        let inputs = self.zeros(n);
+        let timed = || -> Result<std::time::Duration, ModelError> {
+            let started = std::time::Instant::now();
+            self.forward_outputs(&inputs, n)?;
+            Ok(started.elapsed())
+        };
+        let first = timed()?;
+        let rounds = if first > std::time::Duration::from_millis(200) { 1 } else { rounds.max(1) };
+        let mut times = (0..rounds).map(|_| timed()).collect::<Result<Vec<_>, _>>()?;
+        times.sort_unstable();
+        Ok(times[times.len() / 2])
+    }
+
+    fn zeros(&self, n: usize) -> Vec<Tensor> {
+        self.input_dims
+            .iter()
+            .zip(self.input_kinds.iter().copied())
+            .map(|(dims, kind)| {
+                let mut shape = vec![n as i64];
+                shape.extend(dims);
+                Tensor::zeros(&shape, (kind, self.device))
+            })
+            .collect()
     }
 
     /// Stacks `samples` (each in input order) into batch tensors on the model's device.

@@ -172,11 +172,16 @@ impl<T: Waiting> BatchQueue<T> {
     /// Decides what to do at `now`. Also returns the entries that expired meanwhile.
     ///
     /// The rule, after sweeping:
-    /// 1. `max_batch_size` entries queued → a full batch now;
+    /// 1. `max_batch_size` entries queued → a full batch now; with no `max_queue_delay` (the
+    ///    default) → everything queued now, whatever the preferred sizes;
     /// 2. a preferred size can be formed → the largest such batch now;
     /// 3. the oldest entry has waited `max_queue_delay`, or waiting longer would pass some
     ///    entry's deadline (less [`DEADLINE_LEAD`]) → everything queued now;
     /// 4. otherwise wait until the earlier of those two instants.
+    ///
+    /// With `max_queue_delay` zero, an executor that asks takes everything queued (up to the
+    /// maximum) at once, so the model never idles while a request waits, and requests that
+    /// arrive while it computes form its next batch.
     pub fn next(&mut self, now: Instant) -> (Next<T>, Vec<Queued<T>>) {
         let expired = self.sweep(now);
         let n = self.len();
@@ -184,8 +189,8 @@ impl<T: Waiting> BatchQueue<T> {
             return (Next::Idle, expired);
         }
         let max = self.policy.max_batch_size;
-        if n >= max {
-            return (Next::Batch(self.take(max)), expired);
+        if n >= max || self.policy.max_queue_delay.is_zero() {
+            return (Next::Batch(self.take(n.min(max))), expired);
         }
         if let Some(&p) = self.policy.preferred_batch_sizes.iter().rev().find(|&&p| p <= n) {
             return (Next::Batch(self.take(p)), expired);
@@ -251,6 +256,30 @@ mod tests {
     }
 
     const LONG: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn with_no_delay_the_model_never_idles_while_a_request_waits() {
+        // The default: no delay, the demo's preferred sizes.
+        let mut q = BatchQueue::new(policy(32, 0, &[4, 8, 16], 64));
+        let now = Instant::now();
+        q.push(req(1), Priority::Normal, now + LONG, now, false);
+        // A lone request runs at once, alone.
+        assert_eq!(ids(q.next(now).0), vec![1]);
+        // Five arrive while it computes: they go together when the executor asks again, not
+        // split into the preferred 4 and a straggler.
+        for id in 2..=6 {
+            q.push(req(id), Priority::Normal, now + LONG, now, false);
+        }
+        assert_eq!(ids(q.next(now).0), vec![2, 3, 4, 5, 6]);
+        assert_eq!(q.next(now).0, Next::Idle);
+        // Never more than the maximum.
+        let mut q = BatchQueue::new(policy(2, 0, &[], 64));
+        for id in 1..=3 {
+            q.push(req(id), Priority::Normal, now + LONG, now, false);
+        }
+        assert_eq!(ids(q.next(now).0), vec![1, 2]);
+        assert_eq!(ids(q.next(now).0), vec![3]);
+    }
 
     fn ids(next: Next<Req>) -> Vec<u32> {
         match next {

@@ -49,6 +49,20 @@ impl Model {
             cameras: spec.cameras.iter().map(|c| c.name.clone()).collect(),
             tokenizer: spec.tokenizer_label(),
             dt_ms: spec.action.dt_ms,
+            cpu_threads: self.batcher.cpu_threads().map(|c| vla_api::CpuThreads {
+                threads: c.threads,
+                chosen_by: if c.measured.is_some() { "measured" } else { "config" }.into(),
+                measured: c
+                    .measured
+                    .iter()
+                    .flatten()
+                    .map(|t| vla_api::ThreadTiming {
+                        threads: t.threads,
+                        batch_size: t.batch_size,
+                        forward_ms: t.forward.as_secs_f64() * 1e3,
+                    })
+                    .collect(),
+            }),
             stats: self.batcher.stats(),
         }
     }

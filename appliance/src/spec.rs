@@ -156,9 +156,12 @@ impl ActionKind {
 pub struct BatchingSpec {
     /// Off: every request runs alone (batch size 1).
     pub enabled: bool,
-    /// How long the oldest queued request may wait for others to join its batch.
+    /// How long the oldest queued request may wait for others to join its batch. 0 (the
+    /// default): never; an idle executor takes whatever is queued at once, and requests that
+    /// arrive while every executor is busy go together in its next batch.
     pub max_queue_delay_us: u64,
-    /// Batch sizes dispatched as soon as that many requests are queued.
+    /// Batch sizes dispatched as soon as that many requests are queued, when the batch waits
+    /// (`max_queue_delay_us` > 0); with no delay everything queued goes at once.
     pub preferred_batch_sizes: Vec<usize>,
     /// Requests that may wait in the queue; beyond it requests get 503 at once.
     pub queue_capacity: usize,
@@ -172,7 +175,7 @@ impl Default for BatchingSpec {
     fn default() -> Self {
         BatchingSpec {
             enabled: true,
-            max_queue_delay_us: 2_000,
+            max_queue_delay_us: 0,
             preferred_batch_sizes: Vec::new(),
             queue_capacity: 256,
             instances: 1,

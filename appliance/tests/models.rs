@@ -380,6 +380,30 @@ async fn the_model_list_shows_cameras_tokenizer_horizon_and_platform() {
         (vla.cameras.as_slice(), vla.tokenizer.as_str(), vla.action_horizon),
         (["image".to_string()].as_slice(), "utf8-bytes", 1)
     );
+    // The tests set `models.cpu_threads = 1`: the configuration's count, nothing measured.
+    let threads = vla.cpu_threads.as_ref().unwrap();
+    assert_eq!((threads.threads, threads.chosen_by.as_str(), threads.measured.len()), (1, "config", 0));
+    app.stop().await.unwrap();
+}
+
+/// `models.cpu_threads = 0`: the first executor times the forward at batch 1 and at the largest
+/// batch with each candidate thread count, and the one it chose is shown with the timings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn left_to_the_appliance_the_libtorch_threads_are_measured_at_warm_up() {
+    let app = TestAppliance::start(|config, _| config.models.cpu_threads = 0).await;
+    let list: vla_api::ModelList =
+        app.admin(reqwest::Method::GET, "/v1/models").send().await.unwrap().json().await.unwrap();
+    let threads = list.models[0].cpu_threads.clone().unwrap();
+    assert_eq!(threads.chosen_by, "measured");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let candidates = appliance::threads::candidates(cores, 1);
+    assert!(candidates.contains(&threads.threads), "{threads:?}");
+    let timed: Vec<(usize, usize)> = threads.measured.iter().map(|t| (t.threads, t.batch_size)).collect();
+    let expected: Vec<(usize, usize)> = candidates.iter().flat_map(|&t| [(t, 1), (t, 32)]).collect();
+    assert_eq!(timed, expected);
+    assert!(threads.measured.iter().all(|t| t.forward_ms > 0.0), "{threads:?}");
+    // The measurement does not change what the model answers.
+    assert_eq!(app.infer(common::robot_request(1)).await.status(), StatusCode::OK);
     app.stop().await.unwrap();
 }
 

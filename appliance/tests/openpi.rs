@@ -26,11 +26,7 @@ async fn openpi_client_works_unchanged() {
         add_model(repo, "tiny-vla", appliance::demo::MODEL_TOML);
         // A lone observation waits 0.5 s for company here (within the 1 s deadline): long enough to
         // close its session meanwhile.
-        let slow = appliance::demo::MODEL_TOML
-            .replace("name = \"tiny-vla\"", "name = \"slow-vla\"")
-            .replace("max_queue_delay_us = 2000", "max_queue_delay_us = 500000")
-            .replace("preferred_batch_sizes = [4, 8, 16]", "preferred_batch_sizes = []");
-        assert!(slow.contains("500000") && slow.contains("slow-vla"));
+        let slow = appliance::demo::model_toml_with_batching("slow-vla", "max_queue_delay_us = 500000\n");
         add_model(repo, "slow-vla", &slow);
         add_built_model(repo, "tiny-pi");
     })

@@ -183,7 +183,29 @@ pub struct ModelInfo {
     /// The control period of an action step, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dt_ms: Option<f64>,
+    /// On the CPU: each executor's libtorch threads and how they were chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_threads: Option<CpuThreads>,
     pub stats: ModelStats,
+}
+
+/// A CPU model's libtorch intra-op threads per executor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuThreads {
+    pub threads: usize,
+    /// `measured` (at warm-up: `models.cpu_threads = 0`) or `config` (`models.cpu_threads`).
+    pub chosen_by: String,
+    /// The warm-up forwards it was chosen from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub measured: Vec<ThreadTiming>,
+}
+
+/// One forward timed at warm-up: with `threads` threads at `batch_size`, the median ms.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ThreadTiming {
+    pub threads: usize,
+    pub batch_size: usize,
+    pub forward_ms: f64,
 }
 
 /// Counters since the model was loaded.
