@@ -29,7 +29,7 @@ fi
 
 python="${PYTHON:-python3}"
 if ! .venv/bin/python - <<'PY' 2>/dev/null
-import sys, tokenizers, torch, tritonclient.grpc, tritonclient.http
+import sys, tokenizers, torch, tritonclient.grpc, tritonclient.http, litserve, fastapi, uvicorn, PIL
 sys.exit(0 if torch.__version__.split("+")[0] == "2.11.0" else 1)
 PY
 then

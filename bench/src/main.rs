@@ -8,6 +8,9 @@
 //!   part for a moment (the test suite does).
 //! - `bench policy`, `bench quota`, `bench metrics` — per-call distributions of the policy
 //!   sandbox, quota decisions and metric recording (see `src/parts.rs`).
+//! - `bench peers` — the appliance beside a FastAPI batcher and LitServe serving the same
+//!   model, on the demo and a compute-bound stand-in, with the raw pipeline: ratios (see
+//!   `src/peers.rs`).
 //! - `bench soak` — a long run at a share of saturation: errors and memory over time.
 //! - `bench attacks` — each hostile-client attack beside a 10 Hz victim robot (see
 //!   `src/attacks.rs`).
@@ -64,6 +67,25 @@ enum Command {
         /// `tiny-vla` when absent.
         #[arg(long)]
         model: Option<PathBuf>,
+    },
+    /// The appliance beside the Python servers a user would pick instead (FastAPI + asyncio
+    /// batcher, LitServe), same model file and preprocessing, on the demo model and the
+    /// compute-bound stand-in, both frame sizes, with the raw pipeline; writes peers.json and
+    /// peers.md.
+    Peers {
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        #[arg(long)]
+        smoke: bool,
+        /// Closed-loop client counts.
+        #[arg(long, value_delimiter = ',')]
+        clients: Option<Vec<usize>>,
+        /// Seconds measured per point.
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// The peers' batch window, ms (0: whatever is queued when the model is free).
+        #[arg(long)]
+        peer_batch_timeout_ms: Option<f64>,
     },
     /// One policy call (fresh instance included) for each shipped policy, through the
     /// appliance's sandbox; p50/p99 per call.
@@ -185,6 +207,18 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Serve { config } => return serve(&config),
+        Command::Peers { out, smoke, clients, seconds, peer_batch_timeout_ms } => {
+            let base = if smoke { bench::peers::Options::smoke(out) } else { bench::peers::Options::standard(out) };
+            let options = bench::peers::Options {
+                clients: clients.unwrap_or(base.clients.clone()),
+                seconds: seconds.unwrap_or(base.seconds),
+                peer_batch_timeout_ms: peer_batch_timeout_ms.unwrap_or(base.peer_batch_timeout_ms),
+                ..base
+            };
+            bench::peers::run(&options)?;
+            println!("{}", std::fs::read_to_string(options.out.join("peers.md"))?);
+            return Ok(());
+        }
         Command::Soak { out, minutes, share, robots, device } => {
             let report = bench::soak::run(&bench::soak::Options { out, minutes, share, robots, device })?;
             println!("{}", report.markdown());
