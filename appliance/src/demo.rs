@@ -99,9 +99,21 @@ impl TinyVla {
 
 /// Builds the network from [`SEED`] and traces it into a TorchScript module.
 pub fn build() -> Result<CModule, DemoError> {
-    tch::manual_seed(SEED);
+    trace_demo_shaped("TinyVla", SEED, TinyVla::new, TinyVla::forward)
+}
+
+/// Builds a network with the demo's inputs and output (`new` from the weights of `seed`) and
+/// traces `forward` into a TorchScript module named `name`: for the demo and for stand-ins of
+/// other shapes (the bench's `conv-vla`) that the same requests and `model.toml` serve.
+pub fn trace_demo_shaped<N>(
+    name: &str,
+    seed: i64,
+    new: impl FnOnce(&nn::Path) -> N,
+    forward: impl Fn(&N, &Tensor, &Tensor, &Tensor) -> Tensor,
+) -> Result<CModule, DemoError> {
+    tch::manual_seed(seed);
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let net = TinyVla::new(&vs.root());
+    let net = new(&vs.root());
     // Weights without gradients are what tracing records as the module's constants.
     vs.freeze();
     let _guard = tch::no_grad_guard();
@@ -111,28 +123,31 @@ pub fn build() -> Result<CModule, DemoError> {
         Tensor::zeros([2, 32], (Kind::Int64, Device::Cpu)),
         Tensor::zeros([2, 7], (Kind::Float, Device::Cpu)),
     ];
-    let module = CModule::create_by_tracing("TinyVla", "forward", &example, &mut |inputs| {
-        vec![net.forward(&inputs[0], &inputs[1], &inputs[2])]
+    let module = CModule::create_by_tracing(name, "forward", &example, &mut |inputs| {
+        vec![forward(&net, &inputs[0], &inputs[1], &inputs[2])]
     })?;
     Ok(module)
 }
 
-/// Writes `model.pt` and `model.toml` into `<repository>/tiny-vla`. The TorchScript file is
-/// written under a temporary name and renamed, then `model.toml` is written, so a crash
-/// mid-way never leaves a model that looks complete.
+/// Writes `model.pt` and `model.toml` into `<repository>/tiny-vla`.
 pub fn generate(repository: &Path) -> Result<(), DemoError> {
-    let dir = repository.join(NAME);
+    write_model(&repository.join(NAME), &build()?, MODEL_TOML)
+}
+
+/// Writes `module` as `<dir>/model.pt` and `toml` as `<dir>/model.toml`, creating `dir`. The
+/// TorchScript file is written under a temporary name and renamed, then `model.toml` is
+/// written, so a crash mid-way never leaves a model that looks complete.
+pub fn write_model(dir: &Path, module: &CModule, toml: &str) -> Result<(), DemoError> {
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source| DemoError::Io { path, source }
     };
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let module = build()?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tmp = dir.join("model.pt.tmp");
     module.save(&tmp)?;
     std::fs::rename(&tmp, dir.join("model.pt")).map_err(io(&tmp))?;
-    let toml = dir.join("model.toml");
-    std::fs::write(&toml, MODEL_TOML).map_err(io(&toml))?;
+    let toml_path = dir.join("model.toml");
+    std::fs::write(&toml_path, toml).map_err(io(&toml_path))?;
     Ok(())
 }
 

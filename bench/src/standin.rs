@@ -18,9 +18,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use tch::nn::{self, Module};
-use tch::{CModule, Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub const NAME: &str = "conv-vla";
 const SEED: i64 = 20_261_202;
@@ -102,28 +101,12 @@ pub fn generate(parent: &Path) -> anyhow::Result<PathBuf> {
     if dir.join("model.toml").exists() && dir.join("model.pt").exists() {
         return Ok(dir);
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    tch::manual_seed(SEED);
-    let mut vs = nn::VarStore::new(Device::Cpu);
-    let net = ConvVla::new(&vs.root());
-    vs.freeze();
-    let _guard = tch::no_grad_guard();
-    let example = [
-        Tensor::zeros([2, 3, 224, 224], (Kind::Float, Device::Cpu)),
-        Tensor::zeros([2, 32], (Kind::Int64, Device::Cpu)),
-        Tensor::zeros([2, 7], (Kind::Float, Device::Cpu)),
-    ];
-    let module = CModule::create_by_tracing("ConvVla", "forward", &example, &mut |inputs| {
-        vec![net.forward(&inputs[0], &inputs[1], &inputs[2])]
-    })?;
-    let tmp = dir.join("model.pt.tmp");
-    module.save(&tmp)?;
-    std::fs::rename(&tmp, dir.join("model.pt"))?;
+    let module = appliance::demo::trace_demo_shaped("ConvVla", SEED, ConvVla::new, ConvVla::forward)?;
     let toml = appliance::demo::MODEL_TOML.replacen("name = \"tiny-vla\"", &format!("name = \"{NAME}\""), 1).replacen(
         "# tiny-vla: the demo model",
         "# conv-vla: the bench's compute-bound stand-in (bench/src/standin.rs), beside the demo model",
         1,
     );
-    std::fs::write(dir.join("model.toml"), toml)?;
+    appliance::demo::write_model(&dir, &module, &toml)?;
     Ok(dir)
 }
