@@ -145,15 +145,57 @@ def main():
     write_reference(spec, model, tokenizer_path, dirs, device)
 
 
+def host_tokens(toml, tokenizer, instruction):
+    """The host's text step (appliance/src/text.rs): ids padded to the ids input's length, and
+    the mask; UTF-8 bytes without a tokenizer file."""
+    tok = toml["tokenizer"]
+    length = input_dims(toml, tok["ids_input"])[1]
+    if tokenizer is None:
+        ids, pad = list(instruction.encode("utf-8")), 0
+    else:
+        ids = tokenizer.encode(instruction).ids
+        pad = tok.get("pad_id")
+        if pad is None:
+            pad = next((tokenizer.token_to_id(p) for p in ("[PAD]", "<pad>", "<|pad|>") if tokenizer.token_to_id(p) is not None), 0)
+    ids = ids[:length]
+    mask = [1] * len(ids) + [0] * (length - len(ids))
+    return ids + [pad] * (length - len(ids)), mask
+
+
+def input_dims(toml, name):
+    return next(i["dims"] for i in toml["inputs"] if i["name"] == name)
+
+
+def host_frame(camera, frame):
+    """The host's camera step (appliance/src/preprocess.rs) on an HWC uint8 frame of the
+    camera's size: UINT8 as it is, FP32 normalised with the camera's mean and std; NCHW or NHWC."""
+    x = frame
+    if camera.get("dtype", "FP32") == "FP32":
+        mean = torch.tensor(camera.get("mean", [0.0, 0.0, 0.0]))
+        std = torch.tensor(camera.get("std", [1.0, 1.0, 1.0]))
+        x = (frame.float() / 255.0 - mean) / std
+    if camera.get("layout", "nchw") == "nchw":
+        x = x.permute(2, 0, 1)
+    return x.contiguous()
+
+
 def write_reference(spec, model, tokenizer_path, dirs, device):
-    """Requests as robots send them, and what PyTorch answers through the host's own steps."""
+    """Requests as robots send them, and what PyTorch answers through the host's own steps:
+    each camera's normalisation and layout, the tokenizer (or UTF-8 bytes) with its mask, the
+    state's and the action's statistics when the model ships them, the noise inputs from the
+    request's seed, the extra inputs."""
     toml = tomllib.loads(spec.MODEL_TOML.format(name=spec.NAME, platform="x", device="cpu"))
     cameras = toml.get("cameras", [])
     tok = toml.get("tokenizer")
     state_spec, action = toml["state"], toml["action"]
-    from tokenizers import Tokenizer
+    horizon, dof = action.get("horizon", 1), action["dof"]
+    tokenizer = None
+    if tok is not None and tok.get("file"):
+        from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+    state_len = input_dims(toml, state_spec["input"])[1]
+    noise_inputs = [n["input"] for n in toml.get("noise", [])]
     g = torch.Generator().manual_seed(11)
     instructions = ["pick up the red block", "fold the towel and place it in the left bin", "stop"]
     cases = []
@@ -161,48 +203,57 @@ def write_reference(spec, model, tokenizer_path, dirs, device):
         requests, feeds = [], []
         for r in range(rows):
             frames = {c["name"]: torch.randint(0, 256, (c["height"], c["width"], 3), dtype=torch.uint8, generator=g) for c in cameras}
-            state = torch.randn(len(state_spec["mean"]), generator=g)
+            state = torch.randn(state_len, generator=g)
             instruction = instructions[r % len(instructions)]
             # Consecutive per batch: an OIP request's `seed` parameter gives row r seed + r.
             seed = 1000 * rows + r
-            enc = tokenizer.encode(instruction)
-            ids = enc.ids[: tok["max_length"]]
-            mask = [1] * len(ids) + [0] * (tok["max_length"] - len(ids))
-            ids = ids + [0] * (tok["max_length"] - len(ids))
-            mean, std = torch.tensor(state_spec["mean"]), torch.tensor(state_spec["std"])
-            noise = torch.tensor(host_noise(seed, action["horizon"] * action["dof"]), dtype=torch.float64).to(torch.float32)
-            feed = {c["input"]: frames[c["name"]].unsqueeze(0) for c in cameras}
-            feed[tok["ids_input"]] = torch.tensor([ids])
-            feed[tok["mask_input"]] = torch.tensor([mask])
-            feed[state_spec["input"]] = ((state - mean) / std).unsqueeze(0)
-            feed[toml["noise"][0]["input"]] = noise.view(1, action["horizon"], action["dof"])
+            feed = {c["input"]: host_frame(c, frames[c["name"]]).unsqueeze(0) for c in cameras}
+            if tok is not None:
+                ids, mask = host_tokens(toml, tokenizer, instruction)
+                feed[tok["ids_input"]] = torch.tensor([ids])
+                if tok.get("mask_input"):
+                    feed[tok["mask_input"]] = torch.tensor([mask])
+            normalised = state
+            if "mean" in state_spec:
+                normalised = (state - torch.tensor(state_spec["mean"])) / torch.tensor(state_spec["std"])
+            feed[state_spec["input"]] = normalised.unsqueeze(0)
+            # One draw per row, continued across its noise inputs in input order (noise.rs).
+            ordered = [i["name"] for i in toml["inputs"] if i["name"] in noise_inputs]
+            sizes = [math.prod(input_dims(toml, n)[1:]) for n in ordered]
+            values = torch.tensor(host_noise(seed, sum(sizes)), dtype=torch.float64).to(torch.float32)
+            for n, part in zip(ordered, torch.split(values, sizes) if sizes else []):
+                feed[n] = part.view(1, *input_dims(toml, n)[1:])
             extra = {}
             for x in toml.get("extra_inputs", []):
-                dims = next(i["dims"] for i in toml["inputs"] if i["name"] == x["input"])
-                value = torch.randn(dims[1:], generator=g)
+                spec_in = next(i for i in toml["inputs"] if i["name"] == x["input"])
+                if spec_in["dtype"] == "FP32":
+                    value = torch.randn(spec_in["dims"][1:], generator=g)
+                else:
+                    value = torch.randint(0, 4, spec_in["dims"][1:], generator=g)
                 feed[x["input"]] = value.unsqueeze(0)
                 extra[x["name"]] = value.tolist()
             feeds.append(feed)
-            requests.append({
+            request = {
                 "images": {n: {"encoding": "rgb8", "width": f.shape[1], "height": f.shape[0], "data": base64.b64encode(f.numpy().tobytes()).decode()} for n, f in frames.items()},
                 "instruction": instruction,
                 "state": state.tolist(),
                 "extra": extra,
-                "seed": seed,
-            })
+            }
+            if noise_inputs:
+                request["seed"] = seed
+            requests.append(request)
         names = [i["name"] for i in toml["inputs"]]
         batch = [torch.cat([f[n] for f in feeds]).to(device) for n in names]
         with torch.no_grad():
             outs = as_tuple(model(*batch))
         out_names = [o["name"] for o in toml["outputs"]]
-        a_mean, a_std = torch.tensor(action["mean"]), torch.tensor(action["std"])
         expected = []
         for r in range(rows):
             row = {}
             for n, t in zip(out_names, outs):
                 v = t[r].cpu()
-                if n == action["output"]:
-                    v = v.view(action["horizon"], action["dof"]) * a_std + a_mean
+                if n == action["output"] and "mean" in action:
+                    v = v.reshape(horizon, dof) * torch.tensor(action["std"]) + torch.tensor(action["mean"])
                 row[n] = v.reshape(-1).tolist()
             expected.append(row)
         cases.append({"requests": requests, "outputs": expected})

@@ -55,6 +55,9 @@ pub enum JobError {
     ExecutorGone,
     #[error("{0}")]
     Inference(String),
+    /// The model's outputs were not the declared shapes (counted here; audited by the pipeline).
+    #[error("{0}")]
+    OutputShape(String),
 }
 
 struct Job {
@@ -475,9 +478,10 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
                 let _ = q.item.reply.send(Ok(Done { outputs, queued, inference, batch_size: n }));
             }
         }
-        Err(e) if n > 1 && matches!(e, ModelError::Forward(_)) => {
-            // One row can fail a whole batch (a value the model cannot take): each row runs
-            // alone, so only the rows that fail by themselves get the error.
+        Err(e) if n > 1 && matches!(e, ModelError::Forward(_) | ModelError::Output(_)) => {
+            // One row can fail a whole batch (a value the model cannot take, an output of
+            // another shape): each row runs alone, so only the rows that fail by themselves
+            // get the error.
             tracing::warn!(batch_size = n, "model forward failed for a batch, running its rows one by one: {e}");
             for q in batch {
                 let started = Instant::now();
@@ -489,12 +493,14 @@ fn run_batch(shared: &Shared, model: &LoadedModel, batch: Vec<Queued<Job>>, star
             if matches!(e, ModelError::Forward(_)) {
                 m.forward_errors.inc();
             }
-            if matches!(e, ModelError::Output(_)) {
+            let shape = matches!(e, ModelError::Output(_));
+            if shape {
                 m.output_shape_rejected.inc_by(n as u64);
             }
             shared.counters.failed.fetch_add(n as u64, Ordering::Relaxed);
             for q in batch {
-                let _ = q.item.reply.send(Err(JobError::Inference(e.to_string())));
+                let e = e.to_string();
+                let _ = q.item.reply.send(Err(if shape { JobError::OutputShape(e) } else { JobError::Inference(e) }));
             }
         }
     }

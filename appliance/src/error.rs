@@ -278,7 +278,12 @@ impl ApiError {
 
     /// What the metrics count this answer as.
     pub fn counts(&self) -> ErrorCount {
-        ErrorCount { code: self.code(), validation: self.is_validation(), image: self.is_image() }
+        ErrorCount {
+            code: self.code(),
+            validation: self.is_validation(),
+            image: self.is_image(),
+            exception: matches!(self, ApiError::Internal(_)),
+        }
     }
 
     /// A frame's problem, named by the field it came in (`image`, `images.wrist`, an OIP input).
@@ -312,7 +317,9 @@ impl ApiError {
             JobError::ShuttingDown => ApiError::ShuttingDown,
             JobError::ExecutorGone => ApiError::Internal(format!("model `{model}`: executor stopped")),
             JobError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms },
-            JobError::Inference(reason) => ApiError::Inference { model: model.into(), reason },
+            JobError::Inference(reason) | JobError::OutputShape(reason) => {
+                ApiError::Inference { model: model.into(), reason }
+            }
         }
     }
 }

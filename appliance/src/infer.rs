@@ -23,6 +23,11 @@
 //! whatever stage answered it.
 //!
 //! The pipeline knows no HTTP: the endpoints shape its [`Answer`] into their own responses.
+//! Two bends of the layout's rules, on purpose: its errors are [`ApiError`] (each stage's
+//! refusal already is one status and code, converted from the domain errors in `error.rs`; a
+//! pipeline error type would repeat its variants one for one), and an OIP request's tensors
+//! are parsed before the pipeline, within the model's default deadline, since the request's own
+//! deadline (`timeout` parameter) is known only once it is parsed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -465,7 +470,14 @@ impl Pipeline {
         let preprocess = parsed_in + decode_started.elapsed();
 
         // 3. Submit and wait.
-        let (model, done) = self.compute(model, samples, priority, urgent, deadline, deadline_ms).await?;
+        let (model, done) = match self.compute(model, samples, priority, urgent, deadline, deadline_ms).await {
+            Ok(computed) => computed,
+            Err(Uncomputed::Refused(e)) => return Err(e),
+            Err(Uncomputed::Shape { model, row, problem }) => {
+                self.output_rejected(&model, &admitted[row].0, None, &problem, noisy.then_some(seeds[row]));
+                return Err(ApiError::Inference { model: model.spec.name.clone(), reason: problem.to_string() });
+            }
+        };
 
         // 4. Computed: each row's charge is kept (and on disk before the answer, in sync mode).
         // After its batch, a request waits for its flush and its safety slots at most its
@@ -505,7 +517,7 @@ impl Pipeline {
             // The host checks the model's output before any policy sees it: a non-finite value
             // is never shown to a policy nor sent to a robot.
             if let Err(problem) = check_outputs(spec, &outputs) {
-                self.output_rejected(&model, &ctx, &outputs, &problem, seed);
+                self.output_rejected(&model, &ctx, Some(&outputs), &problem, seed);
                 return Err(ApiError::Inference { model: spec.name.clone(), reason: problem.to_string() });
             }
             let values = crate::model::f32s(&outputs[action_output]);
@@ -587,12 +599,12 @@ impl Pipeline {
         urgent: bool,
         deadline: Instant,
         deadline_ms: u64,
-    ) -> Result<(Arc<Model>, Vec<Done>), ApiError> {
+    ) -> Result<(Arc<Model>, Vec<Done>), Uncomputed> {
         let mut model = model;
         if model.batcher.is_closed() && !self.is_shutting_down() {
-            let current = self.models.resolve(Some(&model.spec.name))?;
+            let current = self.models.resolve(Some(&model.spec.name)).map_err(ApiError::from)?;
             if !current.spec.same_inputs(&model.spec) {
-                return Err(ApiError::ModelChanged(model.spec.name.clone()));
+                return Err(ApiError::ModelChanged(model.spec.name.clone()).into());
             }
             model = current;
         }
@@ -609,8 +621,18 @@ impl Pipeline {
             .collect::<Result<Vec<_>, _>>()
             .map_err(job_error)?;
         let mut done = Vec::with_capacity(tickets.len());
-        for ticket in tickets {
-            done.push(ticket.wait().await.map_err(job_error)?);
+        for (row, ticket) in tickets.into_iter().enumerate() {
+            match ticket.wait().await {
+                Ok(d) => done.push(d),
+                Err(crate::batcher::JobError::OutputShape(reason)) => {
+                    return Err(Uncomputed::Shape {
+                        model: model.clone(),
+                        row,
+                        problem: OutputProblem::Shape { reason },
+                    });
+                }
+                Err(e) => return Err(job_error(e).into()),
+            }
         }
         Ok((model, done))
     }
@@ -693,11 +715,14 @@ impl Pipeline {
         &self,
         model: &Model,
         ctx: &crate::policy::RequestContext,
-        outputs: &SampleOutputs,
+        outputs: Option<&SampleOutputs>,
         problem: &OutputProblem,
         seed: Option<u64>,
     ) {
-        self.metrics.output_rejected.with_label_values(&[&model.spec.name, problem.kind()]).inc();
+        // Shapes are counted by the batcher, which saw every row of the batch.
+        if !matches!(problem, OutputProblem::Shape { .. }) {
+            self.metrics.output_rejected.with_label_values(&[&model.spec.name, problem.kind()]).inc();
+        }
         let action_output = model.spec.action_output;
         self.policies.audit().append(vec![vla_api::AuditRecord {
             seq: 0,
@@ -717,7 +742,7 @@ impl Pipeline {
             model_version: Some(model.spec.version.clone()),
             instruction: Some(ctx.instruction.clone()),
             state: Some(ctx.state.clone()),
-            original_action: Some(crate::model::f32s(&outputs[action_output])),
+            original_action: outputs.map(|o| crate::model::f32s(&o[action_output])),
             count: 1,
             seed,
             ..vla_api::AuditRecord::default()
@@ -795,11 +820,30 @@ impl Refusals {
     }
 }
 
+/// Why [`Pipeline::compute`] has no outputs for a request.
+enum Uncomputed {
+    Refused(ApiError),
+    /// Row `row`'s outputs were not the model's declared shapes (audited by the caller).
+    Shape {
+        model: Arc<Model>,
+        row: usize,
+        problem: OutputProblem,
+    },
+}
+
+impl From<ApiError> for Uncomputed {
+    fn from(e: ApiError) -> Uncomputed {
+        Uncomputed::Refused(e)
+    }
+}
+
 /// Why the host refused a model's output.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum OutputProblem {
     #[error("output `{output}` has a non-finite value ({value}) at element {index}{at}; nothing was sent")]
     NonFinite { output: String, index: usize, value: f32, at: String },
+    #[error("{reason}; nothing was sent")]
+    Shape { reason: String },
 }
 
 impl OutputProblem {
@@ -807,6 +851,7 @@ impl OutputProblem {
     pub fn kind(&self) -> &'static str {
         match self {
             OutputProblem::NonFinite { .. } => "non_finite_output",
+            OutputProblem::Shape { .. } => "shape",
         }
     }
 }

@@ -615,8 +615,8 @@ impl Metrics {
             if e.image {
                 self.image_errors.inc();
             }
-            if e.code == "internal" {
-                self.cached(Family::Exceptions, &["internal"]).inc();
+            if e.exception {
+                self.cached(Family::Exceptions, &[e.code]).inc();
             }
         }
     }
@@ -742,14 +742,16 @@ pub fn method_label(method: &str) -> &'static str {
 }
 
 /// How an error answer is counted: its stable code, and whether the request itself was
-/// invalid (`vla_validation_failures_total`) or its image was refused
-/// (`vla_image_processing_errors_total`). The HTTP boundary derives it from its error type and
+/// invalid (`vla_validation_failures_total`), its image was refused
+/// (`vla_image_processing_errors_total`) or the appliance itself failed
+/// (`vla_exceptions_total`). The HTTP boundary derives it from its error type and
 /// attaches it to the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorCount {
     pub code: &'static str,
     pub validation: bool,
     pub image: bool,
+    pub exception: bool,
 }
 
 /// One model's pre-resolved handles (see [`Metrics::for_model`]).

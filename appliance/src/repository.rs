@@ -59,7 +59,7 @@ impl Model {
                     .map(|t| vla_api::ThreadTiming {
                         threads: t.threads,
                         batch_size: t.batch_size,
-                        forward_ms: t.forward.as_secs_f64() * 1e3,
+                        forward_ms: crate::clock::ms(t.forward),
                     })
                     .collect(),
             }),

@@ -412,3 +412,89 @@ async fn a_store_that_cannot_write_fails_closed_says_so_and_recovers_without_a_r
     assert!(robots.robots.iter().any(|r| r.robot_id == "arm-1"));
     app.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_time_out_and_the_global_caps_refuse_cheaply_then_give_their_places_back() {
+    let data = tempfile::tempdir().unwrap();
+    let config = write_config(data.path());
+    let toml = std::fs::read_to_string(&config).unwrap().replace(
+        "max_connections_per_peer = 40",
+        "max_connections_per_peer = 40\nmax_connections = 30\nmax_in_flight = 4\nread_timeout_ms = 1500",
+    );
+    std::fs::write(&config, toml).unwrap();
+    let app = ChildAppliance::start(&config, data.path());
+    let t = Target::new(app.addr, std::fs::read(data.path().join("tls/cert.pem")).unwrap()).unwrap();
+    let key = app.register("arm-1").await;
+    let token = std::fs::read_to_string(data.path().join("admin.token")).unwrap().trim().to_string();
+    let host = "Host: localhost";
+
+    // 1. An admin JSON body and a policy upload (multipart) that stop half-way: 408
+    //    `request_timeout` once the read timeout (1.5 s) passes.
+    let admin = format!(
+        "POST /admin/robots HTTP/1.1\r\n{host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100"
+    );
+    let upload = format!(
+        "POST /admin/policies HTTP/1.1\r\n{host}\r\nAuthorization: Bearer {token}\r\nContent-Type: multipart/form-data; boundary=XX\r\nContent-Length: 100000"
+    );
+    let part = b"--XX\r\nContent-Disposition: form-data; name=\"component\"; filename=\"p.wasm\"\r\n\r\n\0asm";
+    for (head, sent) in [(admin, &b"{\"robot_id\":"[..]), (upload, &part[..])] {
+        let started = Instant::now();
+        let mut stalled = t.stalled_body(ATTACKER, &head, sent).await.unwrap();
+        let (status, text) =
+            vla_hostile::response_status(&mut stalled, Duration::from_secs(10)).await.expect("an answer");
+        assert_eq!(status, 408, "{text}");
+        assert!(text.contains("request_timeout"), "{text}");
+        assert!(started.elapsed() >= Duration::from_millis(1400), "answered in {:?}", started.elapsed());
+    }
+
+    // 2. Requests in flight are capped in all (4): four stalled robot requests hold the places,
+    //    a fifth request, whoever sends it, gets 503 `overloaded` at once; once the stalled
+    //    ones have timed out, requests are served again.
+    let stalled_infer = format!(
+        "POST /v1/inference HTTP/1.1\r\n{host}\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: 5000"
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(t.stalled_body(ATTACKER, &stalled_infer, b"{\"robot_id\":").await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let r = app.infer("arm-1", &key).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "overloaded");
+    assert!(started.elapsed() < Duration::from_millis(500), "refused in {:?}", started.elapsed());
+    for s in &mut stalled {
+        let (status, text) = vla_hostile::response_status(s, Duration::from_secs(10)).await.expect("an answer");
+        assert_eq!(status, 408, "{text}");
+    }
+    drop(stalled);
+    assert_eq!(app.infer("arm-1", &key).await.unwrap().status(), StatusCode::OK);
+
+    // 3. Open connections are capped in all (30, under the per-peer share of 40): the ones over
+    //    it are closed at accept, counted, and the places come back once they are gone.
+    let mut many = Vec::new();
+    for _ in 0..40 {
+        if let Ok(s) = t.tcp(ATTACKER).await {
+            many.push(s);
+        }
+    }
+    let mut refused = 0;
+    for s in &mut many {
+        if closed_within(s, Duration::from_millis(300), false).await.is_some() {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 10, "{refused} of 40 connections were refused; the cap is 30");
+    drop(many);
+    let metrics = app.admin(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"vla_http_connections_refused_total{reason="max_connections"} "#))
+        .map_or(0.0, |v| v.trim().parse::<f64>().unwrap());
+    assert!(counted >= 10.0, "{counted} refusals counted");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = t.client(VICTIM);
+    let r = fresh.get(t.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    app.kill();
+}

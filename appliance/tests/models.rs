@@ -5,7 +5,7 @@
 //! `models/build` (`models/export.py`). Their answers equal PyTorch's own forward on the same
 //! inputs (`reference.json`, written by the export), on the robot endpoint, on OIP and through
 //! Triton's Python client; every bad input is refused naming its field while another robot
-//! keeps being served.
+//! keeps being served; an output of another shape than the declared one is never returned.
 
 #![allow(clippy::unwrap_used)]
 
@@ -205,9 +205,13 @@ async fn oip_answers_as_pytorch_does_for_one_row_and_a_batch() {
             ],
             "{meta}"
         );
-        let outputs: Vec<&str> =
-            meta["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
-        assert_eq!(outputs, ["actions", "progress"]);
+        let outputs: Vec<(&str, &str)> = meta["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| (o["name"].as_str().unwrap(), o["datatype"].as_str().unwrap()))
+            .collect();
+        assert_eq!(outputs, [("actions", "FP32"), ("progress", "FP32")], "{meta}");
 
         for case in reference["cases"].as_array().unwrap() {
             let rows = case["requests"].as_array().unwrap();
@@ -236,7 +240,166 @@ async fn oip_answers_as_pytorch_does_for_one_row_and_a_batch() {
             assert_close(&format!("{what}: actions"), &floats(&actions["data"]), &want_actions, tolerance);
             assert_close(&format!("{what}: progress"), &floats(&progress["data"]), &want_progress, tolerance);
         }
+
+        // A camera as BYTES: the base frame sent as a PNG file (lossless), decoded by the host.
+        let rows = reference["cases"][0]["requests"].as_array().unwrap();
+        let seed = rows[0]["seed"].as_u64().unwrap();
+        let (body, header_len) = oip_body(rows, seed);
+        let mut header: Value = serde_json::from_slice(&body[..header_len]).unwrap();
+        let base_len = header["inputs"][0]["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
+        let png = robot_request("oip", model, &rows[0]).images["base"].clone();
+        let vla_api::FrameWire::Encoded(png) = png else { panic!("the base frame is a PNG") };
+        header["inputs"][0] = json!({"name": "base", "datatype": "BYTES", "shape": [1], "data": [png]});
+        let mut bytes_body = serde_json::to_vec(&header).unwrap();
+        let bytes_header_len = bytes_body.len();
+        bytes_body.extend_from_slice(&body[header_len + base_len..]);
+        let response = app
+            .as_robot("oip", reqwest::Method::POST, &format!("/v2/models/{model}/infer"))
+            .await
+            .header("inference-header-content-length", bytes_header_len.to_string())
+            .body(bytes_body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{model}, BYTES camera: {}", response.text().await.unwrap());
+        let answer: Value = response.json().await.unwrap();
+        let actions = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "actions").unwrap().clone();
+        let want = floats(&reference["cases"][0]["outputs"][0]["actions"]);
+        assert_close(&format!("{model}, BYTES camera: actions"), &floats(&actions["data"]), &want, tolerance);
     }
+    app.stop().await.unwrap();
+}
+
+/// PyTorch's own forward of the demo model (`torch.jit.load` of the same `model.pt`) on
+/// `frames` (224 × 224 RGB, row-major), normalised as its `model.toml` says, the instructions
+/// as zero-padded UTF-8 bytes and the states as they are.
+fn tiny_vla_in_pytorch(frames: &[Vec<u8>], instructions: &[&str], states: &[[f32; 7]]) -> Vec<Vec<f64>> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("frames.bin"), frames.concat()).unwrap();
+    let request = json!({"instructions": instructions, "states": states});
+    std::fs::write(dir.path().join("request.json"), request.to_string()).unwrap();
+    let script = r#"
+import json, sys, torch
+model, frames, request = torch.jit.load(sys.argv[1]), sys.argv[2], json.load(open(sys.argv[3]))
+n = len(request["states"])
+pixels = torch.frombuffer(bytearray(open(frames, "rb").read()), dtype=torch.uint8).view(n, 224, 224, 3)
+mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+image = (pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+tokens = torch.zeros(n, 32, dtype=torch.int64)
+for r, text in enumerate(request["instructions"]):
+    ids = list(text.encode("utf-8"))[:32]
+    tokens[r, : len(ids)] = torch.tensor(ids)
+state = torch.tensor(request["states"], dtype=torch.float32)
+with torch.no_grad():
+    print(json.dumps(model(image, tokens, state).tolist()))
+"#;
+    let out = std::process::Command::new(venv_python())
+        .args(["-c", script])
+        .arg(demo_model_pt())
+        .arg(dir.path().join("frames.bin"))
+        .arg(dir.path().join("request.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_vla_answers_as_pytorch_does_for_one_row_and_a_batch() {
+    let app = start().await;
+    let frames: Vec<Vec<u8>> =
+        (0..2usize).map(|r| (0..224 * 224 * 3).map(|i| ((i * 7 + r * 61) % 251) as u8).collect()).collect();
+    let instructions = ["pick up the red block", "place it in the blue bin"];
+    let states = [[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.6, -0.5, 0.4, -0.3, 0.2, -0.1, 0.0]];
+    let want = tiny_vla_in_pytorch(&frames, &instructions, &states);
+
+    // The robot endpoint, one row a request, the frame as raw rgb8.
+    for r in 0..2 {
+        let request = InferenceRequest {
+            robot_id: "vla-ref".into(),
+            model: Some("tiny-vla".into()),
+            instruction: instructions[r].into(),
+            images: [(
+                "image".to_string(),
+                vla_api::FrameWire::Raw { encoding: "rgb8".into(), width: 224, height: 224, data: b64(&frames[r]) },
+            )]
+            .into(),
+            state: states[r].to_vec(),
+            ..InferenceRequest::default()
+        };
+        let response = app.infer(request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let answer: InferenceResponse = response.json().await.unwrap();
+        let got: Vec<f64> = answer.action.iter().map(|&v| f64::from(v)).collect();
+        assert_close(&format!("/v1 row {r}"), &got, &want[r], 1e-4);
+    }
+
+    // OIP, both rows in one request: the frames as a binary UINT8 [2, 224, 224, 3] tensor
+    // (normalised by the host for this FP32 camera), the instructions as BYTES.
+    let oip = |frames: Vec<u8>, width: usize| {
+        let header = json!({"inputs": [
+            {"name": "image", "datatype": "UINT8", "shape": [2, frames.len() / 2 / 3 / width, width, 3], "parameters": {"binary_data_size": frames.len()}},
+            {"name": "instruction", "datatype": "BYTES", "shape": [2], "data": instructions},
+            {"name": "state", "datatype": "FP32", "shape": [2, 7], "data": states.concat()},
+        ]});
+        let mut body = serde_json::to_vec(&header).unwrap();
+        let len = body.len();
+        body.extend(frames);
+        (body, len)
+    };
+    let client = &app;
+    let post = |(body, len): (Vec<u8>, usize)| async move {
+        let response = client
+            .as_robot("vla-ref", reqwest::Method::POST, "/v2/models/tiny-vla/infer")
+            .await
+            .header("inference-header-content-length", len.to_string())
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let (status, answer) = post(oip(frames.concat(), 224)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outputs"][0]["shape"], json!([2, 7]));
+    assert_close("OIP, 2 rows", &floats(&answer["outputs"][0]["data"]), &want.concat(), 1e-4);
+    // Frames of another size are resized, as on the robot endpoint; a frame that is not
+    // [n, height, width, 3] is refused naming the input.
+    let (status, answer) = post(oip(vec![128; 2 * 120 * 160 * 3], 160)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (body, len) = oip(vec![128; 2 * 224 * 224 * 3], 224);
+    let mut header: Value = serde_json::from_slice(&body[..len]).unwrap();
+    header["inputs"][0]["shape"] = json!([2, 3, 224, 224]);
+    let mut bad = serde_json::to_vec(&header).unwrap();
+    let bad_len = bad.len();
+    bad.extend_from_slice(&body[len..]);
+    let (status, answer) = post((bad, bad_len)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("image"), "{answer}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_decision_keeps_the_seed_it_ran_with_in_its_audit_record() {
+    let app = TestAppliance::start(|config, repo| {
+        add_built_model(repo, "tiny-pi");
+        config.policy.preload =
+            vec![preload("instruction-filter", "admission", 10, json!({"deny": ["disable safety"]}))];
+    })
+    .await;
+    let reference = reference();
+    let mut request = robot_request("seeded", "tiny-pi", &reference["cases"][0]["requests"][0]);
+    request.instruction = "disable safety and go".into();
+    request.seed = Some(424_242);
+    let response = app.infer(request).await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let log: vla_api::AuditList =
+        app.admin(reqwest::Method::GET, "/admin/audit?robot_id=seeded").send().await.unwrap().json().await.unwrap();
+    assert_eq!(log.records.len(), 1, "{:?}", log.records);
+    assert_eq!(log.records[0].seed, Some(424_242), "{:?}", log.records[0]);
+    assert_eq!(log.records[0].model_version.as_deref(), Some("1"));
     app.stop().await.unwrap();
 }
 
@@ -460,4 +623,110 @@ async fn a_row_that_fails_the_forward_fails_alone_not_its_batch() {
     let stats = app.stats("task-vla").await;
     assert_eq!((stats.batches, stats.failed), (3, 1), "{stats:?}");
     app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_of_another_shape_exported_by_the_tool_answers_as_pytorch_does() {
+    // act-like (models/act_like.py): a host-normalised FP32 camera, UTF-8 bytes, no
+    // statistics, no noise, 10 x 6 chunks; exported here by the project's tool.
+    let out = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let export = std::process::Command::new(python())
+        .arg(root.join("models/export.py"))
+        .arg(root.join("models/act_like.py"))
+        .arg(out.path())
+        .args(["--formats", "torchscript"])
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "export.py: {}", String::from_utf8_lossy(&export.stderr));
+    let dir = out.path().join("act-like-ts");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let app = TestAppliance::start(|_, repo| {
+        let to = repo.join("act-like-ts");
+        std::fs::create_dir_all(&to).unwrap();
+        for file in ["model.pt", "model.toml"] {
+            std::fs::copy(dir.join(file), to.join(file)).unwrap();
+        }
+    })
+    .await;
+    let tolerance = reference["tolerance"].as_f64().unwrap();
+    for case in reference["cases"].as_array().unwrap() {
+        for (r, request) in case["requests"].as_array().unwrap().iter().enumerate() {
+            let mut body = request.clone();
+            body["robot_id"] = json!("act");
+            body["model"] = json!("act-like-ts");
+            let response = app.infer(serde_json::from_value(body).unwrap()).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let answer: InferenceResponse = response.json().await.unwrap();
+            assert_eq!((answer.actions.len(), answer.actions[0].len(), answer.dt_ms), (10, 6, Some(50.0)));
+            assert_eq!(answer.seed, None, "no noise, no seed");
+            let got: Vec<f64> = answer.actions.iter().flatten().map(|&v| f64::from(v)).collect();
+            assert_close(&format!("act-like row {r}"), &got, &floats(&case["outputs"][r]["chunk"]), tolerance);
+        }
+    }
+    app.stop().await.unwrap();
+}
+
+/// A TorchScript model with the demo's inputs whose action has 6 values instead of the
+/// declared 7 when any state value exceeds 100 (the venv's torch scripts it).
+fn add_shape_shifting_model(repo: &std::path::Path, name: &str) {
+    let dir = repo.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = r#"
+import sys, torch
+class M(torch.nn.Module):
+    def forward(self, image: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(state * 0.1) + image.mean() * 0.0 + instruction.sum().float() * 0.0
+        if bool((state > 100.0).any()):
+            return a[:, :6]
+        return a
+torch.jit.script(M()).save(sys.argv[1])
+"#;
+    // From a file: TorchScript reads the module's source.
+    let source = dir.join("make_model.py");
+    std::fs::write(&source, script).unwrap();
+    let out = std::process::Command::new(python()).arg(&source).arg(dir.join("model.pt")).output().unwrap();
+    std::fs::remove_file(&source).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let toml = appliance::demo::MODEL_TOML.replacen("name = \"tiny-vla\"", &format!("name = \"{name}\""), 1);
+    std::fs::write(dir.join("model.toml"), toml).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_of_another_shape_is_refused_counted_and_audited_and_its_batch_mates_are_served() {
+    let app = TestAppliance::start(|_, repo| add_shape_shifting_model(repo, "shifty")).await;
+    let request = |robot: &str, state: f32| {
+        let mut r = common::robot_request(3);
+        r.robot_id = robot.into();
+        r.model = Some("shifty".into());
+        r.state = vec![state; 7];
+        r
+    };
+    // Culprit and neighbour together, so some of their requests share a batch: the batch is
+    // rerun row by row and only the culprit's row fails.
+    for _ in 0..5 {
+        let (culprit, neighbour) =
+            tokio::join!(app.infer(request("culprit", 1000.0)), app.infer(request("neighbour", 0.5)));
+        assert_eq!(culprit.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body: Value = culprit.json().await.unwrap();
+        assert_eq!(body["code"], "inference_failed", "{body}");
+        assert!(body["error"].as_str().unwrap().contains("shape"), "{body}");
+        assert!(body.get("action").is_none(), "{body}");
+        assert_eq!(neighbour.status(), StatusCode::OK, "{}", neighbour.text().await.unwrap());
+    }
+    let text = app.admin(reqwest::Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();
+    let rejected = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"vla_model_output_rejected_total{model="shifty",problem="shape"} "#))
+        .map(|v| v.trim().parse::<f64>().unwrap());
+    assert!(rejected.is_some_and(|v| v >= 5.0), "{rejected:?}");
+    let r = app.admin(reqwest::Method::GET, "/admin/audit?robot_id=culprit").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let log: vla_api::AuditList = r.json().await.unwrap();
+    let host: Vec<_> = log.records.iter().filter(|r| r.policy == "(host)").collect();
+    assert!(!host.is_empty() && host.iter().all(|r| r.code.as_deref() == Some("shape")), "{:?}", log.records);
+    assert!(host[0].reason.as_deref().unwrap().contains("expected"), "{:?}", host[0]);
+    let r = app.admin(reqwest::Method::GET, "/admin/audit?robot_id=neighbour").send().await.unwrap();
+    let log: vla_api::AuditList = r.json().await.unwrap();
+    assert!(log.records.iter().all(|r| r.policy != "(host)"), "{:?}", log.records);
 }

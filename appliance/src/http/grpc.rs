@@ -30,12 +30,12 @@ use serde_json::{Map, Value};
 use tokio_stream::Stream;
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status};
 
+use super::auth::Caller;
 use super::oip::codec::{self, InferRequest, InputTensor, RequestedOutput};
 use super::oip::{Done, run_checked};
+use super::sessions::Rate;
+use super::state::{AppState, blocking};
 use crate::error::ApiError;
-use crate::http::auth::Caller;
-use crate::http::sessions::Rate;
-use crate::http::state::{AppState, blocking};
 use crate::names::clip;
 use crate::store::RobotRecord;
 
@@ -456,7 +456,7 @@ async fn stream(
     robot: RobotRecord,
     mut inbound: tonic::Streaming<pb::ModelInferRequest>,
     tx: tokio::sync::mpsc::Sender<Result<pb::ModelStreamInferResponse, Status>>,
-    _permit: crate::http::sessions::SessionPermit,
+    _permit: super::sessions::SessionPermit,
 ) {
     let idle = Duration::from_millis(app.config.server.idle_timeout_ms);
     let mut rate = Rate::new(app.config.server.websocket_messages_per_s);

@@ -33,6 +33,7 @@ pub struct Target {
     pub addr: SocketAddr,
     pub cert_pem: Vec<u8>,
     tls: Arc<rustls::ClientConfig>,
+    http1: Arc<rustls::ClientConfig>,
 }
 
 impl Target {
@@ -47,8 +48,10 @@ impl Target {
             .map_err(io::Error::other)?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let mut http1 = tls.clone();
         tls.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Target { addr, cert_pem, tls: Arc::new(tls) })
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Target { addr, cert_pem, tls: Arc::new(tls), http1: Arc::new(http1) })
     }
 
     /// `https://localhost:<port><path>`.
@@ -82,6 +85,19 @@ impl Target {
         TlsConnector::from(self.tls.clone()).connect(name, tcp).await
     }
 
+    /// A slow-loris request: over TLS (ALPN `http/1.1`), `head` (request line and headers,
+    /// `Content-Length` among them, without the blank line) and the first bytes of its body,
+    /// `sent`, then nothing more. Read its answer with [`response_status`].
+    pub async fn stalled_body(&self, local: IpAddr, head: &str, sent: &[u8]) -> io::Result<TlsStream<TcpStream>> {
+        let tcp = self.tcp(local).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+        let mut tls = TlsConnector::from(self.http1.clone()).connect(name, tcp).await?;
+        tls.write_all(format!("{head}\r\n\r\n").as_bytes()).await?;
+        tls.write_all(sent).await?;
+        tls.flush().await?;
+        Ok(tls)
+    }
+
     /// A TLS connection that sends half of the HTTP/2 preface and stops.
     pub async fn half_preface(&self, local: IpAddr) -> io::Result<TlsStream<TcpStream>> {
         let mut tls = self.tls(local).await?;
@@ -107,6 +123,29 @@ fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags, 0, 0, 0, 0];
     f.extend_from_slice(payload);
     f
+}
+
+/// The status code of the HTTP/1.1 answer read from `stream` within `limit`, and the answer's
+/// text as far as it was read (`None`: no status line by then, or the connection closed first).
+pub async fn response_status<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> Option<(u16, String)> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            // The head and (the appliance's answers are small) the body with it.
+            if seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.ends_with(b"}") {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, read).await;
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    let status = text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some((status, text))
 }
 
 /// How long until the appliance closed `stream` (a read ends or fails), at most `limit`

@@ -416,8 +416,14 @@ fn convert(
         }
         return Ok(Column { inputs, texts: Some(texts), states: None });
     }
+    if let Feed::Camera(camera) = feed
+        && input.datatype == "UINT8"
+        && (declared.dtype != DataType::Uint8 || input.shape.get(1..) != declared.dims.get(1..))
+    {
+        return pixel_frames(input, camera, n, limits);
+    }
     if input.datatype != declared.dtype.as_str() {
-        let hint = if bytes_ok { " (or BYTES)" } else { "" };
+        let hint = if bytes_ok { " (or BYTES, or UINT8 frames)" } else { "" };
         return Err(invalid(
             name,
             format!(
@@ -498,6 +504,52 @@ fn convert(
         })
         .collect();
     Ok(Column { inputs, texts: None, states })
+}
+
+/// A camera's frames as raw pixels, `UINT8 [n, height, width, 3]` (RGB, row-major), when the
+/// model takes that camera in another form (`FP32`, normalised in the model's way, or another
+/// size): each row becomes a frame the pipeline resizes and normalises as it does a decoded file.
+fn pixel_frames(input: &InputTensor, camera: usize, n: usize, limits: &LimitsConfig) -> Result<Column, ApiError> {
+    let name = input.name.as_str();
+    let (height, width) = match input.shape[..] {
+        [rows, h, w, 3]
+            if rows == n as i64 && h > 0 && w > 0 && h <= i64::from(u32::MAX) && w <= i64::from(u32::MAX) =>
+        {
+            (h as u32, w as u32)
+        }
+        _ => {
+            return Err(invalid(
+                name,
+                format!("UINT8 frames must have shape [{n}, height, width, 3] (RGB), not {:?}", input.shape),
+            ));
+        }
+    };
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_image_pixels {
+        return Err(ApiError::from_frame(
+            &format!("input `{name}`"),
+            crate::preprocess::FrameError::TooManyPixels { width, height, limit: limits.max_image_pixels },
+        ));
+    }
+    let per_row = pixels as usize * 3;
+    let data: Bytes = match &input.raw {
+        Some(raw) => {
+            check_binary_size(name, raw, n * per_row, 1, &input.shape)?;
+            raw.clone()
+        }
+        None => {
+            let get = |v: &Value| v.as_u64().filter(|x| *x <= 255).map(|x| x as u8);
+            flatten(name, input.data.as_ref(), n * per_row, &input.shape, get, "an integer in 0..=255")?.into()
+        }
+    };
+    let inputs = (0..n)
+        .map(|r| Input::Frame {
+            camera,
+            field: format!("input `{name}`"),
+            frame: Frame::Pixels { width, height, data: data.slice(r * per_row..(r + 1) * per_row) },
+        })
+        .collect();
+    Ok(Column { inputs, texts: None, states: None })
 }
 
 /// Token ids outside the model's vocabulary would index past its embedding and fail the whole
