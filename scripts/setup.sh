@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing the appliance need. Idempotent: quick when done.
-#   - Debian packages (only those missing): prometheus (server and promtool), protoc (build)
+#   - Debian packages (only those missing): prometheus (server and promtool), protoc (build),
+#     patchelf (scripts/package.sh), systemd-analyze (the unit's check)
 #   - .venv with torch==2.11.0 from PyPI (libtorch for tch) and tritonclient (tests); see
 #     requirements.txt
 #   - .venv-clients with the robots' own clients (openpi-client; tests), see
@@ -15,9 +16,10 @@ cd "$root"
 
 # prometheus: the Prometheus server and promtool, for the monitoring tests (started by the
 # tests themselves on ephemeral ports, never as a service). protobuf-compiler: protoc, which the
-# appliance's build runs on proto/grpc_service.proto (OIP over gRPC).
+# appliance's build runs on proto/grpc_service.proto (OIP over gRPC). patchelf: the relocatable
+# release's rpath (scripts/package.sh). systemd: systemd-analyze, which checks the shipped unit.
 missing=()
-for pkg in curl ca-certificates gcc g++ python3-venv prometheus tmux protobuf-compiler; do
+for pkg in curl ca-certificates gcc g++ python3-venv prometheus tmux protobuf-compiler patchelf systemd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -8,8 +8,8 @@
 //!
 //! | layer | module | what happens |
 //! |---|---|---|
-//! | edge | [`http`] | listener (TLS, client certificates, HTTP/1.1 and HTTP/2, shutdown), routes, auth, bodies, one file per resource: `/v1`, OIP, admin, policies, quotas, monitoring |
-//! | pipeline | [`infer`] | the stages every inference request passes, in order: admission → bounded decode → batcher → keep charges → safety |
+//! | edge | [`http`] | listener (TLS, client certificates, HTTP/1.1 and HTTP/2, shutdown), routes, auth, bodies, one file per resource: `/v1`, OIP over REST and gRPC, openpi's WebSocket (streaming sessions), admin, policies, quotas, monitoring |
+//! | pipeline | [`infer`] | the stages every inference request passes, in order: admission → bounded decode → batcher → keep charges → output check, safety and the action envelope |
 //! | stage | [`validate`] | the robot endpoint's JSON → a checked request; errors name the field |
 //! | stage | [`preprocess`] | each camera's frame (base64 JPEG/PNG or raw RGB) → the camera's tensor, the state normalised (blocking pool) |
 //! | stage | [`text`] | instruction → token ids and mask: a Hugging Face `tokenizer.json`, or UTF-8 bytes |
@@ -21,7 +21,9 @@
 //! | domain | [`quota`] | durable rate limits and quotas in sled, charged by admission policies |
 //! | domain | [`robots`] | the robot registry: keys issued, checked, rotated, revoked; token files |
 //! | domain | [`store`] | sled: the robot registry, policies, audit log and quota state at rest |
+//! | domain | [`changes`] | the admin change trail: who changed which policy, robot, quota or model, before and after |
 //! | domain | [`tls`], [`gpu`], [`metrics`], [`spec`], [`demo`] | certificates, NVML telemetry, the `vla_*` catalogue, `model.toml`, the generated demo model |
+//! | domain | [`probe`] | `appliance health`: `GET /health` of the local appliance, trusting exactly its certificate |
 //! | domain | [`fair`] | fair shares among robots: CPU slots, requests in flight |
 //! | domain | [`envelope`] | the action envelope the host holds every final action to, and each robot's previous action |
 //! | root | [`config`] | the one configuration tree (its policy and quota sections live with them) |
@@ -50,6 +52,7 @@ pub mod names;
 pub mod noise;
 pub mod policy;
 pub mod preprocess;
+pub mod probe;
 pub mod queue;
 pub mod quota;
 pub mod repository;
@@ -89,9 +92,44 @@ pub enum RunError {
     Task(String),
 }
 
+/// What the appliance tells its service manager as it goes (the binary forwards it to
+/// systemd's notify socket: `READY=1`, `WATCHDOG=1`, `STOPPING=1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Models loaded and warmed up, the listener accepting: `status` says what serves.
+    Serving { status: String },
+    /// The serving loop is alive: sent every `watchdog` period while serving.
+    Alive,
+    /// Shutdown began: in-flight requests and batches are being finished.
+    Stopping,
+}
+
+/// How [`run_with`] reports its [`Lifecycle`].
+pub struct Notify {
+    pub notify: Box<dyn Fn(Lifecycle) + Send + Sync>,
+    /// How often [`Lifecycle::Alive`] is sent while serving; none when `None`.
+    pub watchdog: Option<Duration>,
+}
+
+impl std::fmt::Debug for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notify").field("watchdog", &self.watchdog).finish_non_exhaustive()
+    }
+}
+
 /// Runs the appliance on `listener` until `shutdown` resolves: sets up TLS, loads and warms up
 /// the models, serves, and at shutdown lets in-flight requests and batches finish.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with(config, listener, shutdown, Notify { notify: Box::new(|_| {}), watchdog: None }).await
+}
+
+/// [`run`], telling `notify` when it serves, that it is alive, and when it stops.
+pub async fn run_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    notify: Notify,
+) -> Result<(), RunError> {
     let config = Arc::new(config);
     let tls = if config.tls.enabled {
         let (tls, cert) = tls::server_config(&config)?;
@@ -220,13 +258,35 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         started: std::time::Instant::now(),
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    match listener.local_addr() {
-        Ok(addr) => tracing::info!("serving on {scheme}://{addr}"),
-        Err(e) => tracing::warn!("serving (local address unknown: {e})"),
-    }
+    let serving = match listener.local_addr() {
+        Ok(addr) => format!("serving on {scheme}://{addr}"),
+        Err(e) => format!("serving (local address unknown: {e})"),
+    };
+    tracing::info!("{serving}");
+    let Notify { notify, watchdog } = notify;
+    let notify: Arc<dyn Fn(Lifecycle) + Send + Sync> = Arc::from(notify);
+    let models_serving = models.serving().len();
+    notify(Lifecycle::Serving { status: format!("{serving}, {models_serving} model(s)") });
+    // The watchdog's ping runs on the runtime that serves: a runtime whose workers are all
+    // stuck sends none, and the service manager restarts the appliance.
+    let alive = watchdog.map(|every| {
+        let (notify, stopping) = (notify.clone(), shutting_down.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                notify(Lifecycle::Alive);
+            }
+        })
+    });
+    let stopping = notify.clone();
     let shutdown = async move {
         shutdown.await;
         shutting_down.store(true, Ordering::Relaxed);
+        stopping(Lifecycle::Stopping);
     };
     let metrics = state.metrics.clone();
     let plain_metrics = match config.metrics.listen_http {
@@ -249,6 +309,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     )
     .await;
     if let Some(task) = plain_metrics {
+        task.abort();
+    }
+    if let Some(task) = alive {
         task.abort();
     }
 

@@ -61,6 +61,17 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Ask the appliance on this machine for `GET /health` (the configured port on loopback,
+    /// trusting exactly the certificate it serves); print the answer; exit 0 only for 200.
+    /// For container health checks and service checks.
+    Health {
+        /// Where to ask instead of the configured listen address.
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// How long to wait for the whole answer.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -135,6 +146,7 @@ fn run() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             return Ok(());
         }
+        Some(Command::Health { addr, timeout_ms }) => return health(&config, addr, timeout_ms),
         Some(Command::Demo { into }) => {
             let repository = into.unwrap_or_else(|| config.model_repository());
             std::fs::create_dir_all(&repository).with_context(|| format!("creating {}", repository.display()))?;
@@ -159,9 +171,46 @@ fn run() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
-        appliance::run(config, listener, shutdown_signal()).await?;
+        appliance::run_with(config, listener, shutdown_signal(), systemd()).await?;
         Ok(())
     })
+}
+
+/// The service manager's notify socket, when there is one (`Type=notify`): `READY=1` once
+/// serving, `WATCHDOG=1` at half the unit's `WatchdogSec`, `STOPPING=1` at shutdown. Without
+/// `NOTIFY_SOCKET` nothing is sent.
+fn systemd() -> appliance::Notify {
+    use sd_notify::NotifyState;
+    let mut usec = 0;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec).then(|| std::time::Duration::from_micros(usec / 2));
+    if let Some(every) = watchdog {
+        tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog enabled");
+    }
+    let notify = Box::new(|event: appliance::Lifecycle| {
+        let sent = match &event {
+            appliance::Lifecycle::Serving { status } => {
+                sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status(status)])
+            }
+            appliance::Lifecycle::Alive => sd_notify::notify(false, &[NotifyState::Watchdog]),
+            appliance::Lifecycle::Stopping => {
+                sd_notify::notify(false, &[NotifyState::Stopping, NotifyState::Status("stopping")])
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!("telling systemd {event:?}: {e}");
+        }
+    });
+    appliance::Notify { notify, watchdog }
+}
+
+fn health(config: &appliance::Config, addr: Option<std::net::SocketAddr>, timeout_ms: u64) -> anyhow::Result<()> {
+    let addr = addr.unwrap_or_else(|| appliance::probe::local_addr(config));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
+    let health =
+        runtime.block_on(appliance::probe::health(config, addr, std::time::Duration::from_millis(timeout_ms)))?;
+    println!("{}", health.body.trim());
+    anyhow::ensure!(health.status == 200, "{addr} answered /health with {}", health.status);
+    Ok(())
 }
 
 fn quota(config: &appliance::Config, action: QuotaAction) -> anyhow::Result<()> {

@@ -155,6 +155,11 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentit
     Some(PeerIdentity { names })
 }
 
+/// The certificate file the appliance serves: the configured one, else the generated one.
+pub fn cert_path(config: &Config) -> PathBuf {
+    cert_and_key(config).0
+}
+
 /// The certificate and key files: the configured ones, else the generated pair in `<data.dir>/tls/`.
 fn cert_and_key(config: &Config) -> (PathBuf, PathBuf) {
     match (&config.tls.cert, &config.tls.key) {

@@ -5,6 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "pin")]
+pub mod pin;
+
 /// Scheduling class of a request. `high` is always served before `normal`, `normal` before
 /// `low`; within a class requests are served in arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
