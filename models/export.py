@@ -157,6 +157,8 @@ def host_tokens(toml, tokenizer, instruction):
         pad = tok.get("pad_id")
         if pad is None:
             pad = next((tokenizer.token_to_id(p) for p in ("[PAD]", "<pad>", "<|pad|>") if tokenizer.token_to_id(p) is not None), 0)
+    if len(ids) > length and tok.get("truncation", "error") == "error":
+        sys.exit(f"reference instruction {instruction!r} has {len(ids)} tokens, more than {length}: the host would refuse it (truncation = \"error\")")
     ids = ids[:length]
     mask = [1] * len(ids) + [0] * (length - len(ids))
     return ids + [pad] * (length - len(ids)), mask
@@ -171,8 +173,9 @@ def host_frame(camera, frame):
     camera's size: UINT8 as it is, FP32 normalised with the camera's mean and std; NCHW or NHWC."""
     x = frame
     if camera.get("dtype", "FP32") == "FP32":
-        mean = torch.tensor(camera.get("mean", [0.0, 0.0, 0.0]))
-        std = torch.tensor(camera.get("std", [1.0, 1.0, 1.0]))
+        # The host's defaults are ImageNet's (appliance/src/spec.rs).
+        mean = torch.tensor(camera.get("mean", [0.485, 0.456, 0.406]))
+        std = torch.tensor(camera.get("std", [0.229, 0.224, 0.225]))
         x = (frame.float() / 255.0 - mean) / std
     if camera.get("layout", "nchw") == "nchw":
         x = x.permute(2, 0, 1)

@@ -55,14 +55,20 @@ mkdir -p "$tree/bin" "$tree/lib" "$tree/policies/dist" "$tree/etc" "$tree/system
 cp "$bin/appliance" "$bin/vla-console" "$tree/bin/"
 # The shared libraries the appliance loads from outside the system's own directories (libtorch,
 # c10, gomp, CUDA's, ... from the venv): every library of each directory they come from, so
-# those loaded later with dlopen (cuDNN's engines, NVRTC) come too; whole and unmodified:
-# torch's and NVIDIA's wheels give each an RPATH with $ORIGIN, so in one directory they find
-# each other.
+# those loaded later with dlopen (cuDNN's engines, NVRTC) come too. In one directory they find
+# each other through $ORIGIN, which torch's and NVIDIA's wheels put in each RPATH.
+# A copy's RPATH becomes $ORIGIN alone (the wheels' $ORIGIN/../../nvidia/... would point
+# outside the tree); a hard link is left as it is, never modified, since it is the venv's file.
 place() {
-    if [ "$link" = 0 ] || ! ln -f "$1" "$2" 2>/dev/null; then cp "$1" "$2"; fi
+    if [ "$link" = 1 ] && ln -f "$1" "$2" 2>/dev/null; then return; fi
+    cp "$1" "$2"
+    if [ -n "$(patchelf --print-rpath "$2" 2>/dev/null)" ]; then patchelf --set-rpath '$ORIGIN' "$2"; fi
 }
-ldd "$tree/bin/appliance" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }' \
-    | grep -vE '^/(usr/)?lib(64)?/' | xargs -r -n1 dirname | sort -u | while read -r from; do
+# Resolved by the build's rpath alone (env -i: no LD_LIBRARY_PATH of the caller's).
+libdirs="$(env -i ldd "$tree/bin/appliance" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }' \
+    | { grep -vE '^/(usr/)?lib(64)?/' || true; } | xargs -r -n1 dirname | sort -u)"
+[ -n "$libdirs" ] || { echo "package: the appliance loads no library from the venv: is it built against it?" >&2; exit 1; }
+echo "$libdirs" | while read -r from; do
     for lib in "$from"/*.so*; do
         [ -f "$lib" ] || continue
         name="$(basename "$lib")"
@@ -96,12 +102,12 @@ The relocatable release of the edge inference appliance (built by scripts/packag
 
     cd /opt/vla-appliance                         # (wherever the tree is)
     bin/appliance --config etc/appliance.toml     # serve (HTTPS on 8443, data in data.dir)
-    bin/appliance health                          # ask the local appliance for /health
+    bin/appliance --config etc/appliance.toml health   # ask the running appliance for /health
     bin/vla-console --help                        # the operator console
 
 bin/ finds its libraries in lib/ (rpath \$ORIGIN/../lib); copy the tree anywhere.
 systemd/vla-appliance.service expects it in /opt/vla-appliance, the configuration in
-/etc/vla-appliance/appliance.toml and a vla-appliance user (the .deb sets all of this up).
+/etc/vla-appliance/appliance.toml and a vla-appliance user (README, Deploy, says how).
 policies/dist/ holds the shipped policy components; the default configuration preloads them
 from there relative to the working directory, so start the appliance from the tree's root.
 README

@@ -265,24 +265,7 @@ pub async fn run_with(
     tracing::info!("{serving}");
     let Notify { notify, watchdog } = notify;
     let notify: Arc<dyn Fn(Lifecycle) + Send + Sync> = Arc::from(notify);
-    let models_serving = models.serving().len();
-    notify(Lifecycle::Serving { status: format!("{serving}, {models_serving} model(s)") });
-    // The watchdog's ping runs on the runtime that serves: a runtime whose workers are all
-    // stuck sends none, and the service manager restarts the appliance.
-    let alive = watchdog.map(|every| {
-        let (notify, stopping) = (notify.clone(), shutting_down.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                if stopping.load(Ordering::Relaxed) {
-                    break;
-                }
-                notify(Lifecycle::Alive);
-            }
-        })
-    });
-    let stopping = notify.clone();
+    let (stopping, stopped) = (notify.clone(), shutting_down.clone());
     let shutdown = async move {
         shutdown.await;
         shutting_down.store(true, Ordering::Relaxed);
@@ -299,6 +282,24 @@ pub async fn run_with(
         }
         None => None,
     };
+    // Ready once everything that can fail the start has: the service manager is told then.
+    let models_serving = models.serving().len();
+    notify(Lifecycle::Serving { status: format!("{serving}, {models_serving} model(s)") });
+    // The watchdog's ping runs on the runtime that serves: a runtime whose workers are all
+    // stuck sends none, and the service manager restarts the appliance.
+    let alive = watchdog.map(|every| {
+        let (notify, stopping) = (notify.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                notify(Lifecycle::Alive);
+            }
+        })
+    });
     http::serve(
         listener,
         tls,

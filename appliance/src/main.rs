@@ -182,7 +182,8 @@ fn run() -> anyhow::Result<()> {
 fn systemd() -> appliance::Notify {
     use sd_notify::NotifyState;
     let mut usec = 0;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut usec).then(|| std::time::Duration::from_micros(usec / 2));
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec)
+        .then(|| std::time::Duration::from_micros(usec / 2).max(std::time::Duration::from_millis(1)));
     if let Some(every) = watchdog {
         tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog enabled");
     }

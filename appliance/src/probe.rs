@@ -71,27 +71,38 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(addr: SocketAddr, mut strea
     let mut answer = Vec::new();
     // `/health` answers a few hundred bytes; 1 MiB bounds what a wrong peer can send.
     (&mut stream).take(1 << 20).read_to_end(&mut answer).await.map_err(io)?;
-    let text = String::from_utf8_lossy(&answer);
-    let not_http = || ProbeError::NotHttp { addr, answer: crate::names::clip(&text, 80) };
-    let status = text.strip_prefix("HTTP/1.1 ").and_then(|s| s.get(..3)).and_then(|s| s.parse().ok());
+    let end = answer.windows(4).position(|w| w == b"\r\n\r\n");
+    let head = String::from_utf8_lossy(&answer[..end.unwrap_or(answer.len())]).into_owned();
+    let not_http = || ProbeError::NotHttp { addr, answer: crate::names::clip(&head, 80) };
+    let status = head.strip_prefix("HTTP/1.1 ").and_then(|s| s.get(..3)).and_then(|s| s.parse().ok());
     let status = status.ok_or_else(not_http)?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok(Health { status, body: dechunk(body) })
+    let body = end.map_or(&[][..], |e| &answer[e + 4..]);
+    let chunked = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
+        })
+    });
+    let body = if chunked { dechunk(body) } else { body.to_vec() };
+    Ok(Health { status, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
-/// A `Transfer-Encoding: chunked` body as one text (a body that is not chunked, as it is).
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { return body.to_string() };
-        if size == 0 || after.len() < size {
+/// A `Transfer-Encoding: chunked` body's data, as far as it is well formed.
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol]).ok().and_then(|l| {
+            let hex = l.split(';').next().unwrap_or("").trim();
+            usize::from_str_radix(hex, 16).ok()
+        });
+        let Some(size) = size.filter(|&n| n > 0) else { break };
+        let data = &rest[eol + 2..];
+        if data.len() < size {
             break;
         }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
+        out.extend_from_slice(&data[..size]);
+        rest = data[size..].strip_prefix(b"\r\n").unwrap_or(&data[size..]);
     }
-    if out.is_empty() { body.to_string() } else { out }
+    out
 }
 
 /// SHA-256 of the first certificate of the file the appliance serves.
@@ -109,8 +120,9 @@ fn served_certificate(config: &Config) -> Result<[u8; 32], ProbeError> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn chunked_bodies_are_joined_and_plain_ones_kept() {
-        assert_eq!(super::dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
-        assert_eq!(super::dechunk("{\"status\":\"ok\"}"), "{\"status\":\"ok\"}");
+    fn chunked_bodies_are_joined_and_bad_ones_cut_without_panic() {
+        assert_eq!(super::dechunk(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), b"hello world");
+        assert_eq!(super::dechunk(b"ff\r\nshort"), b"");
+        assert_eq!(super::dechunk("2\r\n\u{e9}x\r\n".as_bytes()), "\u{e9}".as_bytes());
     }
 }

@@ -423,7 +423,11 @@ fn convert(
         return pixel_frames(input, camera, n, limits);
     }
     if input.datatype != declared.dtype.as_str() {
-        let hint = if bytes_ok { " (or BYTES, or UINT8 frames)" } else { "" };
+        let hint = match feed {
+            Feed::Camera(_) => " (or BYTES, or UINT8 frames)",
+            Feed::TokenIds => " (or BYTES)",
+            _ => "",
+        };
         return Err(invalid(
             name,
             format!(
