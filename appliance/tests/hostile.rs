@@ -176,18 +176,7 @@ async fn every_attack_is_refused_or_contained_while_a_victim_robot_keeps_its_act
     drop(idle);
 
     // 4. More connections from one address than its share are closed at once.
-    let mut many = Vec::new();
-    for _ in 0..60 {
-        if let Ok(s) = t.tcp(ATTACKER).await {
-            many.push(s);
-        }
-    }
-    let mut refused = 0;
-    for s in &mut many {
-        if closed_within(s, Duration::from_millis(300), false).await.is_some() {
-            refused += 1;
-        }
-    }
+    let (many, refused) = vla_hostile::connection_flood(t, ATTACKER, 60).await;
     assert!(refused >= 20, "{refused} of 60 connections were refused; the share is 40");
     assert!(cell.metric(r#"vla_http_connections_refused_total{reason="max_connections_per_peer"}"#).await >= 20.0);
     drop(many);
@@ -480,18 +469,7 @@ async fn slow_bodies_time_out_and_the_global_caps_refuse_cheaply_then_give_their
 
     // 3. Open connections are capped in all (30, under the per-peer share of 40): the ones over
     //    it are closed at accept, counted, and the places come back once they are gone.
-    let mut many = Vec::new();
-    for _ in 0..40 {
-        if let Ok(s) = t.tcp(ATTACKER).await {
-            many.push(s);
-        }
-    }
-    let mut refused = 0;
-    for s in &mut many {
-        if closed_within(s, Duration::from_millis(300), false).await.is_some() {
-            refused += 1;
-        }
-    }
+    let (many, refused) = vla_hostile::connection_flood(&t, ATTACKER, 40).await;
     assert!(refused >= 10, "{refused} of 40 connections were refused; the cap is 30");
     drop(many);
     let metrics = app.admin(Method::GET, "/metrics").send().await.unwrap().text().await.unwrap();

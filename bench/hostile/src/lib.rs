@@ -125,6 +125,24 @@ fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Opens `n` TCP connections from `local` and counts those the appliance closed within 300 ms
+/// (refused at accept); the rest are returned, still open.
+pub async fn connection_flood(target: &Target, local: IpAddr, n: usize) -> (Vec<TcpStream>, usize) {
+    let mut many = Vec::new();
+    for _ in 0..n {
+        if let Ok(s) = target.tcp(local).await {
+            many.push(s);
+        }
+    }
+    let mut refused = 0;
+    for s in &mut many {
+        if closed_within(s, Duration::from_millis(300), false).await.is_some() {
+            refused += 1;
+        }
+    }
+    (many, refused)
+}
+
 /// The status code of the HTTP/1.1 answer read from `stream` within `limit`, and the answer's
 /// text as far as it was read (`None`: no status line by then, or the connection closed first).
 pub async fn response_status<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> Option<(u16, String)> {
