@@ -197,6 +197,10 @@ pub struct AuthConfig {
     pub demo_robot: bool,
     /// Admin changes kept in the change trail (`GET /admin/changes`); the oldest are dropped.
     pub changes_retention: u64,
+    /// Robots declared in a file (ids, types and key hashes; see `appliance robot-key`),
+    /// applied to the registry at start: for fleets provisioned by GitOps. Relative paths are
+    /// under `data.dir`.
+    pub robots_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -267,7 +271,12 @@ impl Default for LimitsConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { admin_token_file: PathBuf::from("admin.token"), demo_robot: true, changes_retention: 10_000 }
+        AuthConfig {
+            admin_token_file: PathBuf::from("admin.token"),
+            demo_robot: true,
+            changes_retention: 10_000,
+            robots_file: None,
+        }
     }
 }
 
@@ -341,6 +350,11 @@ impl Config {
         if path.is_absolute() { path.clone() } else { self.data.dir.join(path) }
     }
 
+    pub fn robots_file(&self) -> Option<PathBuf> {
+        let path = self.auth.robots_file.as_ref()?;
+        Some(if path.is_absolute() { path.clone() } else { self.data.dir.join(path) })
+    }
+
     /// Checks what types alone cannot: ranges, pairs of keys, files that must exist.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
@@ -384,6 +398,11 @@ impl Config {
                 "server.websocket_messages_per_s"
             };
             return Err(invalid(key, "must be greater than 0"));
+        }
+        if let Some(path) = self.robots_file() {
+            // Read again at start; checked here so that `--check-config` and a bad file both
+            // name it before anything runs.
+            crate::robots::read_robots_file(&path).map_err(|e| invalid("auth.robots_file", e.to_string()))?;
         }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return Err(invalid("tls.key", "must be set when tls.cert is set")),

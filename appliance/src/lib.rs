@@ -164,11 +164,23 @@ pub async fn run_with(
     quotas.observe_flushes(metrics.store_flush_duration.clone());
     tracing::info!(durability = %quotas.durability(), "quota store");
     let token_file = config.admin_token_file();
-    let (admin_hash, generated) = robots::token_file(&token_file)?;
+    let (admin_hash, generated) = robots::token_file(&token_file, 0o600)?;
     if generated {
         tracing::info!(file = %token_file.display(), "generated the admin token (mode 0600); send it as `Authorization: Bearer <token>` to /admin/");
     } else {
         tracing::info!(file = %token_file.display(), "admin token");
+    }
+    if let Some(path) = config.robots_file() {
+        let declared = robots::read_robots_file(&path)?;
+        let done = robots::declare(&store, &declared)?;
+        tracing::info!(
+            file = %path.display(),
+            added = done.added,
+            updated = done.updated,
+            unchanged = done.unchanged,
+            revoked = done.revoked,
+            "robots file applied"
+        );
     }
     if config.auth.demo_robot
         && let Some(key_file) = robots::register_demo_robot(&store, &config.data.dir)?
@@ -184,9 +196,12 @@ pub async fn run_with(
         None
     } else {
         let file = config.metrics_token_file();
-        let (hash, generated) = robots::token_file(&file)?;
+        let (hash, generated) = robots::token_file(&file, 0o640)?;
         if generated {
-            tracing::info!(file = %file.display(), "generated the metrics token (mode 0600) for /metrics");
+            tracing::info!(
+                file = %file.display(),
+                "generated the metrics token (mode 0640: the cell's Prometheus reads it as a member of this user's group) for /metrics"
+            );
         }
         Some(hash)
     };

@@ -72,6 +72,19 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Make a key for a robot declared in the robots file (`auth.robots_file`): prints the key
+    /// (for the robot alone) on the first line, then the file's entry, which holds only its hash.
+    RobotKey {
+        robot_id: String,
+        /// The robot's type (requests that send another are refused).
+        #[arg(long = "type")]
+        robot_type: String,
+        #[arg(long, default_value = "default")]
+        group: String,
+        /// `high`, `normal` or `low`.
+        #[arg(long, default_value = "normal")]
+        priority: String,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -147,6 +160,12 @@ fn run() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Health { addr, timeout_ms }) => return health(&config, addr, timeout_ms),
+        Some(Command::RobotKey { robot_id, robot_type, group, priority }) => {
+            let priority: vla_api::Priority = serde_json::from_value(serde_json::Value::String(priority))
+                .context("--priority: high, normal or low")?;
+            print!("{}", appliance::robots::declared_entry(&robot_id, &robot_type, &group, priority)?);
+            return Ok(());
+        }
         Some(Command::Demo { into }) => {
             let repository = into.unwrap_or_else(|| config.model_repository());
             std::fs::create_dir_all(&repository).with_context(|| format!("creating {}", repository.display()))?;

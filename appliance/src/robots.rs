@@ -8,6 +8,11 @@
 //! key exists: an unknown key id is hashed against a dummy record, so neither the answer nor
 //! its timing tells whether a key or a robot exists.
 //!
+//! Robots can also be declared in a file (`auth.robots_file`, [`read_robots_file`] and
+//! [`declare`]): ids, types and key hashes, applied at start, for a fleet provisioned by
+//! GitOps. The file holds only hashes (`appliance robot-key` makes a key and its line); only
+//! the file changes or revokes a robot declared in it.
+//!
 //! Store writes flush to disk: callers on an async runtime run these on the blocking pool.
 
 use std::path::{Path, PathBuf};
@@ -46,6 +51,8 @@ pub enum RegistryError {
     TokenFile { path: PathBuf, problem: String },
     #[error("demo robot: {0}")]
     Demo(String),
+    #[error("robots file {}: {problem}", path.display())]
+    RobotsFile { path: PathBuf, problem: String },
 }
 
 /// A freshly issued API key: the full key (shown once) and what is stored of it.
@@ -66,6 +73,7 @@ pub fn view(r: &RobotRecord) -> Robot {
         created_unix_ms: r.created_unix_ms,
         key_created_unix_ms: r.key_created_unix_ms,
         revoked_unix_ms: r.revoked_unix_ms,
+        declared: r.declared,
     }
 }
 
@@ -89,6 +97,7 @@ pub fn register(store: &Store, request: &RegisterRobot) -> Result<RobotKey, Regi
         key_id: Some(key.key_id.clone()),
         key_created_unix_ms: Some(now),
         revoked_unix_ms: None,
+        declared: false,
     };
     written(store.register(record.clone(), &key.key_id, key.record), &record.robot_id)?;
     tracing::info!(robot_id = %record.robot_id, robot_type = %record.robot_type, "robot registered");
@@ -97,6 +106,7 @@ pub fn register(store: &Store, request: &RegisterRobot) -> Result<RobotKey, Regi
 
 /// Gives `robot_id` a new key; the old one stops working at once.
 pub fn rotate(store: &Store, data_dir: &Path, robot_id: &str) -> Result<RobotKey, RegistryError> {
+    not_declared(store, robot_id)?;
     let key = issue_key(robot_id)?;
     let robot = written(store.rotate(robot_id, &key.key_id, key.record, now_ms()), robot_id)?;
     tracing::info!(robot_id = %robot_id, "robot key rotated");
@@ -106,10 +116,21 @@ pub fn rotate(store: &Store, data_dir: &Path, robot_id: &str) -> Result<RobotKey
 
 /// Revokes `robot_id`: its next request is refused.
 pub fn revoke(store: &Store, data_dir: &Path, robot_id: &str) -> Result<Robot, RegistryError> {
+    not_declared(store, robot_id)?;
     let robot = written(store.revoke(robot_id, now_ms()), robot_id)?;
     tracing::info!(robot_id = %robot_id, "robot revoked");
     forget_demo_key(data_dir, robot_id);
     Ok(view(&robot))
+}
+
+/// The admin API leaves robots declared in the robots file to that file.
+fn not_declared(store: &Store, robot_id: &str) -> Result<(), RegistryError> {
+    match store.robot(robot_id)? {
+        Some(r) if r.declared && r.revoked_unix_ms.is_none() => Err(RegistryError::Conflict(format!(
+            "robot `{robot_id}` is declared in the robots file (auth.robots_file): change or remove it there"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// A store write's outcome as a registry answer.
@@ -194,6 +215,189 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// One robot of the robots file:
+///
+/// ```toml
+/// [[robot]]
+/// id = "arm-1"
+/// type = "ur5e"
+/// group = "cell-07"        # "default" when absent
+/// priority = "normal"      # high | normal | low
+/// key_hash = "sha256:<key id>:<salt>:<hash>"   # `appliance robot-key arm-1` prints it
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredRobot {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub robot_type: String,
+    #[serde(default = "default_group")]
+    pub group: String,
+    #[serde(default)]
+    pub priority: Priority,
+    pub key_hash: String,
+}
+
+fn default_group() -> String {
+    "default".into()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RobotsFile {
+    #[serde(default)]
+    robot: Vec<DeclaredRobot>,
+}
+
+/// What applying the robots file did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Declared {
+    pub added: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub revoked: usize,
+}
+
+const KEY_HASH_PREFIX: &str = "sha256:";
+
+/// The robots file's line for an issued key: `sha256:<key id>:<salt hex>:<hash hex>`.
+pub fn key_hash(key: &IssuedKey) -> String {
+    let (salt, hash) = (crate::store::hex(&key.record.salt), crate::store::hex(&key.record.hash));
+    format!("{KEY_HASH_PREFIX}{}:{salt}:{hash}", key.key_id)
+}
+
+fn parse_key_hash(robot_id: &str, line: &str) -> Option<(String, KeyRecord)> {
+    let mut parts = line.strip_prefix(KEY_HASH_PREFIX)?.split(':');
+    let (id, salt, hash) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || id.len() != KEY_ID_HEX || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let key = KeyRecord { robot_id: robot_id.into(), salt: unhex(salt)?, hash: unhex(hash)? };
+    Some((id.to_ascii_lowercase(), key))
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A new key for a declared robot and the robots file's entry for it: the key on the first
+/// line (it goes to the robot and nowhere else), then the TOML entry with only its hash.
+pub fn declared_entry(
+    robot_id: &str,
+    robot_type: &str,
+    group: &str,
+    priority: Priority,
+) -> Result<String, RegistryError> {
+    check_name("robot_id", robot_id)?;
+    check_name("robot_type", robot_type)?;
+    check_name("group", group)?;
+    let key = issue_key(robot_id)?;
+    let priority = match priority {
+        Priority::High => "high",
+        Priority::Normal => "normal",
+        Priority::Low => "low",
+    };
+    Ok(format!(
+        "{}\n# The robots file's entry; the key above goes to the robot only.\n[[robot]]\nid = \"{robot_id}\"\n\
+         type = \"{robot_type}\"\ngroup = \"{group}\"\npriority = \"{priority}\"\nkey_hash = \"{}\"\n",
+        key.api_key,
+        key_hash(&key)
+    ))
+}
+
+/// Reads and checks the robots file: every entry's names and key hash, no id or key twice.
+pub fn read_robots_file(path: &Path) -> Result<Vec<DeclaredRobot>, RegistryError> {
+    let err = |problem: String| RegistryError::RobotsFile { path: path.into(), problem };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let file: RobotsFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let mut ids = std::collections::HashSet::new();
+    let mut keys = std::collections::HashSet::new();
+    for (i, r) in file.robot.iter().enumerate() {
+        let at = |field: &str| format!("robot[{i}].{field} (`{}`)", crate::names::clip(&r.id, 80));
+        for (field, value) in [("id", &r.id), ("type", &r.robot_type), ("group", &r.group)] {
+            crate::names::check_name(value).map_err(|problem| err(format!("{}: {problem}", at(field))))?;
+        }
+        let Some((key_id, _)) = parse_key_hash(&r.id, &r.key_hash) else {
+            return Err(err(format!(
+                "{}: expected `sha256:<16 hex>:<32 hex>:<64 hex>`, as `appliance robot-key` prints it",
+                at("key_hash")
+            )));
+        };
+        if !ids.insert(r.id.clone()) {
+            return Err(err(format!("{}: declared twice", at("id"))));
+        }
+        if !keys.insert(key_id) {
+            return Err(err(format!("{}: the same key as another robot", at("key_hash"))));
+        }
+    }
+    Ok(file.robot)
+}
+
+/// Makes the registry hold `robots` as declared: adds the new ones, gives changed ones their
+/// declared type, group, priority and key (the old key stops working), and revokes robots
+/// declared before that are no longer there. Robots registered through the admin API are left
+/// alone unless the file names them, in which case the file takes them over.
+pub fn declare(store: &Store, robots: &[DeclaredRobot]) -> Result<Declared, RegistryError> {
+    let existing = store.robots()?;
+    let now = now_ms();
+    let mut done = Declared::default();
+    for d in robots {
+        let Some((key_id, key)) = parse_key_hash(&d.id, &d.key_hash) else {
+            return Err(RegistryError::Conflict(format!("robot `{}`: malformed key hash", d.id)));
+        };
+        if let Some(other) = store.key(&key_id)?
+            && other.robot_id != d.id
+        {
+            return Err(RegistryError::Conflict(format!(
+                "robot `{}`: its key is robot `{}`'s; make it a key of its own (`appliance robot-key`)",
+                d.id, other.robot_id
+            )));
+        }
+        let live = existing.iter().find(|r| r.robot_id == d.id && r.revoked_unix_ms.is_none());
+        let same_key = live.is_some_and(|r| r.key_id.as_deref() == Some(key_id.as_str()));
+        let record = RobotRecord {
+            robot_id: d.id.clone(),
+            robot_type: d.robot_type.clone(),
+            group: d.group.clone(),
+            priority: d.priority,
+            created_unix_ms: now,
+            key_id: Some(key_id.clone()),
+            key_created_unix_ms: if same_key { live.and_then(|r| r.key_created_unix_ms) } else { Some(now) },
+            revoked_unix_ms: None,
+            declared: true,
+        };
+        match live {
+            Some(r) if same_key && store.key(&key_id)?.as_ref() == Some(&key) => {
+                let same = RobotRecord { created_unix_ms: r.created_unix_ms, ..record.clone() };
+                if *r == same {
+                    done.unchanged += 1;
+                    continue;
+                }
+                done.updated += 1;
+            }
+            Some(_) => done.updated += 1,
+            None => done.added += 1,
+        }
+        store.declare(record, &key_id, key)?;
+        tracing::info!(robot_id = %d.id, robot_type = %d.robot_type, "robot declared in the robots file");
+    }
+    for r in existing.iter().filter(|r| r.declared && r.revoked_unix_ms.is_none()) {
+        if !robots.iter().any(|d| d.id == r.robot_id) {
+            written(store.revoke(&r.robot_id, now), &r.robot_id)?;
+            tracing::info!(robot_id = %r.robot_id, "robot revoked: no longer in the robots file");
+            done.revoked += 1;
+        }
+    }
+    Ok(done)
+}
+
 /// A new key for `robot_id`: 64 random bits of id, 256 of secret, 128 of salt.
 pub fn issue_key(robot_id: &str) -> Result<IssuedKey, RegistryError> {
     let key_id = crate::store::hex(&random::<8>()?);
@@ -207,10 +411,12 @@ pub fn issue_key(robot_id: &str) -> Result<IssuedKey, RegistryError> {
     })
 }
 
-/// Reads a bearer token (the admin or metrics token) from `path`, generating it (mode 0600) on
-/// first start. Refuses a file others can read, or a token too short to be a secret. Returns
-/// the token's SHA-256 (all that is kept in memory) and whether it was generated now.
-pub fn token_file(path: &Path) -> Result<([u8; 32], bool), RegistryError> {
+/// Reads a bearer token (the admin or metrics token) from `path`, generating it with `mode` on
+/// first start (0600; 0640 for the metrics token, which the cell's Prometheus reads as a member
+/// of the appliance's group). Refuses a file anyone but its owner and group can read, one its
+/// group may write, or a token too short to be a secret. Returns the token's SHA-256 (all that
+/// is kept in memory) and whether it was generated now.
+pub fn token_file(path: &Path, mode: u32) -> Result<([u8; 32], bool), RegistryError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |problem: String| RegistryError::TokenFile { path: path.into(), problem };
     let generated = !path.exists();
@@ -222,15 +428,19 @@ pub fn token_file(path: &Path) -> Result<([u8; 32], bool), RegistryError> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .open(path)
             .map_err(|e| err(e.to_string()))?;
+        // Whatever the umask took away from `mode`.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| err(e.to_string()))?;
         std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes()).map_err(|e| err(e.to_string()))?;
     }
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(err(format!("is readable by others (mode {mode:o}); `chmod 600` it")));
+    let found = meta.permissions().mode() & 0o777;
+    if found & 0o027 != 0 {
+        return Err(err(format!(
+            "is readable by others or writable by its group (mode {found:o}); `chmod 600` it (640 to share it with its group)"
+        )));
     }
     let token = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let token = token.trim();
@@ -272,12 +482,21 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("admin.token");
-        let (hash, generated) = token_file(&path).unwrap();
+        let (hash, generated) = token_file(&path, 0o600).unwrap();
         assert!(generated);
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(token_file(&path).unwrap(), (hash, false));
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(token_file(&path).unwrap_err().to_string().contains("chmod 600"));
+        assert_eq!(token_file(&path, 0o600).unwrap(), (hash, false));
+        // Its group may read it (the cell's Prometheus, for the metrics token)...
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(token_file(&path, 0o600).unwrap(), (hash, false));
+        // ...but neither write it nor let anyone else read it.
+        for mode in [0o644, 0o660, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(token_file(&path, 0o600).unwrap_err().to_string().contains("chmod 600"), "{mode:o}");
+        }
+        let shared = dir.path().join("metrics.token");
+        token_file(&shared, 0o640).unwrap();
+        assert_eq!(std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777, 0o640);
     }
 
     #[test]
@@ -296,5 +515,87 @@ mod tests {
         rotate(&store, dir.path(), "arm-1").unwrap();
         assert!(verify_key(&store, &key.api_key).unwrap().is_none());
         assert!(matches!(register(&store, &request), Err(RegistryError::Conflict(_))));
+    }
+
+    fn declared(id: &str, key: &IssuedKey) -> DeclaredRobot {
+        DeclaredRobot {
+            id: id.into(),
+            robot_type: "ur5e".into(),
+            group: "cell-07".into(),
+            priority: Priority::Normal,
+            key_hash: key_hash(key),
+        }
+    }
+
+    #[test]
+    fn the_robots_file_adds_updates_and_revokes_and_only_it_changes_its_robots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (k1, k2) = (issue_key("arm-1").unwrap(), issue_key("arm-2").unwrap());
+        // arm-2 was registered through the admin API before the file named it.
+        let api = RegisterRobot {
+            robot_id: "arm-2".into(),
+            robot_type: "old".into(),
+            group: "default".into(),
+            priority: Priority::Low,
+        };
+        let api_key = register(&store, &api).unwrap().api_key;
+        let file = vec![declared("arm-1", &k1), declared("arm-2", &k2)];
+        assert_eq!(declare(&store, &file).unwrap(), Declared { added: 1, updated: 1, unchanged: 0, revoked: 0 });
+        assert_eq!(verify_key(&store, &k1.api_key).unwrap().unwrap().robot_id, "arm-1");
+        let arm2 = verify_key(&store, &k2.api_key).unwrap().unwrap();
+        assert_eq!((arm2.robot_type.as_str(), arm2.declared), ("ur5e", true));
+        assert!(verify_key(&store, &api_key).unwrap().is_none(), "the file's key replaces the API's");
+        // Applied again (a restart): nothing changes.
+        assert_eq!(declare(&store, &file).unwrap(), Declared { unchanged: 2, ..Declared::default() });
+        // The admin API leaves declared robots alone.
+        for refused in
+            [rotate(&store, dir.path(), "arm-1").map(|_| ()), revoke(&store, dir.path(), "arm-1").map(|_| ())]
+        {
+            assert!(
+                matches!(&refused, Err(RegistryError::Conflict(why)) if why.contains("robots file")),
+                "{refused:?}"
+            );
+        }
+        // A new key in the file: the old one stops working. arm-2 dropped from it: revoked.
+        let k1b = issue_key("arm-1").unwrap();
+        let done = declare(&store, &[declared("arm-1", &k1b)]).unwrap();
+        assert_eq!(done, Declared { updated: 1, revoked: 1, ..Declared::default() });
+        assert!(verify_key(&store, &k1.api_key).unwrap().is_none());
+        assert!(verify_key(&store, &k1b.api_key).unwrap().is_some());
+        assert!(verify_key(&store, &k2.api_key).unwrap().is_none());
+        // Back in the file, it is live again with its key.
+        declare(&store, &[declared("arm-1", &k1b), declared("arm-2", &k2)]).unwrap();
+        assert!(verify_key(&store, &k2.api_key).unwrap().is_some());
+        // One key for two robots is refused.
+        let stolen = DeclaredRobot { id: "arm-3".into(), ..declared("arm-3", &k2) };
+        assert!(matches!(declare(&store, &[stolen]), Err(RegistryError::Conflict(why)) if why.contains("arm-2")));
+    }
+
+    #[test]
+    fn a_bad_robots_file_is_refused_naming_the_entry_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("robots.toml");
+        let entry = declared_entry("arm-1", "ur5e", "cell-07", Priority::High).unwrap();
+        let (key, toml) = entry.split_once('\n').unwrap();
+        assert!(!toml.contains(split_key(key).unwrap().1), "the file holds no secret: {entry}");
+        std::fs::write(&path, toml).unwrap();
+        let robots = read_robots_file(&path).unwrap();
+        assert_eq!((robots[0].id.as_str(), robots[0].priority), ("arm-1", Priority::High));
+        let store = Store::open(dir.path()).unwrap();
+        declare(&store, &robots).unwrap();
+        assert_eq!(verify_key(&store, key).unwrap().unwrap().robot_id, "arm-1");
+
+        for (text, expected) in [
+            (format!("{toml}{toml}"), "robot[1].id (`arm-1`): declared twice"),
+            (toml.replace("id = \"arm-1\"", "id = \"arm 1\""), "robot[0].id (`arm 1`)"),
+            (toml.replace("key_hash = \"sha256:", "key_hash = \"md5:"), "robot[0].key_hash (`arm-1`): expected"),
+            (toml.replace("[[robot]]", "[[robot]]\nkey = \"x\""), "unknown field `key`"),
+            (toml.replace("type = ", "kind = "), "unknown field `kind`"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = read_robots_file(&path).unwrap_err().to_string();
+            assert!(e.contains(expected) && e.contains("robots.toml"), "{expected}: {e}");
+        }
     }
 }

@@ -55,6 +55,9 @@ pub struct RobotRecord {
     pub key_id: Option<String>,
     pub key_created_unix_ms: Option<u64>,
     pub revoked_unix_ms: Option<u64>,
+    /// Declared in the robots file: only that file changes or revokes it.
+    #[serde(default)]
+    pub declared: bool,
 }
 
 /// One API key at rest: whose it is and `SHA-256(salt ‖ secret)`.
@@ -303,6 +306,24 @@ impl Store {
         Ok(WriteOutcome::Done(robot))
     }
 
+    /// Writes a robot declared in the robots file with its key, replacing whatever key it had
+    /// (and reviving it if it was revoked); keeps the record's first registration time.
+    pub fn declare(&self, mut robot: RobotRecord, key_id: &str, key: KeyRecord) -> Result<(), StoreError> {
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut batch = sled::Batch::default();
+        if let Some(existing) = self.robot(&robot.robot_id)? {
+            if let Some(old) = existing.key_id.filter(|old| old != key_id) {
+                batch.remove(key_key(&old).as_bytes());
+            }
+            if existing.revoked_unix_ms.is_none() {
+                robot.created_unix_ms = existing.created_unix_ms;
+            }
+        }
+        batch.insert(robot_key(&robot.robot_id).as_bytes(), encode(&robot));
+        batch.insert(key_key(key_id).as_bytes(), encode(&key));
+        self.commit(batch)
+    }
+
     fn commit(&self, batch: sled::Batch) -> Result<(), StoreError> {
         let db = self.db()?;
         db.open_tree("robots")?.apply_batch(batch).map_err(|e| self.fault(e))?;
@@ -404,6 +425,7 @@ mod tests {
             key_id: Some(key_id.into()),
             key_created_unix_ms: Some(1),
             revoked_unix_ms: None,
+            declared: false,
         }
     }
 

@@ -100,6 +100,13 @@ fn generate_self_signed(names: &[String], cert: &Path, key: &Path) -> Result<(),
     fs::create_dir_all(dir).map_err(|e| TlsError::File { path: dir.into(), problem: e.to_string() })?;
     write_private(key, certified.key_pair.serialize_pem().as_bytes())?;
     fs::write(cert, certified.cert.pem()).map_err(|e| TlsError::File { path: cert.into(), problem: e.to_string() })?;
+    // Whatever the umask (the unit's is 0077): the certificate is public, and the appliance's
+    // group (the cell's Prometheus) may enter the directory to read it, not the key.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [(cert, 0o644), (dir, 0o750)] {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| TlsError::File { path: path.into(), problem: e.to_string() })?;
+    }
     Ok(())
 }
 

@@ -400,3 +400,61 @@ async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     };
     assert!(trusting_first.get(app.url("/health")).send().await.is_err());
 }
+
+/// `appliance robot-key`'s output, as an operator runs it: (the key, the robots file's entry).
+fn robot_key_entry(robot_id: &str) -> (String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["robot-key", robot_id, "--type", "ur5e", "--group", "cell-07"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (key, entry) = text.split_once('\n').unwrap();
+    (key.to_string(), entry.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn robots_declared_in_the_robots_file_are_served_and_only_the_file_changes_them() {
+    let (key1, entry1) = robot_key_entry("arm-1");
+    let (key2, entry2) = robot_key_entry("arm-2");
+    let secret = key1.rsplit_once('_').unwrap().1;
+    assert!(!entry1.contains(secret), "the entry holds the key's hash only: {entry1}");
+    // Relative paths are under the data directory.
+    let app = TestAppliance::start(|config, _| {
+        config.auth.robots_file = Some("robots.toml".into());
+        std::fs::write(config.data.dir.join("robots.toml"), format!("{entry1}{entry2}")).unwrap();
+    })
+    .await;
+    let post = |key: &str, seed: u8| {
+        app.client.post(app.url("/v1/inference")).header("x-api-key", key.to_string()).json(&robot_request(seed)).send()
+    };
+    assert_eq!(post(&key1, 1).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(post(&key2, 2).await.unwrap().status(), StatusCode::OK);
+    let robots: Value = app.admin(Method::GET, "/admin/robots").send().await.unwrap().json().await.unwrap();
+    let arm1 = robots["robots"].as_array().unwrap().iter().find(|r| r["robot_id"] == "arm-1").unwrap().clone();
+    assert_eq!((arm1["declared"].clone(), arm1["group"].clone()), (json!(true), json!("cell-07")), "{arm1}");
+    // The admin API leaves them to the file.
+    for (method, path) in [(Method::POST, "/admin/robots/arm-1/rotate-key"), (Method::DELETE, "/admin/robots/arm-1")] {
+        let (status, body) = error_of(app.admin(method, path).send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("robots file"), "{body}");
+    }
+    // arm-2 dropped from the file and arm-1 given a new key: at the next start (a ConfigMap
+    // change rolls the pod likewise) arm-2 is revoked and arm-1's old key stops working.
+    let (key1b, entry1b) = robot_key_entry("arm-1");
+    std::fs::write(app.data.path().join("robots.toml"), entry1b).unwrap();
+    let app = app.restart().await;
+    let post = |key: &str, seed: u8| {
+        app.client.post(app.url("/v1/inference")).header("x-api-key", key.to_string()).json(&robot_request(seed)).send()
+    };
+    assert_eq!(post(&key1, 1).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(post(&key1b, 1).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(post(&key2, 2).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    // A broken file stops the start, naming it.
+    std::fs::write(app.data.path().join("robots.toml"), "[[robot]]\nid = \"arm 1\"\n").unwrap();
+    let data = app.stop_keeping_data().await;
+    let mut config = test_config(data.path());
+    config.auth.robots_file = Some("robots.toml".into());
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("auth.robots_file") && e.contains("robots.toml"), "{e}");
+}

@@ -264,6 +264,9 @@ pub struct Robot {
     pub key_created_unix_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_unix_ms: Option<u64>,
+    /// Declared in the appliance's robots file: changed and revoked there, not through the API.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub declared: bool,
 }
 
 /// Answer to a registration or a key rotation: the key is shown this once.
