@@ -2,7 +2,9 @@
 //! `prometheus` package, installed by `scripts/setup.sh`): `promtool` checks the shipped
 //! configuration and rules and runs the alert unit tests, lints a live scrape, and an on-cell
 //! Prometheus scraping the appliance over HTTPS is federated by a central one, which must see
-//! the cell's requests with its `cell` label.
+//! the cell's requests with its `cell` label. A fleet of two cells pushes to a central receiver
+//! by remote_write, which must keep the cells apart and, after an outage of its own, receive
+//! the samples it missed.
 
 #![allow(clippy::unwrap_used)]
 
@@ -34,7 +36,7 @@ fn promtool(args: &[&str], dir: &Path) -> String {
 /// The shipped configuration with its rules, next to stand-ins for the files it names.
 fn config_dir(ca: &[u8], token: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for file in ["prometheus.yml", "central.yml"] {
+    for file in ["prometheus.yml", "central.yml", "federation.yml"] {
         std::fs::copy(shipped().join(file), dir.path().join(file)).unwrap();
     }
     std::fs::create_dir(dir.path().join("rules")).unwrap();
@@ -43,6 +45,15 @@ fn config_dir(ca: &[u8], token: &str) -> tempfile::TempDir {
     }
     std::fs::write(dir.path().join("ca.pem"), ca).unwrap();
     std::fs::write(dir.path().join("metrics.token"), token).unwrap();
+    // The on-cell configuration reads them from the appliance's data directory.
+    let on_cell = std::fs::read_to_string(dir.path().join("prometheus.yml")).unwrap();
+    for (shipped, here) in
+        [("/var/lib/vla-appliance/metrics.token", "metrics.token"), ("/var/lib/vla-appliance/tls/cert.pem", "ca.pem")]
+    {
+        assert!(on_cell.contains(shipped), "prometheus.yml no longer reads {shipped}");
+        let on_cell = std::fs::read_to_string(dir.path().join("prometheus.yml")).unwrap();
+        std::fs::write(dir.path().join("prometheus.yml"), on_cell.replace(shipped, here)).unwrap();
+    }
     dir
 }
 
@@ -52,6 +63,7 @@ fn promtool_accepts_the_shipped_configuration_and_every_alert_passes_its_unit_te
     let out = promtool(&["check", "config", "prometheus.yml"], dir.path());
     assert!(out.contains("SUCCESS: 2 rule files found"), "{out}");
     promtool(&["check", "config", "central.yml"], dir.path());
+    promtool(&["check", "config", "federation.yml"], dir.path());
     promtool(&["check", "rules", "rules/recording.yml", "rules/alerts.yml"], &shipped());
     let out = promtool(&["test", "rules", "tests/alerts_test.yml"], &shipped());
     assert!(out.contains("SUCCESS"), "{out}");
@@ -87,7 +99,7 @@ fn promtool_accepts_the_shipped_configuration_and_every_alert_passes_its_unit_te
 struct Prometheus {
     child: Child,
     url: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl Drop for Prometheus {
@@ -102,18 +114,22 @@ fn free_port() -> u16 {
 }
 
 async fn start_prometheus(config: &Path) -> Prometheus {
-    let data = tempfile::tempdir().unwrap();
-    let port = free_port();
+    start_prometheus_on(config, tempfile::tempdir().unwrap(), free_port(), &[]).await
+}
+
+/// A Prometheus on `port` keeping its TSDB in `data` (so that it can be restarted on both).
+async fn start_prometheus_on(config: &Path, data: tempfile::TempDir, port: u16, flags: &[&str]) -> Prometheus {
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.tsdb.path={}", data.path().display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .args(flags)
         .current_dir(config.parent().unwrap())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("prometheus (scripts/setup.sh installs Debian's prometheus)");
-    let prometheus = Prometheus { child, url: format!("http://127.0.0.1:{port}"), _data: data };
+    let prometheus = Prometheus { child, url: format!("http://127.0.0.1:{port}"), data };
     let started = Instant::now();
     loop {
         if let Ok(r) = reqwest::get(format!("{}/-/ready", prometheus.url)).await
@@ -126,13 +142,37 @@ async fn start_prometheus(config: &Path) -> Prometheus {
     }
 }
 
+impl Prometheus {
+    /// Stops it as `systemctl stop` would (SIGTERM, then waits): gives back its data directory.
+    fn stop(mut self) -> tempfile::TempDir {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        self.child.wait().unwrap();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().unwrap());
+        drop(self);
+        data
+    }
+}
+
 /// Prometheus' answer to an instant `query` (`/api/v1/query`), checked to be a success.
 async fn query(prometheus: &Prometheus, query: &str) -> Value {
+    query_at(prometheus, query, None).await
+}
+
+/// `query` evaluated at `time` (Unix seconds), or now.
+async fn query_at(prometheus: &Prometheus, query: &str, time: Option<f64>) -> Value {
     let url = format!("{}/api/v1/query", prometheus.url);
-    let r: Value =
-        reqwest::Client::new().get(url).query(&[("query", query)]).send().await.unwrap().json().await.unwrap();
+    let mut params = vec![("query", query.to_string())];
+    if let Some(t) = time {
+        params.push(("time", format!("{t:.3}")));
+    }
+    let r: Value = reqwest::Client::new().get(url).query(&params).send().await.unwrap().json().await.unwrap();
     assert_eq!(r["status"], "success", "{query}: {r}");
     r
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
 /// Runs `query` on `prometheus` until it returns a non-empty vector (or 60 s pass).
@@ -201,15 +241,15 @@ async fn a_central_prometheus_federating_the_cell_sees_its_requests_with_the_cel
     let up = query_until_found(&cell, r#"up{job="vla-appliance"} == 1"#).await;
     assert_eq!(up.len(), 1, "{up:?}");
 
-    // The shipped central configuration, federating that one cell.
-    let central = std::fs::read_to_string(dir.path().join("central.yml"))
+    // The shipped federation configuration, federating that one cell.
+    let central = std::fs::read_to_string(dir.path().join("federation.yml"))
         .unwrap()
         .replace("scrape_interval: 30s", "scrape_interval: 1s")
         .replace(
             "          - cell-01.example:9090\n          - cell-02.example:9090",
             &format!("          - {}", cell.url.trim_start_matches("http://")),
         );
-    let central_path = dir.path().join("central.yml");
+    let central_path = dir.path().join("federation.yml");
     std::fs::write(&central_path, central).unwrap();
     let centre = start_prometheus(&central_path).await;
 
@@ -259,4 +299,116 @@ async fn a_central_prometheus_federating_the_cell_sees_its_requests_with_the_cel
         }
     }
     assert!(checked >= 25, "{checked} dashboard queries");
+}
+
+/// An on-cell Prometheus for `app`, from the shipped `prometheus.yml`: named `cell`, scraping
+/// every second and pushing to the central receiver at `central`.
+async fn on_cell_prometheus(app: &TestAppliance, cell: &str, central: &str) -> (Prometheus, tempfile::TempDir) {
+    let token = std::fs::read_to_string(app.data.path().join("metrics.token")).unwrap();
+    let ca = std::fs::read(app.data.path().join("tls/cert.pem")).unwrap();
+    let dir = config_dir(&ca, token.trim());
+    let shipped = std::fs::read_to_string(dir.path().join("prometheus.yml")).unwrap();
+    for needle in ["cell: cell-01", "localhost:8443", "https://central.example:9090/api/v1/write", "max_backoff: 5s"] {
+        assert!(shipped.contains(needle), "prometheus.yml no longer has `{needle}`");
+    }
+    let config = shipped
+        .replace("cell: cell-01", &format!("cell: {cell}"))
+        .replace("localhost:8443", &format!("127.0.0.1:{}", app.addr.port()))
+        .replace("https://central.example:9090/api/v1/write", &format!("{central}/api/v1/write"))
+        // Sent within a second of being scraped, and retried every second at most.
+        .replace("max_backoff: 5s", "max_backoff: 1s\n      batch_send_deadline: 1s")
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("evaluation_interval: 15s", "evaluation_interval: 1s");
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    (start_prometheus(&dir.path().join("prometheus.yml")).await, dir)
+}
+
+/// Requests per cell at the centre: `sum by (cell) (vla_inference_requests_total)` at `time`.
+async fn requests_by_cell(centre: &Prometheus, time: Option<f64>) -> std::collections::BTreeMap<String, String> {
+    let r = query_at(centre, "sum by (cell) (vla_inference_requests_total)", time).await;
+    r["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["metric"]["cell"].as_str().unwrap_or("").to_string(), s["value"][1].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_fleet_pushes_to_a_central_receiver_which_keeps_cells_apart_and_catches_up_after_an_outage() {
+    let cells = [TestAppliance::start(|_, _| {}).await, TestAppliance::start(|_, _| {}).await];
+    for (app, requests) in cells.iter().zip([2, 3]) {
+        app.robot_key("arm-1").await;
+        for seed in 0..requests {
+            assert_eq!(app.infer(robot_request(seed)).await.status(), StatusCode::OK);
+        }
+    }
+
+    // The shipped central configuration, with the remote-write receiver on.
+    let central_dir = config_dir(b"", "token");
+    let central_config = central_dir.path().join("central.yml");
+    let port = free_port();
+    let receiver = ["--web.enable-remote-write-receiver"];
+    let centre = start_prometheus_on(&central_config, tempfile::tempdir().unwrap(), port, &receiver).await;
+    let mut on_cell = Vec::new();
+    for (app, cell) in cells.iter().zip(["cell-01", "cell-02"]) {
+        on_cell.push(on_cell_prometheus(app, cell, &centre.url).await);
+    }
+
+    // Both cells' series arrive, apart.
+    let expected: std::collections::BTreeMap<String, String> =
+        [("cell-01".to_string(), "2".to_string()), ("cell-02".to_string(), "3".to_string())].into();
+    let started = Instant::now();
+    while requests_by_cell(&centre, None).await != expected {
+        assert!(started.elapsed() < Duration::from_secs(60), "{:?}", requests_by_cell(&centre, None).await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Recorded series are pushed too.
+    query_until_found(&centre, r#"job:vla_inference_requests:rate5m{cell="cell-02"}"#).await;
+
+    // The centre stops for 30 s; cell-01 serves 4 more requests meanwhile.
+    let down_at = unix_now();
+    let data = centre.stop();
+    for seed in 10..14 {
+        assert_eq!(cells[0].infer(robot_request(seed)).await.status(), StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let up_at = unix_now();
+    let centre = start_prometheus_on(&central_config, data, port, &receiver).await;
+
+    // Caught up: both cells' samples reach past the restart.
+    let started = Instant::now();
+    loop {
+        let r = query(&centre, r#"timestamp(up{job="vla-appliance"})"#).await;
+        let latest: Vec<f64> = r["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["value"][1].as_str().unwrap().parse().unwrap())
+            .collect();
+        if latest.len() == 2 && latest.iter().all(|t| *t > up_at + 2.0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "not caught up: {r}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // What cell-01 counted while the centre was down is there, at the time it happened.
+    let during = requests_by_cell(&centre, Some(up_at - 1.0)).await;
+    assert_eq!(during.get("cell-01").map(String::as_str), Some("6"), "{during:?}");
+    assert_eq!(during.get("cell-02").map(String::as_str), Some("3"), "{during:?}");
+    // No gap: every cell's scrapes, one a second, from before the outage to after it.
+    let from = down_at - 5.0;
+    let to = up_at + 2.0;
+    let window = format!(r#"up{{job="vla-appliance"}}[{}s]"#, (to - from).ceil() as u64);
+    let r = query_at(&centre, &window, Some(to)).await;
+    let series = r["data"]["result"].as_array().unwrap();
+    assert_eq!(series.len(), 2, "{r}");
+    for s in series {
+        let times: Vec<f64> = s["values"].as_array().unwrap().iter().map(|v| v[0].as_f64().unwrap()).collect();
+        let cell = &s["metric"]["cell"];
+        assert!(times[0] < down_at - 3.0 && *times.last().unwrap() > up_at, "{cell}: {times:?}");
+        let gap = times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+        assert!(gap < 3.0, "{cell}: a {gap:.1} s gap in {times:?}");
+    }
+    drop(on_cell);
 }
