@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing the appliance need. Idempotent: quick when done.
 #   - Debian packages (only those missing): prometheus (server and promtool), protoc (build),
-#     patchelf (scripts/package.sh), systemd-analyze (the unit's check)
+#     patchelf (scripts/package.sh), systemd-analyze (the unit's check), debootstrap, podman
+#     and buildah (the .deb's and the image's tests)
 #   - .venv with torch==2.11.0 from PyPI (libtorch for tch) and tritonclient (tests); see
 #     requirements.txt
 #   - .venv-clients with the robots' own clients (openpi-client; tests), see
@@ -18,8 +19,13 @@ cd "$root"
 # tests themselves on ephemeral ports, never as a service). protobuf-compiler: protoc, which the
 # appliance's build runs on proto/grpc_service.proto (OIP over gRPC). patchelf: the relocatable
 # release's rpath (scripts/package.sh). systemd: systemd-analyze, which checks the shipped unit.
+# debootstrap: the Debian root the .deb installs into and the image's base is made of. buildah:
+# builds the image (images/Containerfile); podman: imports the base, inspects the image, and is
+# what podman-compose (in .venv-clients) needs to validate images/compose.yaml. openssl: the
+# test certificate for the Kubernetes ConfigMap's configuration.
 missing=()
-for pkg in curl ca-certificates gcc g++ python3-venv prometheus tmux protobuf-compiler patchelf systemd; do
+for pkg in curl ca-certificates gcc g++ python3-venv prometheus tmux protobuf-compiler patchelf systemd \
+    debootstrap podman buildah openssl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -49,7 +55,7 @@ fi
 
 # The robots' own clients, apart from torch (see requirements-clients.txt), and the project's
 # own Python client (clients/python), installed from the repository as a robot team would.
-if ! .venv-clients/bin/python -c 'import openpi_client.websocket_client_policy, tritonclient.grpc, vla_client' 2>/dev/null; then
+if ! .venv-clients/bin/python -c 'import openpi_client.websocket_client_policy, tritonclient.grpc, vla_client, kubernetes_validate, podman_compose' 2>/dev/null; then
     echo "setup: installing .venv-clients from scripts/requirements-clients.txt and clients/python"
     [ -x .venv-clients/bin/python ] || "$python" -m venv .venv-clients
     .venv-clients/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q -r scripts/requirements-clients.txt

@@ -3,6 +3,11 @@
 //! speaks systemd's notify protocol (`Type=notify`: READY, WATCHDOG, STOPPING) to a notify
 //! socket the test holds as systemd would; the shipped unit passes `systemd-analyze verify`
 //! and its `security` exposure stays low; `appliance health` asks the running appliance.
+//! The `.deb` (`scripts/deb.sh`) installs into a debootstrapped Debian root, serves there as
+//! its user, keeps its data on upgrade and removal and loses it on purge; the image
+//! (`images/Containerfile`), built by buildah on that root imported as its base, serves an
+//! inference from its filesystem; the compose stack and the Kubernetes manifests validate with
+//! podman-compose and kubernetes-validate (`manifests_check.py`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -63,6 +68,80 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Runs `command`, which must succeed; its stdout.
+fn run(command: &mut Command) -> String {
+    let out = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{command:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// The release tree in `out/vla-appliance`, from this test run's binaries; its libraries
+/// hard-linked from the venv (never modified), so a tree costs no copy of libtorch.
+fn package(out: &Path) -> PathBuf {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_appliance")).parent().unwrap().to_path_buf();
+    assert!(
+        bin_dir.join("vla-console").exists(),
+        "{} is missing: `cargo test --workspace` builds it (or `cargo build -p vla-console`)",
+        bin_dir.join("vla-console").display()
+    );
+    run(Command::new("bash")
+        .arg(root().join("scripts/package.sh"))
+        .args(["--profile", "dev", "--no-build", "--link", "--bin-dir"])
+        .arg(&bin_dir)
+        .arg(out));
+    out.join("vla-appliance")
+}
+
+/// A minimal Debian bookworm root made by debootstrap from Debian's mirror, once per
+/// checkout (kept under the target directory; `.complete` marks a finished one).
+fn debian_root() -> PathBuf {
+    static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = ONCE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("debian-bookworm");
+    if !dir.join(".complete").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let mirror = std::env::var("VLA_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+        run(Command::new("debootstrap").args(["--variant=minbase", "bookworm"]).arg(&dir).arg(mirror));
+        std::fs::write(dir.join(".complete"), "").unwrap();
+    }
+    dir
+}
+
+/// Runs `command` (argv) inside `root` as `user`, as a container runtime or systemd would:
+/// a mount namespace of its own with /proc mounted in the root (the binaries' `$ORIGIN` rpath
+/// is read from /proc/self/exe), then chroot. The namespace, and the mount, end with it.
+/// Every path is absolute: the command runs with an empty environment.
+fn in_root(root: &Path, user: &str, command: &str) -> Command {
+    let mut c = Command::new("/usr/bin/unshare");
+    c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+        .arg(format!(
+            "/usr/bin/mount -t proc proc \"$0/proc\" && exec /usr/sbin/chroot --userspec={user} \"$0\" /bin/sh -c '{command}'"
+        ))
+        .arg(root)
+        .env_clear();
+    c
+}
+
+/// Starts the appliance inside `root` as `user`, from its tree's root as the unit and the image
+/// do, with an ephemeral loopback port: what the service or the container would run.
+fn chroot_appliance(root: &Path, user: &str) -> Child {
+    in_root(root, user, "cd /opt/vla-appliance && exec bin/appliance --config /etc/vla-appliance/appliance.toml")
+        .env("APPLIANCE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("APPLIANCE_SERVER__SHUTDOWN_GRACE_MS", "1000")
+        .env("APPLIANCE_MODELS__CPU_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// `command` (an `appliance health` command line) inside `root`, as `user`, asking `addr`.
+fn chroot_health(root: &Path, user: &str, command: &str, addr: std::net::SocketAddr) -> serde_json::Value {
+    let out = run(&mut in_root(root, user, &format!("exec {command} --addr {addr}")));
+    serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"))
+}
+
 async fn one_inference(addr: std::net::SocketAddr, data: &Path) {
     let client = common::https_client(&data.join("tls/cert.pem"), addr);
     let key = std::fs::read_to_string(data.join("demo-robot.key")).unwrap();
@@ -81,24 +160,9 @@ async fn one_inference(addr: std::net::SocketAddr, data: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relocatable_tree_serves_from_another_directory_with_an_empty_environment() {
-    // The tree, from the binaries this test run built; its libraries hard-linked from the venv
-    // (never modified), so the test costs no copy of libtorch.
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("package-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_appliance")).parent().unwrap().to_path_buf();
-    assert!(
-        bin_dir.join("vla-console").exists(),
-        "{} is missing: `cargo test --workspace` builds it (or `cargo build -p vla-console`)",
-        bin_dir.join("vla-console").display()
-    );
-    let package = Command::new("bash")
-        .arg(root().join("scripts/package.sh"))
-        .args(["--profile", "dev", "--no-build", "--link", "--bin-dir"])
-        .arg(&bin_dir)
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(package.status.success(), "package.sh: {}", String::from_utf8_lossy(&package.stderr));
+    package(&out);
     // Put somewhere else than where it was built: nothing in it names its old place.
     let tree = out.join("moved");
     std::fs::rename(out.join("vla-appliance"), &tree).unwrap();
@@ -252,4 +316,173 @@ fn the_shipped_unit_passes_systemd_analyze_verify_and_its_exposure_is_low() {
     // Higher with the drop-in: it was read (it opens devices), and still low.
     assert!(gpu <= 2.0 && gpu > cpu, "exposure {gpu} with the GPU drop-in, {cpu} without");
     eprintln!("systemd-analyze security: exposure {cpu} (CPU), {gpu} (with gpu.conf)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_until_purged() {
+    let base = debian_root();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let tree = package(&out);
+    let built = run(Command::new("bash").arg(root().join("scripts/deb.sh")).arg("--tree").arg(&tree).arg(&out));
+    let deb = PathBuf::from(built.trim().strip_prefix("deb: ").unwrap().split(" (").next().unwrap());
+    let fields = run(Command::new("dpkg-deb").arg("--field").arg(&deb));
+    assert!(fields.contains("Package: vla-appliance") && fields.contains("Depends: libc6"), "{fields}");
+    let contents = run(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    for path in [
+        "./opt/vla-appliance/bin/appliance",
+        "./opt/vla-appliance/lib/libtorch.so",
+        "./opt/vla-appliance/policies/dist/joint-limits.wasm",
+        "./etc/vla-appliance/appliance.toml",
+        "./lib/systemd/system/vla-appliance.service",
+    ] {
+        assert!(contents.lines().any(|l| l.ends_with(path)), "{path} is not in the package");
+    }
+    assert!(contents.lines().all(|l| l.contains(" root/root ")), "files not owned by root");
+
+    // A fresh Debian root (a copy of the debootstrapped one), the package installed by dpkg.
+    let target = out.join("root");
+    run(Command::new("cp").arg("-a").arg(&base).arg(&target));
+    std::fs::copy(&deb, target.join("tmp/vla-appliance.deb")).unwrap();
+    let dpkg = |args: &[&str]| {
+        run(Command::new("/usr/sbin/chroot")
+            .arg(&target)
+            .arg("dpkg")
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+    };
+    let installed = dpkg(&["-i", "/tmp/vla-appliance.deb"]);
+    // The first-run message says where the token, the key and the certificate will be.
+    for what in ["/var/lib/vla-appliance/admin.token", "demo-robot.key", "tls/cert.pem", "fingerprint"] {
+        assert!(installed.contains(what), "postinst does not mention {what}: {installed}");
+    }
+    let passwd = std::fs::read_to_string(target.join("etc/passwd")).unwrap();
+    assert!(passwd.lines().any(|l| l.starts_with("vla-appliance:") && l.ends_with(":/usr/sbin/nologin")), "{passwd}");
+    let data = target.join("var/lib/vla-appliance");
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o7777, 0o750);
+
+    // As the service runs it: its user, its configuration, from /opt/vla-appliance.
+    let mut child = chroot_appliance(&target, "vla-appliance:vla-appliance");
+    let addr = serving(&mut child);
+    let health = "/opt/vla-appliance/bin/appliance --config /etc/vla-appliance/appliance.toml health";
+    assert_eq!(chroot_health(&target, "vla-appliance", health, addr)["status"], "ok");
+    one_inference(addr, &data).await;
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    let owner = std::fs::metadata(data.join("admin.token")).unwrap().uid();
+    assert_ne!(owner, 0, "the data belongs to the service's user");
+    assert_eq!(std::fs::metadata(data.join("metrics.token")).unwrap().permissions().mode() & 0o777, 0o640);
+    assert_eq!(std::fs::metadata(data.join("tls/cert.pem")).unwrap().permissions().mode() & 0o777, 0o644);
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+
+    // An upgrade (the same package again) keeps the data and the operator's configuration.
+    let config = target.join("etc/vla-appliance/appliance.toml");
+    let edited = format!("{}\n# edited by the operator\n", std::fs::read_to_string(&config).unwrap());
+    std::fs::write(&config, &edited).unwrap();
+    dpkg(&["-i", "/tmp/vla-appliance.deb"]);
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+    assert_eq!(std::fs::read_to_string(data.join("admin.token")).unwrap(), token);
+    // Removal keeps them too; purge deletes both.
+    dpkg(&["-r", "vla-appliance"]);
+    assert!(!target.join("opt/vla-appliance/bin/appliance").exists());
+    assert_eq!(std::fs::read_to_string(data.join("admin.token")).unwrap(), token);
+    assert!(data.join("store").exists() && config.exists());
+    dpkg(&["-P", "vla-appliance"]);
+    assert!(!data.exists() && !target.join("etc/vla-appliance").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// Removes the image tags and the working container of the image test, whatever happens.
+struct Podman {
+    images: Vec<String>,
+    container: Option<String>,
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        if let Some(c) = &self.container {
+            let _ = Command::new("buildah").args(["rm", c]).output();
+        }
+        for image in &self.images {
+            let _ = Command::new("podman").args(["rmi", "--force", image]).output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_builds_on_a_debootstrapped_base_and_its_filesystem_serves_an_inference() {
+    let base_root = debian_root();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("image-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let pid = std::process::id();
+    let (base, cpu, cuda) = (
+        format!("localhost/vla-test-base:{pid}"),
+        format!("localhost/vla-appliance:test-{pid}"),
+        format!("localhost/vla-appliance:test-{pid}-cuda"),
+    );
+    let mut podman = Podman { images: vec![cpu.clone(), cuda.clone(), base.clone()], container: None };
+    // The base: the debootstrapped root as an image (no registry is reachable here).
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("tar -C '{}' --exclude=./.complete -c . | podman import - {base}", base_root.display())));
+    // The build context is package.sh's output directory.
+    package(&out);
+    for (target, tag) in [("cpu", &cpu), ("cuda", &cuda)] {
+        run(Command::new("buildah")
+            .args(["bud", "--format", "docker", "--isolation", "chroot", "--layers", "--target", target])
+            .args(["--build-arg", &format!("BASE={base}"), "--build-arg", "VERSION=test"])
+            .arg("-f")
+            .arg(root().join("images/Containerfile"))
+            .args(["-t", tag])
+            .arg(&out));
+    }
+    let inspect: serde_json::Value =
+        serde_json::from_str(&run(Command::new("podman").args(["image", "inspect", &cpu]))).unwrap();
+    let config = &inspect[0]["Config"];
+    assert_eq!(config["User"], "10001:10001", "{config}");
+    assert!(config["ExposedPorts"].get("8443/tcp").is_some(), "{config}");
+    assert!(config["Volumes"].get("/var/lib/vla-appliance").is_some(), "{config}");
+    assert_eq!(config["Labels"]["org.opencontainers.image.title"], "vla-appliance");
+    assert_eq!(config["Labels"]["org.opencontainers.image.version"], "test");
+    let healthcheck: Vec<String> =
+        serde_json::from_value(inspect[0]["Healthcheck"]["Test"].clone()).unwrap_or_else(|_| panic!("{}", inspect[0]));
+    assert_eq!(healthcheck[0], "CMD");
+    assert!(healthcheck.iter().any(|a| a == "health"), "{healthcheck:?}");
+    let cuda_env: serde_json::Value =
+        serde_json::from_str(&run(Command::new("podman").args(["image", "inspect", &cuda]))).unwrap();
+    let env = cuda_env[0]["Config"]["Env"].to_string();
+    assert!(env.contains("NVIDIA_VISIBLE_DEVICES=all"), "{env}");
+
+    // The image's filesystem, mounted (what `podman export` would write out), runs the
+    // appliance as the image's user with the image's entrypoint configuration.
+    let container =
+        run(Command::new("buildah").args(["from", "--name", &format!("vla-test-{pid}"), &cpu])).trim().to_string();
+    podman.container = Some(container.clone());
+    let rootfs = PathBuf::from(run(Command::new("buildah").args(["mount", &container])).trim());
+    assert!(rootfs.join("opt/vla-appliance/bin/appliance").exists());
+    let mut child = chroot_appliance(&rootfs, "10001:10001");
+    let addr = serving(&mut child);
+    // The image's HEALTHCHECK, run as it would be (with the port this test serves on).
+    assert_eq!(chroot_health(&rootfs, "10001:10001", &healthcheck[1..].join(" "), addr)["status"], "ok");
+    one_inference(addr, &rootfs.join("var/lib/vla-appliance")).await;
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    drop(podman);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn the_compose_stack_and_the_kubernetes_manifests_validate() {
+    let python = root().join(".venv-clients/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup.sh", python.display());
+    let scratch = tempfile::tempdir().unwrap();
+    let out = run(Command::new(&python)
+        .arg(root().join("appliance/tests/manifests_check.py"))
+        .arg(root())
+        .arg(env!("CARGO_BIN_EXE_appliance"))
+        .arg(scratch.path()));
+    eprintln!("{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 5, "{out}");
 }
