@@ -195,6 +195,17 @@ async fn the_relocatable_tree_serves_from_another_directory_with_an_empty_enviro
         .unwrap();
     let addr = serving(&mut child);
     one_inference(addr, &data).await;
+    // Every library the serving process mapped (those it loaded with dlopen too) is the
+    // tree's or the system's.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap();
+    let outside: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|path| path.contains(".so") && !path.starts_with(&*tree.to_string_lossy()))
+        .filter(|path| !["/usr/lib/", "/lib/", "/usr/lib64/", "/lib64/"].iter().any(|p| path.starts_with(p)))
+        .collect();
+    assert!(outside.is_empty(), "libraries from outside the tree: {outside:?}");
+    assert!(maps.contains(&format!("{}/lib/libtorch_cpu.so", tree.display())), "libtorch is not the tree's");
     // `appliance health` from the tree, as a container's health check runs it.
     let health = Command::new(tree.join("bin/appliance"))
         .arg("--config")
