@@ -17,9 +17,10 @@
 //! Every wait is bounded: for a policy slot, a CPU slot or the queue, by the request's deadline;
 //! after the batch, for the quota flush and the safety slots, by the deadline's length again.
 //!
-//! Refused or failed at any stage, a request's charges are given back (its admission outcome
-//! is dropped unkept). So a request refused at admission has decoded nothing and one refused
-//! before stage 3 has cost no forward. [`Pipeline::count`] counts every answered request,
+//! Refused or failed before its forward, a request's charges are given back (its admission
+//! outcome is dropped unkept); once its forward ran, they are kept, whatever the answer (an
+//! output of the wrong shape, a non-finite or denied action). So a request refused at admission
+//! has decoded nothing and one refused before stage 3 has cost no forward. [`Pipeline::count`] counts every answered request,
 //! whatever stage answered it.
 //!
 //! The pipeline knows no HTTP: the endpoints shape its [`Answer`] into their own responses.
@@ -475,6 +476,13 @@ impl Pipeline {
             Err(Uncomputed::Refused(e)) => return Err(e),
             Err(Uncomputed::Shape { model, row, problem }) => {
                 self.output_rejected(&model, &admitted[row].0, None, &problem, noisy.then_some(seeds[row]));
+                // Its forward ran (its input made the model misbehave): what it cost stays
+                // charged, as for an action refused as non-finite. Best effort: the answer is
+                // an error either way.
+                let after = Instant::now() + Duration::from_millis(deadline_ms);
+                for (_, passed) in &admitted {
+                    let _ = tokio::time::timeout_at(after.into(), passed.keep_charges()).await;
+                }
                 return Err(ApiError::Inference { model: model.spec.name.clone(), reason: problem.to_string() });
             }
         };

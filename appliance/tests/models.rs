@@ -694,7 +694,12 @@ torch.jit.script(M()).save(sys.argv[1])
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_of_another_shape_is_refused_counted_and_audited_and_its_batch_mates_are_served() {
-    let app = TestAppliance::start(|_, repo| add_shape_shifting_model(repo, "shifty")).await;
+    let app = TestAppliance::start(|config, repo| {
+        add_shape_shifting_model(repo, "shifty");
+        let quota = json!({"robot": {"day": 1000}});
+        config.policy.preload = vec![common::preload("rate-limit", "admission", 0, quota)];
+    })
+    .await;
     let request = |robot: &str, state: f32| {
         let mut r = common::robot_request(3);
         r.robot_id = robot.into();
@@ -729,4 +734,9 @@ async fn an_output_of_another_shape_is_refused_counted_and_audited_and_its_batch
     let r = app.admin(reqwest::Method::GET, "/admin/audit?robot_id=neighbour").send().await.unwrap();
     let log: vla_api::AuditList = r.json().await.unwrap();
     assert!(log.records.iter().all(|r| r.policy != "(host)"), "{:?}", log.records);
+    // The culprit's forwards ran: each stays charged to it.
+    let r = app.admin(reqwest::Method::GET, "/admin/quotas/culprit").send().await.unwrap();
+    let q: vla_api::RobotQuota = r.json().await.unwrap();
+    let day = q.buckets.iter().find(|b| b.bucket == "day").unwrap();
+    assert_eq!(day.used, 5, "{q:?}");
 }
