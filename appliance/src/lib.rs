@@ -179,8 +179,14 @@ pub async fn run_with(
             updated = done.updated,
             unchanged = done.unchanged,
             revoked = done.revoked,
+            refused = done.refused,
             "robots file applied"
         );
+    } else {
+        let released = robots::undeclare_all(&store)?;
+        if released > 0 {
+            tracing::info!(robots = released, "no robots file configured: its robots are managed by the admin API now");
+        }
     }
     if config.auth.demo_robot
         && let Some(key_file) = robots::register_demo_robot(&store, &config.data.dir)?

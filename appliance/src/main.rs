@@ -72,10 +72,14 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
-    /// Make a key for a robot declared in the robots file (`auth.robots_file`): prints the key
-    /// (for the robot alone) on the first line, then the file's entry, which holds only its hash.
+    /// Make a key for a robot declared in the robots file (`auth.robots_file`): prints the
+    /// file's entry, which holds only the key's hash, on stdout (`>> robots.toml`), and the key,
+    /// for the robot alone, on stderr or into `--key-file`.
     RobotKey {
         robot_id: String,
+        /// Write the key here (created with mode 0600; never overwritten) instead of stderr.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
         /// The robot's type (requests that send another are refused).
         #[arg(long = "type")]
         robot_type: String,
@@ -119,6 +123,10 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Needs no configuration: it may well make the first entry of a robots file not there yet.
+    if let Some(Command::RobotKey { robot_id, key_file, robot_type, group, priority }) = &args.command {
+        return robot_key(robot_id, key_file.as_deref(), robot_type, group, priority);
+    }
     let config = appliance::Config::from_figment(&appliance::Config::figment(args.config.as_deref()))?;
     if args.check_config {
         println!("{}", toml::to_string_pretty(&config).context("printing the configuration")?);
@@ -160,12 +168,8 @@ fn run() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Health { addr, timeout_ms }) => return health(&config, addr, timeout_ms),
-        Some(Command::RobotKey { robot_id, robot_type, group, priority }) => {
-            let priority: vla_api::Priority = serde_json::from_value(serde_json::Value::String(priority))
-                .context("--priority: high, normal or low")?;
-            print!("{}", appliance::robots::declared_entry(&robot_id, &robot_type, &group, priority)?);
-            return Ok(());
-        }
+        // Answered before the configuration was read.
+        Some(Command::RobotKey { .. }) => return Ok(()),
         Some(Command::Demo { into }) => {
             let repository = into.unwrap_or_else(|| config.model_repository());
             std::fs::create_dir_all(&repository).with_context(|| format!("creating {}", repository.display()))?;
@@ -281,4 +285,33 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received"),
     }
+}
+
+/// `appliance robot-key`: the entry on stdout, the key on stderr or into a new 0600 file.
+fn robot_key(
+    robot_id: &str,
+    key_file: Option<&std::path::Path>,
+    robot_type: &str,
+    group: &str,
+    priority: &str,
+) -> anyhow::Result<()> {
+    let priority: vla_api::Priority = serde_json::from_value(serde_json::Value::String(priority.into()))
+        .context("--priority: high, normal or low")?;
+    let (key, entry) = appliance::robots::declared_entry(robot_id, robot_type, group, priority)?;
+    match key_file {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("--key-file {}", path.display()))?;
+            std::io::Write::write_all(&mut file, format!("{key}\n").as_bytes())
+                .with_context(|| format!("--key-file {}", path.display()))?;
+        }
+        None => eprintln!("{robot_id}'s key (give it to the robot only; the entry below holds its hash):\n{key}"),
+    }
+    print!("{entry}");
+    Ok(())
 }

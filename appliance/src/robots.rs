@@ -11,7 +11,9 @@
 //! Robots can also be declared in a file (`auth.robots_file`, [`read_robots_file`] and
 //! [`declare`]): ids, types and key hashes, applied at start, for a fleet provisioned by
 //! GitOps. The file holds only hashes (`appliance robot-key` makes a key and its line); only
-//! the file changes or revokes a robot declared in it.
+//! the file changes a robot declared in it, but the admin API may still revoke one at once (a
+//! robot compromised). A key rotated away or revoked is retired for good: no robots file can
+//! bring it back, under its robot or another.
 //!
 //! Store writes flush to disk: callers on an async runtime run these on the blocking pool.
 
@@ -114,20 +116,20 @@ pub fn rotate(store: &Store, data_dir: &Path, robot_id: &str) -> Result<RobotKey
     Ok(RobotKey { robot: view(&robot), api_key: key.api_key })
 }
 
-/// Revokes `robot_id`: its next request is refused.
+/// Revokes `robot_id`: its next request is refused. Declared robots too (an emergency): the
+/// file can give it back only with a new key.
 pub fn revoke(store: &Store, data_dir: &Path, robot_id: &str) -> Result<Robot, RegistryError> {
-    not_declared(store, robot_id)?;
     let robot = written(store.revoke(robot_id, now_ms()), robot_id)?;
     tracing::info!(robot_id = %robot_id, "robot revoked");
     forget_demo_key(data_dir, robot_id);
     Ok(view(&robot))
 }
 
-/// The admin API leaves robots declared in the robots file to that file.
+/// The admin API leaves declared robots' keys to the robots file.
 fn not_declared(store: &Store, robot_id: &str) -> Result<(), RegistryError> {
     match store.robot(robot_id)? {
         Some(r) if r.declared && r.revoked_unix_ms.is_none() => Err(RegistryError::Conflict(format!(
-            "robot `{robot_id}` is declared in the robots file (auth.robots_file): change or remove it there"
+            "robot `{robot_id}` is declared in the robots file (auth.robots_file): give it a new key there"
         ))),
         _ => Ok(()),
     }
@@ -256,6 +258,8 @@ pub struct Declared {
     pub updated: usize,
     pub unchanged: usize,
     pub revoked: usize,
+    /// Entries whose key was retired (rotated away or revoked): left revoked, logged.
+    pub refused: usize,
 }
 
 const KEY_HASH_PREFIX: &str = "sha256:";
@@ -273,6 +277,10 @@ fn parse_key_hash(robot_id: &str, line: &str) -> Option<(String, KeyRecord)> {
         return None;
     }
     let key = KeyRecord { robot_id: robot_id.into(), salt: unhex(salt)?, hash: unhex(hash)? };
+    // An all-zero salt or hash is a placeholder, not a key anyone made.
+    if key.salt == [0; 16] || key.hash == [0; 32] {
+        return None;
+    }
     Some((id.to_ascii_lowercase(), key))
 }
 
@@ -287,14 +295,14 @@ fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// A new key for a declared robot and the robots file's entry for it: the key on the first
-/// line (it goes to the robot and nowhere else), then the TOML entry with only its hash.
+/// A new key for a declared robot and the robots file's entry for it, which holds only the
+/// key's hash: `(key, entry)`. The key goes to the robot and nowhere else.
 pub fn declared_entry(
     robot_id: &str,
     robot_type: &str,
     group: &str,
     priority: Priority,
-) -> Result<String, RegistryError> {
+) -> Result<(String, String), RegistryError> {
     check_name("robot_id", robot_id)?;
     check_name("robot_type", robot_type)?;
     check_name("group", group)?;
@@ -304,12 +312,12 @@ pub fn declared_entry(
         Priority::Normal => "normal",
         Priority::Low => "low",
     };
-    Ok(format!(
-        "{}\n# The robots file's entry; the key above goes to the robot only.\n[[robot]]\nid = \"{robot_id}\"\n\
-         type = \"{robot_type}\"\ngroup = \"{group}\"\npriority = \"{priority}\"\nkey_hash = \"{}\"\n",
-        key.api_key,
+    let entry = format!(
+        "[[robot]]\nid = \"{robot_id}\"\ntype = \"{robot_type}\"\ngroup = \"{group}\"\npriority = \"{priority}\"\n\
+         key_hash = \"{}\"\n",
         key_hash(&key)
-    ))
+    );
+    Ok((key.api_key, entry))
 }
 
 /// Reads and checks the robots file: every entry's names and key hash, no id or key twice.
@@ -348,10 +356,27 @@ pub fn declare(store: &Store, robots: &[DeclaredRobot]) -> Result<Declared, Regi
     let existing = store.robots()?;
     let now = now_ms();
     let mut done = Declared::default();
+    // Dropped robots first: their keys are retired before any entry is looked at.
+    for r in existing.iter().filter(|r| r.declared && r.revoked_unix_ms.is_none()) {
+        if !robots.iter().any(|d| d.id == r.robot_id) {
+            written(store.revoke(&r.robot_id, now), &r.robot_id)?;
+            tracing::info!(robot_id = %r.robot_id, "robot revoked: no longer in the robots file");
+            done.revoked += 1;
+        }
+    }
     for d in robots {
         let Some((key_id, key)) = parse_key_hash(&d.id, &d.key_hash) else {
             return Err(RegistryError::Conflict(format!("robot `{}`: malformed key hash", d.id)));
         };
+        if store.retired(&key_id)? {
+            tracing::warn!(
+                robot_id = %d.id,
+                "the robots file gives this robot a key that was rotated away or revoked: it stays without one; \
+                 make it a new key (`appliance robot-key`)"
+            );
+            done.refused += 1;
+            continue;
+        }
         if let Some(other) = store.key(&key_id)?
             && other.robot_id != d.id
         {
@@ -388,14 +413,16 @@ pub fn declare(store: &Store, robots: &[DeclaredRobot]) -> Result<Declared, Regi
         store.declare(record, &key_id, key)?;
         tracing::info!(robot_id = %d.id, robot_type = %d.robot_type, "robot declared in the robots file");
     }
-    for r in existing.iter().filter(|r| r.declared && r.revoked_unix_ms.is_none()) {
-        if !robots.iter().any(|d| d.id == r.robot_id) {
-            written(store.revoke(&r.robot_id, now), &r.robot_id)?;
-            tracing::info!(robot_id = %r.robot_id, "robot revoked: no longer in the robots file");
-            done.revoked += 1;
-        }
-    }
     Ok(done)
+}
+
+/// With no robots file configured, robots declared by an earlier one are the admin API's.
+pub fn undeclare_all(store: &Store) -> Result<usize, RegistryError> {
+    let declared: Vec<RobotRecord> = store.robots()?.into_iter().filter(|r| r.declared).collect();
+    for r in &declared {
+        store.undeclare(&r.robot_id)?;
+    }
+    Ok(declared.len())
 }
 
 /// A new key for `robot_id`: 64 random bits of id, 256 of secret, 128 of salt.
@@ -541,22 +568,16 @@ mod tests {
         };
         let api_key = register(&store, &api).unwrap().api_key;
         let file = vec![declared("arm-1", &k1), declared("arm-2", &k2)];
-        assert_eq!(declare(&store, &file).unwrap(), Declared { added: 1, updated: 1, unchanged: 0, revoked: 0 });
+        assert_eq!(declare(&store, &file).unwrap(), Declared { added: 1, updated: 1, ..Declared::default() });
         assert_eq!(verify_key(&store, &k1.api_key).unwrap().unwrap().robot_id, "arm-1");
         let arm2 = verify_key(&store, &k2.api_key).unwrap().unwrap();
         assert_eq!((arm2.robot_type.as_str(), arm2.declared), ("ur5e", true));
         assert!(verify_key(&store, &api_key).unwrap().is_none(), "the file's key replaces the API's");
         // Applied again (a restart): nothing changes.
         assert_eq!(declare(&store, &file).unwrap(), Declared { unchanged: 2, ..Declared::default() });
-        // The admin API leaves declared robots alone.
-        for refused in
-            [rotate(&store, dir.path(), "arm-1").map(|_| ()), revoke(&store, dir.path(), "arm-1").map(|_| ())]
-        {
-            assert!(
-                matches!(&refused, Err(RegistryError::Conflict(why)) if why.contains("robots file")),
-                "{refused:?}"
-            );
-        }
+        // The admin API leaves declared robots' keys to the file.
+        let refused = rotate(&store, dir.path(), "arm-1");
+        assert!(matches!(&refused, Err(RegistryError::Conflict(why)) if why.contains("robots file")), "{refused:?}");
         // A new key in the file: the old one stops working. arm-2 dropped from it: revoked.
         let k1b = issue_key("arm-1").unwrap();
         let done = declare(&store, &[declared("arm-1", &k1b)]).unwrap();
@@ -564,21 +585,38 @@ mod tests {
         assert!(verify_key(&store, &k1.api_key).unwrap().is_none());
         assert!(verify_key(&store, &k1b.api_key).unwrap().is_some());
         assert!(verify_key(&store, &k2.api_key).unwrap().is_none());
-        // Back in the file, it is live again with its key.
-        declare(&store, &[declared("arm-1", &k1b), declared("arm-2", &k2)]).unwrap();
-        assert!(verify_key(&store, &k2.api_key).unwrap().is_some());
-        // One key for two robots is refused.
-        let stolen = DeclaredRobot { id: "arm-3".into(), ..declared("arm-3", &k2) };
-        assert!(matches!(declare(&store, &[stolen]), Err(RegistryError::Conflict(why)) if why.contains("arm-2")));
+        // Its retired key never comes back (a `git revert`, a copied line): only a new one.
+        let done = declare(&store, &[declared("arm-1", &k1b), declared("arm-2", &k2)]).unwrap();
+        assert_eq!(done, Declared { unchanged: 1, refused: 1, ..Declared::default() });
+        assert!(verify_key(&store, &k2.api_key).unwrap().is_none());
+        let k2b = issue_key("arm-2").unwrap();
+        declare(&store, &[declared("arm-1", &k1b), declared("arm-2", &k2b)]).unwrap();
+        assert!(verify_key(&store, &k2b.api_key).unwrap().is_some());
+        // Nor under another robot.
+        let done =
+            declare(&store, &[declared("arm-1", &k1b), declared("arm-2", &k2b), declared("arm-3", &k1)]).unwrap();
+        assert_eq!(done.refused, 1);
+        // The admin API may revoke a declared robot at once (compromised): the file cannot undo it.
+        revoke(&store, dir.path(), "arm-2").unwrap();
+        assert!(verify_key(&store, &k2b.api_key).unwrap().is_none());
+        let done = declare(&store, &[declared("arm-1", &k1b), declared("arm-2", &k2b)]).unwrap();
+        assert_eq!((done.refused, done.unchanged), (1, 1));
+        assert!(verify_key(&store, &k2b.api_key).unwrap().is_none());
+        // One live key for two robots is refused.
+        let stolen = [declared("arm-1", &k1b), declared("arm-3", &k1b)];
+        assert!(matches!(declare(&store, &stolen), Err(RegistryError::Conflict(why)) if why.contains("arm-1")));
+        // Without a robots file, its robots are the admin API's.
+        assert_eq!(undeclare_all(&store).unwrap(), 2);
+        assert!(rotate(&store, dir.path(), "arm-1").is_ok());
     }
 
     #[test]
     fn a_bad_robots_file_is_refused_naming_the_entry_and_field() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("robots.toml");
-        let entry = declared_entry("arm-1", "ur5e", "cell-07", Priority::High).unwrap();
-        let (key, toml) = entry.split_once('\n').unwrap();
-        assert!(!toml.contains(split_key(key).unwrap().1), "the file holds no secret: {entry}");
+        let (key, toml) = declared_entry("arm-1", "ur5e", "cell-07", Priority::High).unwrap();
+        let (key, toml) = (key.as_str(), toml.as_str());
+        assert!(!toml.contains(split_key(key).unwrap().1), "the file holds no secret: {toml}");
         std::fs::write(&path, toml).unwrap();
         let robots = read_robots_file(&path).unwrap();
         assert_eq!((robots[0].id.as_str(), robots[0].priority), ("arm-1", Priority::High));
@@ -590,6 +628,13 @@ mod tests {
             (format!("{toml}{toml}"), "robot[1].id (`arm-1`): declared twice"),
             (toml.replace("id = \"arm-1\"", "id = \"arm 1\""), "robot[0].id (`arm 1`)"),
             (toml.replace("key_hash = \"sha256:", "key_hash = \"md5:"), "robot[0].key_hash (`arm-1`): expected"),
+            (
+                format!(
+                    "{}key_hash = \"sha256:0000000000000000:00000000000000000000000000000000:0000000000000000000000000000000000000000000000000000000000000000\"\n",
+                    toml.split("key_hash").next().unwrap()
+                ),
+                "robot[0].key_hash (`arm-1`): expected",
+            ),
             (toml.replace("[[robot]]", "[[robot]]\nkey = \"x\""), "unknown field `key`"),
             (toml.replace("type = ", "kind = "), "unknown field `kind`"),
         ] {

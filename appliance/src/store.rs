@@ -278,7 +278,7 @@ impl Store {
         }
         let mut batch = sled::Batch::default();
         if let Some(old) = &robot.key_id {
-            batch.remove(key_key(old).as_bytes());
+            retire(&mut batch, old);
         }
         robot.key_id = Some(key_id.to_string());
         robot.key_created_unix_ms = Some(now_ms);
@@ -297,13 +297,29 @@ impl Store {
         }
         let mut batch = sled::Batch::default();
         if let Some(old) = robot.key_id.take() {
-            batch.remove(key_key(&old).as_bytes());
+            retire(&mut batch, &old);
         }
         robot.key_created_unix_ms = None;
         robot.revoked_unix_ms = Some(now_ms);
         batch.insert(robot_key(robot_id).as_bytes(), encode(&robot));
         self.commit(batch)?;
         Ok(WriteOutcome::Done(robot))
+    }
+
+    /// Whether `key_id` was a key once and was rotated away or revoked: it never works again.
+    pub fn retired(&self, key_id: &str) -> Result<bool, StoreError> {
+        Ok(self.tree("robots")?.contains_key(retired_key(key_id).as_bytes())?)
+    }
+
+    /// Marks a robot declared in the robots file as no longer declared (the file was dropped
+    /// from the configuration): the admin API manages it from now on.
+    pub fn undeclare(&self, robot_id: &str) -> Result<(), StoreError> {
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(mut robot) = self.robot(robot_id)? else { return Ok(()) };
+        robot.declared = false;
+        let mut batch = sled::Batch::default();
+        batch.insert(robot_key(robot_id).as_bytes(), encode(&robot));
+        self.commit(batch)
     }
 
     /// Writes a robot declared in the robots file with its key, replacing whatever key it had
@@ -313,7 +329,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         if let Some(existing) = self.robot(&robot.robot_id)? {
             if let Some(old) = existing.key_id.filter(|old| old != key_id) {
-                batch.remove(key_key(&old).as_bytes());
+                retire(&mut batch, &old);
             }
             if existing.revoked_unix_ms.is_none() {
                 robot.created_unix_ms = existing.created_unix_ms;
@@ -342,6 +358,16 @@ fn robot_key(robot_id: &str) -> String {
 
 fn key_key(key_id: &str) -> String {
     format!("key/{key_id}")
+}
+
+fn retired_key(key_id: &str) -> String {
+    format!("retired/{key_id}")
+}
+
+/// Deletes a key and remembers its id, so that no robots file can bring it back.
+fn retire(batch: &mut sled::Batch, key_id: &str) {
+    batch.remove(key_key(key_id).as_bytes());
+    batch.insert(retired_key(key_id).as_bytes(), b"".as_slice());
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

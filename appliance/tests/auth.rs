@@ -403,18 +403,22 @@ async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
 
 /// `appliance robot-key`'s output, as an operator runs it: (the key, the robots file's entry).
 fn robot_key_entry(robot_id: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_appliance"))
-        .args(["robot-key", robot_id, "--type", "ur5e", "--group", "cell-07"])
+        .args(["robot-key", robot_id, "--type", "ur5e", "--group", "cell-07", "--key-file"])
+        .arg(&key_file)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (key, entry) = text.split_once('\n').unwrap();
-    (key.to_string(), entry.to_string())
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let key = std::fs::read_to_string(&key_file).unwrap().trim().to_string();
+    (key, String::from_utf8(out.stdout).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn robots_declared_in_the_robots_file_are_served_and_only_the_file_changes_them() {
+async fn robots_declared_in_the_robots_file_are_served_only_the_file_changes_their_keys_and_revocations_stick() {
     let (key1, entry1) = robot_key_entry("arm-1");
     let (key2, entry2) = robot_key_entry("arm-2");
     let secret = key1.rsplit_once('_').unwrap().1;
@@ -433,12 +437,11 @@ async fn robots_declared_in_the_robots_file_are_served_and_only_the_file_changes
     let robots: Value = app.admin(Method::GET, "/admin/robots").send().await.unwrap().json().await.unwrap();
     let arm1 = robots["robots"].as_array().unwrap().iter().find(|r| r["robot_id"] == "arm-1").unwrap().clone();
     assert_eq!((arm1["declared"].clone(), arm1["group"].clone()), (json!(true), json!("cell-07")), "{arm1}");
-    // The admin API leaves them to the file.
-    for (method, path) in [(Method::POST, "/admin/robots/arm-1/rotate-key"), (Method::DELETE, "/admin/robots/arm-1")] {
-        let (status, body) = error_of(app.admin(method, path).send().await.unwrap()).await;
-        assert_eq!(status, StatusCode::CONFLICT, "{body}");
-        assert!(body["error"].as_str().unwrap().contains("robots file"), "{body}");
-    }
+    // The admin API leaves their keys to the file.
+    let (status, body) =
+        error_of(app.admin(Method::POST, "/admin/robots/arm-1/rotate-key").send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("robots file"), "{body}");
     // arm-2 dropped from the file and arm-1 given a new key: at the next start (a ConfigMap
     // change rolls the pod likewise) arm-2 is revoked and arm-1's old key stops working.
     let (key1b, entry1b) = robot_key_entry("arm-1");
@@ -450,6 +453,13 @@ async fn robots_declared_in_the_robots_file_are_served_and_only_the_file_changes
     assert_eq!(post(&key1, 1).await.unwrap().status(), StatusCode::UNAUTHORIZED);
     assert_eq!(post(&key1b, 1).await.unwrap().status(), StatusCode::OK);
     assert_eq!(post(&key2, 2).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    // A compromised robot is revoked through the API at once, and the unchanged file does not
+    // bring its key back at the next start.
+    assert_eq!(app.admin(Method::DELETE, "/admin/robots/arm-1").send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(post(&key1b, 1).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let app = app.restart().await;
+    let r = app.client.post(app.url("/v1/inference")).header("x-api-key", key1b.clone()).json(&robot_request(1)).send();
+    assert_eq!(r.await.unwrap().status(), StatusCode::UNAUTHORIZED);
     // A broken file stops the start, naming it.
     std::fs::write(app.data.path().join("robots.toml"), "[[robot]]\nid = \"arm 1\"\n").unwrap();
     let data = app.stop_keeping_data().await;
