@@ -11,7 +11,8 @@
 #   /lib/systemd/system/vla-appliance.service the hardened unit (systemd/gpu.conf, the GPU
 #                                             drop-in, stays in the tree to copy)
 # postinst creates the vla-appliance system user and /var/lib/vla-appliance, enables and starts
-# the unit where systemd runs, and says where the token, key and certificate will be. Upgrades
+# the unit on a first install where systemd runs (an upgrade restarts it if it runs, never
+# waiting for the warm-up), and says where the token, key and certificate will be. Upgrades
 # and `apt remove` keep /var/lib/vla-appliance (robots, policies, audit, quotas, certificates);
 # `apt purge` deletes it and /etc/vla-appliance. The user stays (Debian's rule for system
 # users: files elsewhere may still be owned by it).
@@ -40,7 +41,8 @@ stage="$(mktemp -d "$out/deb-stage.XXXXXX")"
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/DEBIAN" "$stage/opt" "$stage/etc/vla-appliance" "$stage/lib/systemd/system"
 # Hard links where the tree is on the same file system: the package is written from them.
-cp -al "$tree" "$stage/opt/vla-appliance" 2>/dev/null || cp -a "$tree" "$stage/opt/vla-appliance"
+cp -al "$tree" "$stage/opt/vla-appliance" 2>/dev/null \
+    || { rm -rf "$stage/opt/vla-appliance" && cp -a "$tree" "$stage/opt/vla-appliance"; }
 cp "$tree/etc/appliance.toml" "$stage/etc/vla-appliance/appliance.toml"
 cp "$tree/systemd/vla-appliance.service" "$stage/lib/systemd/system/vla-appliance.service"
 
@@ -75,9 +77,15 @@ if [ "$1" = configure ]; then
     # Kept on upgrade and removal; the group (the cell's Prometheus) may enter it.
     install -d -o vla-appliance -g vla-appliance -m 0750 /var/lib/vla-appliance
     if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload
-        systemctl enable vla-appliance.service >/dev/null
-        systemctl restart vla-appliance.service || true
+        systemctl daemon-reload || true
+        if [ -z "$2" ]; then
+            # A first install: enabled and started. An upgrade ($2, the old version) keeps the
+            # admin's choice and restarts it only if it runs.
+            systemctl enable vla-appliance.service >/dev/null || true
+            systemctl --no-block start vla-appliance.service || true
+        else
+            systemctl --no-block try-restart vla-appliance.service || true
+        fi
     fi
     cat <<MESSAGE
 vla-appliance: configuration /etc/vla-appliance/appliance.toml, data /var/lib/vla-appliance.

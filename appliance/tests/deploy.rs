@@ -76,9 +76,18 @@ fn run(command: &mut Command) -> String {
     stdout
 }
 
+/// Held while a tree is made or packed: a hard link made to a venv library changes that
+/// file's ctime, which `tar` (in `dpkg-deb`) takes for a file changed while it read it.
+static PACKAGING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn packaging() -> std::sync::MutexGuard<'static, ()> {
+    PACKAGING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The release tree in `out/vla-appliance`, from this test run's binaries; its libraries
 /// hard-linked from the venv (never modified), so a tree costs no copy of libtorch.
 fn package(out: &Path) -> PathBuf {
+    let _packing = packaging();
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_appliance")).parent().unwrap().to_path_buf();
     assert!(
         bin_dir.join("vla-console").exists(),
@@ -91,6 +100,12 @@ fn package(out: &Path) -> PathBuf {
         .arg(&bin_dir)
         .arg(out));
     out.join("vla-appliance")
+}
+
+/// `scripts/deb.sh` on `tree`: its answer (`deb: PATH (SIZE)`).
+fn build_deb(tree: &Path, out: &Path) -> String {
+    let _packing = packaging();
+    run(Command::new("bash").arg(root().join("scripts/deb.sh")).arg("--tree").arg(tree).arg(out))
 }
 
 /// A minimal Debian bookworm root made by debootstrap from Debian's mirror, once per
@@ -123,17 +138,32 @@ fn in_root(root: &Path, user: &str, command: &str) -> Command {
     c
 }
 
+/// A child process killed if the test fails before it stopped it (a live appliance would keep
+/// a Debian root or an image's mount busy).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts the appliance inside `root` as `user`, from its tree's root as the unit and the image
 /// do, with an ephemeral loopback port: what the service or the container would run.
-fn chroot_appliance(root: &Path, user: &str) -> Child {
-    in_root(root, user, "cd /opt/vla-appliance && exec bin/appliance --config /etc/vla-appliance/appliance.toml")
-        .env("APPLIANCE_SERVER__LISTEN", "127.0.0.1:0")
-        .env("APPLIANCE_SERVER__SHUTDOWN_GRACE_MS", "1000")
-        .env("APPLIANCE_MODELS__CPU_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+fn chroot_appliance(root: &Path, user: &str) -> Running {
+    let child =
+        in_root(root, user, "cd /opt/vla-appliance && exec bin/appliance --config /etc/vla-appliance/appliance.toml")
+            .env("APPLIANCE_SERVER__LISTEN", "127.0.0.1:0")
+            .env("APPLIANCE_SERVER__SHUTDOWN_GRACE_MS", "1000")
+            .env("APPLIANCE_MODELS__CPU_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+    Running(child)
 }
 
 /// `command` (an `appliance health` command line) inside `root`, as `user`, asking `addr`.
@@ -335,7 +365,7 @@ async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_unt
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deb-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let tree = package(&out);
-    let built = run(Command::new("bash").arg(root().join("scripts/deb.sh")).arg("--tree").arg(&tree).arg(&out));
+    let built = build_deb(&tree, &out);
     let deb = PathBuf::from(built.trim().strip_prefix("deb: ").unwrap().split(" (").next().unwrap());
     let fields = run(Command::new("dpkg-deb").arg("--field").arg(&deb));
     assert!(fields.contains("Package: vla-appliance") && fields.contains("Depends: libc6"), "{fields}");
@@ -376,23 +406,31 @@ async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_unt
 
     // As the service runs it: its user, its configuration, from /opt/vla-appliance.
     let mut child = chroot_appliance(&target, "vla-appliance:vla-appliance");
-    let addr = serving(&mut child);
+    let addr = serving(&mut child.0);
     let health = "/opt/vla-appliance/bin/appliance --config /etc/vla-appliance/appliance.toml health";
     assert_eq!(chroot_health(&target, "vla-appliance", health, addr)["status"], "ok");
     one_inference(addr, &data).await;
-    sigterm(&child);
-    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    sigterm(&child.0);
+    assert!(wait_exit(&mut child.0, Duration::from_secs(30)).success());
     let owner = std::fs::metadata(data.join("admin.token")).unwrap().uid();
     assert_ne!(owner, 0, "the data belongs to the service's user");
     assert_eq!(std::fs::metadata(data.join("metrics.token")).unwrap().permissions().mode() & 0o777, 0o640);
     assert_eq!(std::fs::metadata(data.join("tls/cert.pem")).unwrap().permissions().mode() & 0o777, 0o644);
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
 
-    // An upgrade (the same package again) keeps the data and the operator's configuration.
+    // An upgrade to a newer version keeps the data and the operator's configuration.
     let config = target.join("etc/vla-appliance/appliance.toml");
     let edited = format!("{}\n# edited by the operator\n", std::fs::read_to_string(&config).unwrap());
     std::fs::write(&config, &edited).unwrap();
-    dpkg(&["-i", "/tmp/vla-appliance.deb"]);
+    let version = std::fs::read_to_string(tree.join("VERSION")).unwrap();
+    std::fs::write(tree.join("VERSION"), format!("{}+1\n", version.trim())).unwrap();
+    let built = build_deb(&tree, &out);
+    let newer = PathBuf::from(built.trim().strip_prefix("deb: ").unwrap().split(" (").next().unwrap());
+    assert_ne!(newer, deb);
+    std::fs::copy(&newer, target.join("tmp/vla-appliance-newer.deb")).unwrap();
+    dpkg(&["-i", "/tmp/vla-appliance-newer.deb"]);
+    let status = dpkg(&["-s", "vla-appliance"]);
+    assert!(status.contains(&format!("Version: {}+1", version.trim())), "{status}");
     assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
     assert_eq!(std::fs::read_to_string(data.join("admin.token")).unwrap(), token);
     // Removal keeps them too; purge deletes both.
@@ -474,12 +512,12 @@ async fn the_image_builds_on_a_debootstrapped_base_and_its_filesystem_serves_an_
     let rootfs = PathBuf::from(run(Command::new("buildah").args(["mount", &container])).trim());
     assert!(rootfs.join("opt/vla-appliance/bin/appliance").exists());
     let mut child = chroot_appliance(&rootfs, "10001:10001");
-    let addr = serving(&mut child);
+    let addr = serving(&mut child.0);
     // The image's HEALTHCHECK, run as it would be (with the port this test serves on).
     assert_eq!(chroot_health(&rootfs, "10001:10001", &healthcheck[1..].join(" "), addr)["status"], "ok");
     one_inference(addr, &rootfs.join("var/lib/vla-appliance")).await;
-    sigterm(&child);
-    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    sigterm(&child.0);
+    assert!(wait_exit(&mut child.0, Duration::from_secs(30)).success());
     drop(podman);
     std::fs::remove_dir_all(&out).unwrap();
 }

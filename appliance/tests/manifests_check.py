@@ -19,6 +19,7 @@ Prints one line per check; exits non-zero with the reason on the first failure.
 
 import copy
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def compose():
     stack = yaml.safe_load(r.stdout)
     services = stack["services"]
     check(
-        set(services) == {"appliance", "prometheus", "alertmanager", "grafana"},
+        set(services) == {"cell", "appliance", "prometheus", "alertmanager", "grafana"},
         f"services: {sorted(services)}",
     )
     for name, service in services.items():
@@ -73,17 +74,19 @@ def compose():
         for secret in service.get("secrets", []):
             secret = secret if isinstance(secret, str) else secret["source"]
             check(secret in stack.get("secrets", {}), f"{name}: secret {secret} is not declared")
-        if name != "appliance":
+        if name != "cell":
             check(
-                service.get("network_mode") == "service:appliance",
-                f"{name}: not in the appliance's network namespace",
+                service.get("network_mode") == "service:cell",
+                f"{name}: not in the cell's network namespace",
             )
     appliance = services["appliance"]
     check(
         appliance["environment"]["APPLIANCE_AUTH__ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token",
         "the admin token is not the secret compose mounts",
     )
-    check("8443:8443" in appliance["ports"], f"ports: {appliance['ports']}")
+    # The namespace's holder publishes the ports and never restarts with the appliance.
+    check("8443:8443" in services["cell"]["ports"], f"ports: {services['cell'].get('ports')}")
+    check("ports" not in appliance, "ports on a service in another's namespace")
     # Prometheus reads the shipped on-cell configuration, whose paths the volume holds.
     prometheus = services["prometheus"]
     check("10001" in [str(g) for g in prometheus.get("group_add", [])], "prometheus is not in the appliance's group")
@@ -127,6 +130,16 @@ def kubernetes():
     for name in sorted(files):
         for d in documents(name):
             docs[(d["kind"], d["metadata"]["name"])] = d
+    # The generated ConfigMap, as kustomize makes it (without the hash suffix it appends to the
+    # name and to every reference).
+    for generator in kustomization["configMapGenerator"]:
+        data = {f: (K8S / f).read_text() for f in generator["files"]}
+        metadata = {"name": generator["name"], "labels": generator.get("options", {}).get("labels", {})}
+        docs[("ConfigMap", generator["name"])] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+    monitoring = yaml.safe_load((K8S / "monitoring" / "kustomization.yaml").read_text())
+    check(monitoring["resources"] == ["..", "servicemonitor.yaml"], f"the monitoring overlay: {monitoring['resources']}")
+    for d in [d for d in yaml.safe_load_all((K8S / "monitoring" / "servicemonitor.yaml").read_text()) if d]:
+        docs[(d["kind"], d["metadata"]["name"])] = d
     statefulset = docs[("StatefulSet", "vla-appliance")]
 
     gpu = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
@@ -186,8 +199,20 @@ def kubernetes():
     check(ca["key"] in secrets[ca["name"]]["stringData"], "the CA is no key of its Secret")
     print("ok kubernetes references: selectors, ports, probes, volumes, secrets, ServiceMonitor")
 
-    # The ConfigMap's configuration, as the appliance reads it, with its paths moved here.
+    # Every absolute path the configuration names is under a mount that provides it.
     config = configmaps["vla-appliance-config"]["data"]
+    mount_paths = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    for path in re.findall(r'"(/[^"]+)"', config["appliance.toml"]):
+        under = [n for n, m in mount_paths.items() if path == m or path.startswith(m.rstrip("/") + "/")]
+        check(under, f"appliance.toml names {path}, which no volume mount provides")
+        volume = next((v for v in pod["spec"]["volumes"] if v["name"] == under[0]), None)
+        name = pathlib.PurePosixPath(path).name
+        if volume and "secret" in volume:
+            keys = secrets[volume["secret"]["secretName"]]["stringData"]
+            check(name in keys, f"{path}: no key {name} in Secret {volume['secret']['secretName']}")
+        if volume and "configMap" in volume and volume["configMap"]["name"] in configmaps:
+            check(name in configmaps[volume["configMap"]["name"]]["data"], f"{path}: not in its ConfigMap")
+    # The ConfigMap's configuration, as the appliance reads it, with its paths moved here.
     work = SCRATCH / "k8s"
     (work / "tls").mkdir(parents=True)
     subprocess.run(

@@ -366,6 +366,16 @@ async fn a_fleet_pushes_to_a_central_receiver_which_keeps_cells_apart_and_catche
     // Recorded series are pushed too.
     query_until_found(&centre, r#"job:vla_inference_requests:rate5m{cell="cell-02"}"#).await;
 
+    // Some history at the centre before it stops: 10 scrapes of each cell.
+    let started = Instant::now();
+    loop {
+        let r = query(&centre, r#"count_over_time(up{job="vla-appliance"}[1m]) >= 10"#).await;
+        if r["data"]["result"].as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no history at the centre: {r}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     // The centre stops for 30 s; cell-01 serves 4 more requests meanwhile.
     let down_at = unix_now();
     let data = centre.stop();
