@@ -3,7 +3,8 @@
 //! Holds the robot registry (below) and, in their own trees, the installed policies and the
 //! audit log ([`crate::policy`]) and the quota state ([`crate::quota`]). The robot registry is
 //! one record per robot (`robot/<id>`) and one per API key (`key/<key id>`), the latter with
-//! only a salt and a salted hash of the key's secret. Writes go through one mutex
+//! only a salt and a salted hash of the key's secret, and a marker per retired key
+//! (`retired/<key id>`: rotated away or revoked, never to work again). Writes go through one mutex
 //! (read-modify-write of a robot and its key must not interleave with another admin call) and
 //! are applied as one atomic sled batch, then flushed before the caller is answered: a key the
 //! admin API handed out survives a power cut, and a revocation is never undone by one. Reads
@@ -55,7 +56,8 @@ pub struct RobotRecord {
     pub key_id: Option<String>,
     pub key_created_unix_ms: Option<u64>,
     pub revoked_unix_ms: Option<u64>,
-    /// Declared in the robots file: only that file changes or revokes it.
+    /// Declared in the robots file: only that file changes its key (the admin API may still
+    /// revoke it).
     #[serde(default)]
     pub declared: bool,
 }
