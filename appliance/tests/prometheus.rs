@@ -46,14 +46,14 @@ fn config_dir(ca: &[u8], token: &str) -> tempfile::TempDir {
     std::fs::write(dir.path().join("ca.pem"), ca).unwrap();
     std::fs::write(dir.path().join("metrics.token"), token).unwrap();
     // The on-cell configuration reads them from the appliance's data directory.
-    let on_cell = std::fs::read_to_string(dir.path().join("prometheus.yml")).unwrap();
+    let mut on_cell = std::fs::read_to_string(dir.path().join("prometheus.yml")).unwrap();
     for (shipped, here) in
         [("/var/lib/vla-appliance/metrics.token", "metrics.token"), ("/var/lib/vla-appliance/tls/cert.pem", "ca.pem")]
     {
         assert!(on_cell.contains(shipped), "prometheus.yml no longer reads {shipped}");
-        let on_cell = std::fs::read_to_string(dir.path().join("prometheus.yml")).unwrap();
-        std::fs::write(dir.path().join("prometheus.yml"), on_cell.replace(shipped, here)).unwrap();
+        on_cell = on_cell.replace(shipped, here);
     }
+    std::fs::write(dir.path().join("prometheus.yml"), on_cell).unwrap();
     dir
 }
 
