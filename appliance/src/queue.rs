@@ -10,6 +10,9 @@
 //! - an entry leaves exactly once: in a batch, as expired (deadline passed while queued), as
 //!   abandoned (its client gave up), or as evicted (a more urgent entry took its place in a
 //!   full queue); expired, abandoned and evicted entries are never batched;
+//! - an entry whose batch was due before its deadline is batched even when the executor that
+//!   waited for that instant wakes after the deadline: the lateness is the machine's, not the
+//!   robot's (the queue remembers the instant it last asked to be woken at);
 //! - a full queue makes room for an entry by evicting the newest entry of the lowest class
 //!   below the newcomer's (a `high` one evicts the newest `low`, then `normal`); an urgent
 //!   entry (a robot's stop) is never refused: it evicts the newest entry of the lowest class
@@ -89,6 +92,9 @@ pub struct BatchQueue<T> {
     policy: Policy,
     /// One FIFO per class, indexed like [`Priority::ALL`].
     classes: [VecDeque<Entry<T>>; 3],
+    /// The instant the last [`Next::WaitUntil`] named, until the next decision: an executor
+    /// woken late for it still dispatches what was due then (see the module header).
+    due: Option<Instant>,
 }
 
 fn class_index(p: Priority) -> usize {
@@ -105,7 +111,7 @@ impl<T: Waiting> BatchQueue<T> {
         policy.preferred_batch_sizes.retain(|&p| p >= 1 && p <= policy.max_batch_size);
         policy.preferred_batch_sizes.sort_unstable();
         policy.preferred_batch_sizes.dedup();
-        BatchQueue { policy, classes: Default::default() }
+        BatchQueue { policy, classes: Default::default(), due: None }
     }
 
     pub fn policy(&self) -> &Policy {
@@ -182,8 +188,15 @@ impl<T: Waiting> BatchQueue<T> {
     /// With `max_queue_delay` zero, an executor that asks takes everything queued (up to the
     /// maximum) at once, so the model never idles while a request waits, and requests that
     /// arrive while it computes form its next batch.
+    ///
+    /// Asked again at or after the instant its last `WaitUntil` named, it judges deadlines at
+    /// that instant: what was due then is batched, however late the executor woke.
     pub fn next(&mut self, now: Instant) -> (Next<T>, Vec<Queued<T>>) {
-        let expired = self.sweep(now);
+        let judged_at = match self.due.take() {
+            Some(due) if due <= now => due,
+            _ => now,
+        };
+        let expired = self.sweep(judged_at);
         let n = self.len();
         if n == 0 {
             return (Next::Idle, expired);
@@ -202,7 +215,12 @@ impl<T: Waiting> BatchQueue<T> {
         };
         let before_deadline = earliest_deadline.checked_sub(DEADLINE_LEAD).unwrap_or(earliest_deadline);
         let due = (oldest + self.policy.max_queue_delay).min(before_deadline);
-        if now >= due { (Next::Batch(self.take(n)), expired) } else { (Next::WaitUntil(due), expired) }
+        if now >= due {
+            (Next::Batch(self.take(n)), expired)
+        } else {
+            self.due = Some(due);
+            (Next::WaitUntil(due), expired)
+        }
     }
 
     /// Takes up to `n` entries in priority order.
@@ -377,6 +395,24 @@ mod tests {
         assert_eq!(q.next(t0).0, Next::WaitUntil(due));
         // Woken at that instant, the request runs instead of expiring.
         assert_eq!(ids(q.next(due).0), vec![1]);
+    }
+
+    #[test]
+    fn an_executor_woken_late_still_runs_what_was_due_before_the_deadline() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(8, 50, &[], 100));
+        assert!(q.push(req(1), Priority::Normal, t0 + Duration::from_millis(10), t0, false).refused.is_none());
+        let due = t0 + Duration::from_millis(10) - DEADLINE_LEAD;
+        assert_eq!(q.next(t0).0, Next::WaitUntil(due));
+        // The machine was busy: the executor wakes 5 ms after the deadline.
+        let (next, expired) = q.next(t0 + Duration::from_millis(15));
+        assert!(expired.is_empty());
+        assert_eq!(ids(next), vec![1]);
+        // Without a wait named, a deadline that passed expires the entry.
+        assert!(q.push(req(2), Priority::Normal, t0 + Duration::from_millis(20), t0, false).refused.is_none());
+        let (next, expired) = q.next(t0 + Duration::from_millis(30));
+        assert_eq!(expired.iter().map(|e| e.item.id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(next, Next::Idle);
     }
 
     #[test]
