@@ -2,18 +2,25 @@
 //! policies, and one bounded call of a policy.
 //!
 //! Every call gets a fresh instance from the pooling allocator (no state survives between
-//! calls) and runs under all of these at once: a wall-clock budget (epoch interruption, ticked
-//! every millisecond by a background thread), fuel, a linear-memory cap, a WebAssembly stack
-//! cap and a bound on what the policy may log. Calls block: callers run them on the blocking
-//! pool, holding one of `max_concurrent` slots, which is also the pool's instance count.
+//! calls) and runs under all of these at once: fuel (the policy's own instructions), a budget
+//! of the calling thread's CPU time (its instructions and the host calls it makes), a
+//! wall-clock backstop of ten times that budget, a linear-memory cap, a WebAssembly stack cap
+//! and a bound on what the policy may log. Both time limits are checked at epoch interruptions,
+//! ticked every millisecond by a background thread while a call runs; counting CPU time rather
+//! than wall time means a call descheduled on a busy machine is not failed for the machine's
+//! load. Calls block: callers run them on the blocking pool, holding one of `max_concurrent`
+//! slots, which is also the pool's instance count.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap, UpdateDeadline,
+};
 
 use super::bindings::{
     ADMISSION_IMPORTS, Action, Admission, AdmissionPre, Decision, LogLevel, PACKAGE_VERSIONS, RequestContext,
@@ -26,8 +33,13 @@ use crate::quota::{Limits, Rate, Scope, Session, Status};
 /// How many log lines one call may write, and how long each may be.
 const LOG_LINES_PER_CALL: u32 = 16;
 const LOG_LINE_BYTES: usize = 512;
-/// Epoch tick: the granularity of the wall-clock budget.
+/// Epoch tick: how often a running call's time is checked.
 const TICK: Duration = Duration::from_millis(1);
+/// Linear memory kept resident in a slot between calls (see `Runtime::new`).
+const KEEP_RESIDENT: usize = 2 << 20;
+/// The wall-clock backstop, in multiples of the CPU-time budget: it frees the slot of a call
+/// that is stuck rather than busy.
+const WALL_FACTOR: u64 = 10;
 
 /// A compiled policy, ready to instantiate, built against `vla:policy@0.2.0` or (`…V0_1`)
 /// `@0.1.0`.
@@ -63,8 +75,10 @@ impl std::fmt::Debug for Compiled {
 /// Why a call produced no decision. Every one of these denies the request (fail closed).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
-    #[error("ran past its time budget of {0} ms")]
+    #[error("ran past its time budget of {0} ms of CPU time")]
     Timeout(u64),
+    #[error("was still running after {0} ms (its wall-clock limit)")]
+    WallClock(u64),
     #[error("ran out of fuel ({0} units)")]
     OutOfFuel(u64),
     #[error("tried to grow its memory past the limit of {0} bytes")]
@@ -83,7 +97,7 @@ impl Failure {
     /// Stable tag, for the audit log and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Failure::Timeout(_) => "timeout",
+            Failure::Timeout(_) | Failure::WallClock(_) => "timeout",
             Failure::OutOfFuel(_) => "out_of_fuel",
             Failure::MemoryLimit(_) => "memory_limit",
             Failure::StackOverflow => "stack_overflow",
@@ -110,6 +124,67 @@ pub struct HostState {
     logs_dropped: u32,
     /// The request's quota session (admission chains); `None` elsewhere.
     quota: Option<Session>,
+    /// Which time limit stopped the call, if one did.
+    stopped: Option<Stop>,
+}
+
+/// The time limit a call ran past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Cpu,
+    Wall,
+}
+
+/// One call's time limits, checked at each epoch interruption. Pure: it is handed the clocks.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    cpu_start: Duration,
+    wall_start: Instant,
+    cpu: Duration,
+    wall: Duration,
+}
+
+impl Budget {
+    fn check(&self, cpu_now: Duration, wall_now: Instant) -> Option<Stop> {
+        if cpu_now.saturating_sub(self.cpu_start) >= self.cpu {
+            Some(Stop::Cpu)
+        } else if wall_now.saturating_duration_since(self.wall_start) >= self.wall {
+            Some(Stop::Wall)
+        } else {
+            None
+        }
+    }
+}
+
+/// The calling thread's CPU time.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(u64::try_from(t.tv_sec).unwrap_or(0), u32::try_from(t.tv_nsec).unwrap_or(0))
+}
+
+/// Calls running now, and the ticker to wake when the first starts: an idle sandbox ticks
+/// nothing, so it costs the model's cores no wake-ups.
+struct Ticker {
+    calls: Arc<AtomicUsize>,
+    thread: std::thread::Thread,
+}
+
+/// Counts one running call for the ticker, until dropped.
+struct Ticking<'a>(&'a Ticker);
+
+impl<'a> Ticking<'a> {
+    fn start(ticker: &'a Ticker) -> Ticking<'a> {
+        if ticker.calls.fetch_add(1, Ordering::AcqRel) == 0 {
+            ticker.thread.unpark();
+        }
+        Ticking(ticker)
+    }
+}
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for HostState {
@@ -297,6 +372,7 @@ impl ResourceLimiter for Limiter {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
+    ticker: Arc<Ticker>,
     timeout_ms: u64,
     fuel: u64,
     memory_limit: usize,
@@ -327,7 +403,12 @@ impl Runtime {
             .total_memories(n * 2)
             .max_memories_per_component(2)
             .total_tables(n * 8)
-            .max_memory_size(config.memory_limit_bytes);
+            .max_memory_size(config.memory_limit_bytes)
+            // A slot given back is zeroed with memset, not madvise, up to this much: no page
+            // faults on its next call, and no TLB shootdown interrupting the model's threads on
+            // the other cores. A shipped policy's memory is about 1 MiB.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(64 << 10);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         std::fs::create_dir_all(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
         let mut cache = wasmtime::CacheConfig::new();
@@ -340,20 +421,34 @@ impl Runtime {
         Admission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| format!("linker: {e}"))?;
         v0_1::Admission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| format!("linker: {e}"))?;
 
+        // The ticker parks while no call runs; a call starting unparks it (an unpark before the
+        // park makes the park return at once, so none is missed). It notices the engine gone
+        // within a second.
         let weak = engine.weak();
-        std::thread::Builder::new()
+        let calls = Arc::new(AtomicUsize::new(0));
+        let running = calls.clone();
+        let thread = std::thread::Builder::new()
             .name("policy-epoch".into())
             .spawn(move || {
                 while let Some(engine) = weak.upgrade() {
+                    if running.load(Ordering::Acquire) == 0 {
+                        drop(engine);
+                        std::thread::park_timeout(Duration::from_secs(1));
+                        continue;
+                    }
                     engine.increment_epoch();
                     drop(engine);
                     std::thread::sleep(TICK);
                 }
             })
-            .map_err(|e| format!("epoch thread: {e}"))?;
+            .map_err(|e| format!("epoch thread: {e}"))?
+            .thread()
+            .clone();
+        let ticker = Arc::new(Ticker { calls, thread });
         Ok(Runtime {
             engine,
             linker,
+            ticker,
             timeout_ms: config.timeout_ms,
             fuel: config.fuel,
             memory_limit: config.memory_limit_bytes,
@@ -446,13 +541,31 @@ impl Runtime {
             logs_left: LOG_LINES_PER_CALL,
             logs_dropped: 0,
             quota,
+            stopped: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         if let Err(e) = store.set_fuel(self.fuel) {
             return (Err(Failure::Instantiate(e.to_string())), store.into_data().quota);
         }
-        store.set_epoch_deadline(self.timeout_ms);
+        let _ticking = Ticking::start(&self.ticker);
+        let budget = Budget {
+            cpu_start: thread_cpu_time(),
+            wall_start: Instant::now(),
+            cpu: Duration::from_millis(self.timeout_ms),
+            wall: Duration::from_millis(self.timeout_ms.saturating_mul(WALL_FACTOR)),
+        };
+        // Every tick, the call's time so far against its budget. The call runs on this thread
+        // from start to end (the callback runs inside it), so the thread's CPU clock is the
+        // call's.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| match budget.check(thread_cpu_time(), Instant::now()) {
+            None => Ok(UpdateDeadline::Continue(1)),
+            Some(stop) => {
+                ctx.data_mut().stopped = Some(stop);
+                Ok(UpdateDeadline::Interrupt)
+            }
+        });
         let result = match (compiled, input) {
             (Compiled::Admission(pre), Input::Admit(ctx)) => match pre.instantiate(&mut store) {
                 Ok(bindings) => bindings.call_admit(&mut store, ctx),
@@ -502,6 +615,9 @@ impl Runtime {
             return Failure::MemoryLimit(self.memory_limit);
         }
         match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) if store.data().stopped == Some(Stop::Wall) => {
+                Failure::WallClock(self.timeout_ms.saturating_mul(WALL_FACTOR))
+            }
             Some(Trap::Interrupt) => Failure::Timeout(self.timeout_ms),
             Some(Trap::OutOfFuel) => Failure::OutOfFuel(self.fuel),
             Some(Trap::StackOverflow) => Failure::StackOverflow,
@@ -563,6 +679,18 @@ mod tests {
         assert!(!allowed_import(a, "vla:policy/host"));
         assert!(!allowed_import(a, "wasi:filesystem/types@0.2.0"));
         assert!(!allowed_import(a, "wasi:cli/environment@0.2.0"));
+    }
+
+    #[test]
+    fn a_call_is_stopped_by_its_cpu_time_not_by_time_it_spent_descheduled() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let budget = Budget { cpu_start: ms(500), wall_start: t0, cpu: ms(20), wall: ms(200) };
+        // 60 ms of wall time, 5 ms of it on a core: the machine was busy, not the policy.
+        assert_eq!(budget.check(ms(505), t0 + ms(60)), None);
+        assert_eq!(budget.check(ms(520), t0 + ms(60)), Some(Stop::Cpu));
+        // Stuck off the core for ten budgets: the backstop frees its slot.
+        assert_eq!(budget.check(ms(505), t0 + ms(200)), Some(Stop::Wall));
     }
 
     #[test]
