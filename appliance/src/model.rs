@@ -5,6 +5,7 @@
 //! CPU thread pool (OpenMP) belongs to the thread that first ran it, and a module served from a
 //! different thread than it was warmed on ran ~50 % slower here.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::time::Instant;
 
@@ -252,7 +253,17 @@ impl LoadedModel {
                     Kind::Int => flat!(I32),
                     Kind::Uint8 => flat!(U8),
                     Kind::Bool => flat!(Bool),
-                    _ => flat!(F32),
+                    // Frames: the large inputs, staged in the executor's own buffer.
+                    _ => STAGING.with_borrow_mut(|staging| {
+                        staging.clear();
+                        for sample in samples {
+                            match &sample[i] {
+                                TensorData::F32(v) if v.len() == len => staging.extend_from_slice(v),
+                                _ => return Err(mismatch(i)),
+                            }
+                        }
+                        Ok(Tensor::from_slice(staging))
+                    })?,
                 };
                 tensor
                     .f_view(shape.as_slice())
@@ -359,6 +370,14 @@ pub fn values(dtype: DataType, bytes: &[u8]) -> Vec<f64> {
 /// Little-endian `FP32` bytes as values (the action output's datatype).
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+thread_local! {
+    /// An executor's staging buffer for its batches' `FP32` inputs (the frames), reused batch
+    /// after batch: a batch is copied into memory already resident, where a fresh allocation of
+    /// this size (megabytes) is mapped and faulted in page by page every time. One per executor
+    /// thread, as large as its largest batch.
+    static STAGING: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Input `i` of every sample, end to end; `None` if one has another type or length.

@@ -6,6 +6,11 @@
 //! Frames are checked before they are decoded: encoded size against `limits.max_image_bytes`,
 //! header dimensions against `limits.max_image_pixels` (a decompression bomb is refused before
 //! a pixel is allocated), and the decoder itself runs under an allocation limit.
+//!
+//! Every frame-sized buffer is allocated without being zeroed and then written whole
+//! ([`buffer`]): the allocator hands back memory a previous request used, where a zeroed
+//! allocation of this size is returned to the kernel and faulted in again page by page, which
+//! cost more than the decoding on a busy machine.
 
 use std::io::Cursor;
 
@@ -103,8 +108,12 @@ pub fn probe(bytes: &[u8], limits: &LimitsConfig) -> Result<Probe, FrameError> {
     Ok(Probe { width, height, ..probe })
 }
 
-/// Decodes a file [`probe`] accepted into an RGB image, under an allocation limit sized for it.
+/// Decodes a file [`probe`] accepted into an image, under an allocation limit sized for it:
+/// 8-bit RGB (every JPEG in colour) straight into one buffer, anything else converted by the
+/// `image` crate.
 pub fn decode_probed(bytes: &[u8], probe: &Probe) -> Result<DynamicImage, FrameError> {
+    use image::ImageDecoder;
+    let err = |e: image::ImageError| FrameError::Decode { format: probe.name(), reason: e.to_string() };
     let mut reader = ImageReader::with_format(Cursor::new(bytes), probe.format);
     let mut decode_limits = image::Limits::default();
     decode_limits.max_image_width = Some(probe.width);
@@ -112,7 +121,24 @@ pub fn decode_probed(bytes: &[u8], probe: &Probe) -> Result<DynamicImage, FrameE
     // Room for the decoded pixels at up to 16 bits × 4 channels, plus decoder buffers.
     decode_limits.max_alloc = Some(probe.pixels() * 8 + (64 << 20));
     reader.limits(decode_limits);
-    reader.decode().map_err(|e| FrameError::Decode { format: probe.name(), reason: e.to_string() })
+    let decoder = reader.into_decoder().map_err(err)?;
+    if decoder.color_type() != image::ColorType::Rgb8 {
+        return DynamicImage::from_decoder(decoder).map_err(err);
+    }
+    let (width, height) = decoder.dimensions();
+    let mut pixels = buffer(usize::try_from(decoder.total_bytes()).unwrap_or(usize::MAX));
+    decoder.read_image(&mut pixels).map_err(err)?;
+    RgbImage::from_raw(width, height, pixels)
+        .map(DynamicImage::ImageRgb8)
+        .ok_or_else(|| FrameError::Decode { format: probe.name(), reason: "the decoder's size disagrees".into() })
+}
+
+/// A buffer of `len` bytes for a frame, allocated without zeroing (see the module header) and
+/// then cleared, which costs a pass over memory already resident.
+fn buffer<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, T::default());
+    v
 }
 
 /// Decodes an encoded JPEG or PNG file into an RGB image, within `limits`.
@@ -146,11 +172,14 @@ fn resize(rgb: &RgbImage, width: u32, height: u32) -> RgbImage {
     use fast_image_resize::images::{Image, ImageRef};
     use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    let mut out = Image::new(width, height, PixelType::U8x3);
-    let resized = ImageRef::new(rgb.width(), rgb.height(), rgb.as_raw(), PixelType::U8x3)
+    let resized = Image::from_vec_u8(width, height, buffer(width as usize * height as usize * 3), PixelType::U8x3)
         .ok()
-        .and_then(|src| Resizer::new().resize(&src, &mut out, &options).ok());
-    match resized.and_then(|()| RgbImage::from_raw(width, height, out.into_vec())) {
+        .and_then(|mut out| {
+            let src = ImageRef::new(rgb.width(), rgb.height(), rgb.as_raw(), PixelType::U8x3).ok()?;
+            Resizer::new().resize(&src, &mut out, &options).ok()?;
+            Some(out)
+        });
+    match resized.and_then(|out| RgbImage::from_raw(width, height, out.into_vec())) {
         Some(image) => image,
         // Not reached (the buffers are the sizes given); the image crate's filter as a fallback.
         None => image::imageops::resize(rgb, width, height, image::imageops::FilterType::Triangle),
@@ -167,36 +196,43 @@ pub fn frame_tensor(rgb: &RgbImage, cam: &CameraSpec) -> TensorData {
         resized = resize(rgb, cam.width, cam.height);
         &resized
     };
-    let plane = (cam.width * cam.height) as usize;
+    let raw = rgb.as_raw();
+    // Written in order into an allocated, not zeroed, buffer (see the module header): a plane
+    // at a time for channel-first layouts.
     match (cam.dtype, cam.layout) {
-        (DataType::Uint8, Layout::Nhwc) => TensorData::U8(rgb.as_raw().clone()),
+        (DataType::Uint8, Layout::Nhwc) => TensorData::U8(raw.clone()),
         (DataType::Uint8, Layout::Nchw) => {
-            let mut out = vec![0u8; 3 * plane];
-            for (i, px) in rgb.pixels().enumerate() {
-                for c in 0..3 {
-                    out[c * plane + i] = px.0[c];
-                }
+            let mut out = Vec::with_capacity(raw.len());
+            for c in 0..3 {
+                out.extend(raw.chunks_exact(3).map(|px| px[c]));
             }
             TensorData::U8(out)
         }
         (_, layout) => {
             let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * cam.std[c]));
             let shift: [f32; 3] = std::array::from_fn(|c| cam.mean[c] / cam.std[c]);
-            let mut out = vec![0f32; 3 * plane];
-            for (i, px) in rgb.pixels().enumerate() {
-                for c in 0..3 {
-                    let at = if layout == Layout::Nchw { c * plane + i } else { i * 3 + c };
-                    out[at] = f32::from(px.0[c]) * scale[c] - shift[c];
+            let normalise = |c: usize, v: u8| f32::from(v) * scale[c] - shift[c];
+            let mut out = Vec::with_capacity(raw.len());
+            match layout {
+                Layout::Nchw => {
+                    for c in 0..3 {
+                        out.extend(raw.chunks_exact(3).map(|px| normalise(c, px[c])));
+                    }
                 }
+                Layout::Nhwc => out.extend(raw.iter().enumerate().map(|(i, &v)| normalise(i % 3, v))),
             }
             TensorData::F32(out)
         }
     }
 }
 
-/// [`frame_tensor`] of a decoded image.
+/// [`frame_tensor`] of a decoded image (copied to 8-bit RGB first only when it is another
+/// kind).
 pub fn image_tensor(image: &DynamicImage, cam: &CameraSpec) -> TensorData {
-    frame_tensor(&image.to_rgb8(), cam)
+    match image.as_rgb8() {
+        Some(rgb) => frame_tensor(rgb, cam),
+        None => frame_tensor(&image.to_rgb8(), cam),
+    }
 }
 
 /// The frame of a camera nobody sent (optional cameras): black.
