@@ -86,6 +86,12 @@ enum Command {
         /// The peers' batch window, ms (0: whatever is queued when the model is free).
         #[arg(long)]
         peer_batch_timeout_ms: Option<f64>,
+        /// Only these models (`tiny-vla`, `conv-vla`); the report then covers only them.
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Only these servers (`appliance`, `appliance-no-policies`, `fastapi`, `litserve`).
+        #[arg(long, value_delimiter = ',')]
+        servers: Option<Vec<String>>,
     },
     /// One policy call (fresh instance included) for each shipped policy, through the
     /// appliance's sandbox; p50/p99 per call.
@@ -207,12 +213,14 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Serve { config } => return serve(&config),
-        Command::Peers { out, smoke, clients, seconds, peer_batch_timeout_ms } => {
+        Command::Peers { out, smoke, clients, seconds, peer_batch_timeout_ms, models, servers } => {
             let base = if smoke { bench::peers::Options::smoke(out) } else { bench::peers::Options::standard(out) };
             let options = bench::peers::Options {
                 clients: clients.unwrap_or(base.clients.clone()),
                 seconds: seconds.unwrap_or(base.seconds),
                 peer_batch_timeout_ms: peer_batch_timeout_ms.unwrap_or(base.peer_batch_timeout_ms),
+                models,
+                servers,
                 ..base
             };
             bench::peers::run(&options)?;

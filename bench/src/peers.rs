@@ -47,6 +47,15 @@ pub struct Options {
     /// The Python that runs the peers (the project's `.venv`).
     pub python: PathBuf,
     pub smoke: bool,
+    /// Only these models and servers (`None`: all), for a quicker partial run.
+    pub models: Option<Vec<String>>,
+    pub servers: Option<Vec<String>>,
+}
+
+impl Options {
+    fn runs(&self, server: &str) -> bool {
+        self.servers.as_ref().is_none_or(|s| s.iter().any(|n| n == server))
+    }
 }
 
 impl Options {
@@ -61,6 +70,8 @@ impl Options {
             peer_batch_timeout_ms: 2.0,
             python: PathBuf::from(".venv/bin/python"),
             smoke: false,
+            models: None,
+            servers: None,
         }
     }
 
@@ -149,6 +160,9 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
     let mut results = Vec::new();
     for dir in &models {
         let work = Workload::load(dir)?;
+        if o.models.as_ref().is_some_and(|m| !m.iter().any(|n| n == work.name())) {
+            continue;
+        }
         eprintln!("{}: the raw pipeline", work.name());
         let frames: Vec<(String, Vec<Vec<u8>>)> = o
             .images
@@ -164,6 +178,10 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
             (Variant { name: "no-policies".into(), policies: false, ..Variant::standard() }, &largest[..]),
         ];
         for (variant, clients) in &variants {
+            let name = if variant.policies { "appliance" } else { "appliance-no-policies" };
+            if !o.runs(name) {
+                continue;
+            }
             let log = o.out.join(format!("appliance-{}-{}.log", work.name(), variant.name));
             let appliance = runtime
                 .block_on(Appliance::start(&exe, variant, dir, "cpu", robots, &log))
@@ -174,12 +192,14 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
             }
             for (f, (_, jpegs)) in frames.iter().enumerate() {
                 let fleet = fleet(&work, jpegs, &appliance.robots, &ca, appliance.addr)?;
-                let name = if variant.policies { "appliance" } else { "appliance-no-policies" };
                 points[f].extend(runtime.block_on(sweep(name, &fleet, clients, o)));
             }
             appliance.stop()?;
         }
         for (peer, script) in PEERS {
+            if !o.runs(peer) {
+                continue;
+            }
             let name = format!("{peer}-{}", work.name());
             let mut server = Peer::start(&o.python, script, dir, &tls, o.peer_batch_timeout_ms, &o.out, &name)?;
             runtime.block_on(server.wait_ready(&tls))?;
