@@ -3,8 +3,10 @@
 //! `models.cpu_threads` sets it. Left at 0, the first executor of each model measures at
 //! warm-up, on its own thread (the thread that will run the forwards: a second OpenMP team
 //! made forwards ~50 % slower here): it times the forward at batch size 1 and at the model's
-//! largest batch with each candidate count, and the model's other executors then use the count
-//! it chose. The rule, [`choose`]:
+//! largest batch with each candidate count, in [`PASSES`] passes in alternating order, keeping
+//! each pair's fastest (a machine whose speed drifts or stalls during the measurement then
+//! favours no count), and the model's other executors use the count it chose. The rule,
+//! [`choose`]:
 //!
 //! - the candidates are 1, 2, 4, 8, … up to the cores shared between the executors, plus that
 //!   share and the share less one core;
@@ -25,6 +27,9 @@ pub const ALL_CORES_GAIN: f64 = 1.25;
 
 /// Scores within this factor of the best count as the same: the fewer threads win.
 pub const NEAR: f64 = 1.05;
+
+/// Passes over the candidates; the second runs them in reverse order.
+pub const PASSES: usize = 2;
 
 /// The cores each of `instances` executors may use, at least one.
 pub fn share(cores: usize, instances: usize) -> usize {
@@ -73,12 +78,21 @@ pub fn choose<E>(
     mut time: impl FnMut(usize, usize) -> Result<Duration, E>,
 ) -> Result<Choice, E> {
     let candidates = candidates(cores, instances);
-    let mut timings = Vec::new();
-    for &threads in &candidates {
-        for &batch_size in sizes {
-            timings.push(Timing { threads, batch_size, forward: time(threads, batch_size)? });
+    let mut timings: Vec<Timing> = Vec::new();
+    for pass in 0..PASSES {
+        let order: Vec<usize> =
+            if pass % 2 == 0 { candidates.clone() } else { candidates.iter().rev().copied().collect() };
+        for &threads in &order {
+            for &batch_size in sizes {
+                let forward = time(threads, batch_size)?;
+                match timings.iter_mut().find(|t| t.threads == threads && t.batch_size == batch_size) {
+                    Some(t) => t.forward = t.forward.min(forward),
+                    None => timings.push(Timing { threads, batch_size, forward }),
+                }
+            }
         }
     }
+    timings.sort_by_key(|t| (t.threads, t.batch_size));
     let best_at = |size: usize| {
         timings.iter().filter(|t| t.batch_size == size).map(|t| t.forward.as_secs_f64()).fold(f64::INFINITY, f64::min)
     };
@@ -156,6 +170,21 @@ mod tests {
     fn more_threads_that_run_slower_are_not_taken() {
         let slower = |threads: usize, _batch: usize| Ok::<_, ()>(Duration::from_millis(threads as u64));
         assert_eq!(choose(8, 1, &[1, 4], slower).unwrap().threads, 1);
+    }
+
+    #[test]
+    fn a_stall_during_one_pass_does_not_decide() {
+        // Two threads are twice as fast, but the machine stalled while the first pass timed
+        // them at batch 32.
+        let mut calls = 0;
+        let stalled = |threads: usize, batch: usize| {
+            calls += 1;
+            let stall = if calls == 4 { 3.0 } else { 1.0 };
+            Ok::<_, ()>(Duration::from_secs_f64(batch as f64 * stall / threads as f64 / 1000.0))
+        };
+        let choice = choose(2, 1, &[1, 32], stalled).unwrap();
+        assert_eq!(choice.threads, 2);
+        assert_eq!(choice.timings.len(), 4);
     }
 
     #[test]
