@@ -1,6 +1,8 @@
 //! What every policy guest shares. No WIT bindings here: each guest generates its own, so this
 //! crate deals in plain strings.
 
+pub mod heap;
+
 /// Longest denial or modification reason the host accepts (the contract in `wit/`).
 pub const MAX_REASON_BYTES: usize = 1024;
 

@@ -12,6 +12,11 @@ mod bindings {
     wit_bindgen::generate!({ world: "admission", path: "../../wit" });
 }
 
+/// Each call's heap in its own memory (see `guest_util::heap`).
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static HEAP: guest_util::heap::CallHeap = guest_util::heap::CallHeap::new();
+
 use bindings::{Decision, Guest, RequestContext};
 use guest_util::truncate_reason;
 

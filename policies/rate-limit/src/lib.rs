@@ -17,6 +17,11 @@ mod bindings {
     wit_bindgen::generate!({ world: "admission", path: "../../wit", additional_derives: [PartialEq] });
 }
 
+/// Each call's heap in its own memory (see `guest_util::heap`).
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static HEAP: guest_util::heap::CallHeap = guest_util::heap::CallHeap::new();
+
 use bindings::vla::policy::quota::{self, Bucket, Limits, RateLimit, Scope, Status};
 use bindings::vla::policy::types::{Denial, Severity};
 use bindings::{Decision, Guest, RequestContext};
