@@ -416,6 +416,15 @@ async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_unt
     assert_ne!(owner, 0, "the data belongs to the service's user");
     assert_eq!(std::fs::metadata(data.join("metrics.token")).unwrap().permissions().mode() & 0o777, 0o640);
     assert_eq!(std::fs::metadata(data.join("tls/cert.pem")).unwrap().permissions().mode() & 0o777, 0o644);
+    // The rest is the service's alone, whatever umask it was started with (here the test's).
+    let mut store = vec![data.join("store")];
+    while let Some(path) = store.pop() {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o077, 0, "{} is open to others", path.display());
+        if meta.is_dir() {
+            store.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
 
     // An upgrade to a newer version keeps the data and the operator's configuration.
