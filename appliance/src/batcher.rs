@@ -532,12 +532,18 @@ impl std::fmt::Debug for Ticket {
     }
 }
 
+/// How long past its deadline a queued request's client still waits: an executor that woke
+/// late for a batch due before the deadline still runs it (see `queue.rs`), and the client must
+/// still be there to take the answer. A request that expires in the queue is told by the queue
+/// when the executor next looks, or by this timer.
+pub const LATE_WAKE_GRACE: Duration = Duration::from_millis(20);
+
 impl Ticket {
-    /// Waits for the result. If the deadline passes while the request is still queued, it is
-    /// abandoned and `DeadlineExceeded` returned; once its batch has started, the result is
-    /// awaited whatever the deadline.
+    /// Waits for the result. If the deadline (and [`LATE_WAKE_GRACE`]) passes while the
+    /// request is still queued, it is abandoned and `DeadlineExceeded` returned; once its batch
+    /// has started, the result is awaited whatever the deadline.
     pub async fn wait(mut self) -> Result<Done, JobError> {
-        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let deadline = tokio::time::Instant::from_std(self.deadline + LATE_WAKE_GRACE);
         tokio::select! {
             result = &mut self.rx => return flatten(result),
             () = tokio::time::sleep_until(deadline) => {}

@@ -157,6 +157,12 @@ impl<T: Waiting> BatchQueue<T> {
     /// Removes abandoned entries (dropped silently) and entries whose deadline has passed
     /// (returned, so their clients can be told).
     pub fn sweep(&mut self, now: Instant) -> Vec<Queued<T>> {
+        self.sweep_judged(now, None)
+    }
+
+    /// [`BatchQueue::sweep`], judging the entries queued by `due` (a batch's instant that has
+    /// come) at `due` rather than at `now`.
+    fn sweep_judged(&mut self, now: Instant, due: Option<Instant>) -> Vec<Queued<T>> {
         let mut expired = Vec::new();
         for class in &mut self.classes {
             let mut kept = VecDeque::with_capacity(class.len());
@@ -164,7 +170,11 @@ impl<T: Waiting> BatchQueue<T> {
                 if e.item.is_abandoned() {
                     continue;
                 }
-                if e.deadline <= now {
+                let judged_at = match due {
+                    Some(due) if e.enqueued <= due => due,
+                    _ => now,
+                };
+                if e.deadline <= judged_at {
                     expired.push(Queued { item: e.item, enqueued: e.enqueued, deadline: e.deadline });
                 } else {
                     kept.push_back(e);
@@ -189,14 +199,12 @@ impl<T: Waiting> BatchQueue<T> {
     /// maximum) at once, so the model never idles while a request waits, and requests that
     /// arrive while it computes form its next batch.
     ///
-    /// Asked again at or after the instant its last `WaitUntil` named, it judges deadlines at
-    /// that instant: what was due then is batched, however late the executor woke.
+    /// Asked again at or after the instant its last `WaitUntil` named, it judges the deadlines
+    /// of the entries queued by then at that instant: what was due then is batched, however
+    /// late the executor woke (entries queued since are judged at `now`).
     pub fn next(&mut self, now: Instant) -> (Next<T>, Vec<Queued<T>>) {
-        let judged_at = match self.due.take() {
-            Some(due) if due <= now => due,
-            _ => now,
-        };
-        let expired = self.sweep(judged_at);
+        let due = self.due.take().filter(|&due| due <= now);
+        let expired = self.sweep_judged(now, due);
         let n = self.len();
         if n == 0 {
             return (Next::Idle, expired);
@@ -413,6 +421,21 @@ mod tests {
         let (next, expired) = q.next(t0 + Duration::from_millis(30));
         assert_eq!(expired.iter().map(|e| e.item.id).collect::<Vec<_>>(), vec![2]);
         assert_eq!(next, Next::Idle);
+    }
+
+    #[test]
+    fn an_entry_queued_after_the_instant_named_is_judged_at_the_wake_up() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = BatchQueue::new(policy(8, 50, &[], 100));
+        assert!(q.push(req(1), Priority::Normal, t0 + ms(10), t0, false).refused.is_none());
+        assert_eq!(q.next(t0).0, Next::WaitUntil(t0 + ms(10) - DEADLINE_LEAD));
+        // Queued just after that instant with a deadline that passes before the late wake-up.
+        let pushed = t0 + ms(10) - DEADLINE_LEAD + Duration::from_micros(500);
+        assert!(q.push(req(2), Priority::Normal, t0 + ms(11), pushed, false).refused.is_none());
+        let (next, expired) = q.next(t0 + ms(12));
+        assert_eq!(expired.iter().map(|e| e.item.id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(ids(next), vec![1]);
     }
 
     #[test]
