@@ -125,8 +125,11 @@ fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     // What the appliance writes is its own (the store, the key, the audit log), wherever it
     // runs, as the unit's `UMask=0077` makes it; the few files its group may read (the metrics
-    // token, the certificate and its directory) get their modes explicitly.
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // token, the certificate and its directory) get their modes explicitly. A model repository
+    // made with `demo --into` is for whoever will serve it: the caller's umask.
+    if !matches!(args.command, Some(Command::Demo { .. })) {
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    }
     // Needs no configuration: it may well make the first entry of a robots file not there yet.
     if let Some(Command::RobotKey { robot_id, key_file, robot_type, group, priority }) = &args.command {
         return robot_key(robot_id, key_file.as_deref(), robot_type, group, priority);

@@ -439,8 +439,8 @@ async fn hostile_policies_are_contained_and_other_robots_keep_being_served() {
         );
     }
 
-    // Time-outs deny but do not open the breaker: fuel bounds the policy's work, so a call
-    // past the wall-clock budget may just have been descheduled on a busy machine.
+    // Time-outs deny but do not open the breaker: fuel bounds the policy's own instructions
+    // (here it is unlimited, so the CPU-time budget stops the spin).
     let response = app.upload_policy("spin", &[("name", "hostile")]).await;
     assert!(response.status().is_success());
     for _ in 0..3 {

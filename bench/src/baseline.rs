@@ -13,12 +13,12 @@
 use std::time::Instant;
 
 use appliance::model::{LoadedModel, TensorData};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::fixtures::Workload;
 
 /// One batch size's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub batch_size: usize,
     /// Median time of one batch, milliseconds.

@@ -1,5 +1,5 @@
-//! The report's charts, as SVG (plotters): latency against throughput, latency CDFs, and the
-//! distribution of batch sizes.
+//! The reports' charts, as SVG (plotters): the suite's latency against throughput, latency
+//! CDFs and distribution of batch sizes; `bench peers`' throughput and p99 against clients.
 
 use std::path::Path;
 
@@ -8,6 +8,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::load::Endpoint;
+use crate::peers::{Frame, PeersReport};
 use crate::report::{Point, Report};
 use crate::server::Variant;
 
@@ -196,4 +197,87 @@ fn batch_sizes(report: &Report, root: &DrawingArea<SVGBackend, Shift>, title: &s
     }
     legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(err)
+}
+
+/// `bench peers`' charts: throughput and p99 latency against clients, one panel per model and
+/// frame size, every server and the raw pipeline's best side by side. Returns `(file, title)`.
+pub fn write_peers(report: &PeersReport, dir: &Path) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
+    let charts = [
+        ("peers-throughput.svg", "Throughput against clients (closed loop, /v1, one JPEG per request)"),
+        ("peers-p99.svg", "p99 latency against clients (closed loop, /v1, one JPEG per request)"),
+    ];
+    for (i, (file, title)) in charts.iter().enumerate() {
+        let panels = report.models.iter().flat_map(|m| m.frames.iter().map(move |f| (m.model.as_str(), f)));
+        let panels: Vec<(&str, &Frame)> = panels.collect();
+        let columns = report.models.iter().map(|m| m.frames.len()).max().unwrap_or(1).max(1);
+        let rows = panels.len().div_ceil(columns).max(1);
+        let size = (SIZE.0 / 2 * columns as u32, SIZE.1 * 3 / 4 * rows as u32 + 40);
+        let path = dir.join(file);
+        let root = SVGBackend::new(&path, size).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let root = root.titled(title, (FONT, 22)).map_err(err)?;
+        for (area, (model, frame)) in root.split_evenly((rows, columns)).iter().zip(&panels) {
+            peers_panel(area, &format!("{model}, {} JPEG", frame.image), frame, i == 0)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(charts.to_vec())
+}
+
+/// The servers of `bench peers` in the order of their colours, and whether each is a sweep
+/// (a line) or a single point (the appliance without policies, at the largest client count).
+const PEER_SERVERS: [(&str, bool); 4] =
+    [("appliance", true), ("fastapi", true), ("litserve", true), ("appliance-no-policies", false)];
+
+fn peers_panel(area: &DrawingArea<SVGBackend, Shift>, title: &str, f: &Frame, throughput: bool) -> anyhow::Result<()> {
+    let value = |p: &Point| if throughput { p.throughput_rps } else { p.latency_ms.p99 };
+    let ok: Vec<&Point> = f.points.iter().filter(|p| p.ok > 0).collect();
+    let x_max = ok.iter().map(|p| p.clients).max().unwrap_or(1) as f64 * 1.08;
+    let mut builder = ChartBuilder::on(area);
+    builder.caption(title, (FONT, 16)).margin(10).x_label_area_size(36).y_label_area_size(56);
+    let values = ok.iter().map(|p| value(p));
+    if throughput {
+        let y_max = values.chain([f.raw.best_samples_per_s]).fold(1.0, f64::max) * 1.15;
+        let mut chart = builder.build_cartesian_2d(0.0..x_max, 0.0..y_max).map_err(err)?;
+        chart.configure_mesh().x_desc("clients").y_desc("requests per second").draw().map_err(err)?;
+        let raw = f.raw.best_samples_per_s;
+        let grey = RGBColor(110, 110, 110);
+        chart
+            .draw_series(LineSeries::new([(0.0, raw), (x_max, raw)], grey.stroke_width(1)))
+            .map_err(err)?
+            .label(format!("raw pipeline best ({raw:.0}/s)"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], grey.stroke_width(1)));
+        peers_series(&mut chart, &ok, value)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)
+    } else {
+        let (lo, hi) = values.fold((f64::INFINITY, 1.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let mut chart =
+            builder.build_cartesian_2d(0.0..x_max, (lo.clamp(0.1, 1.0) * 0.7..hi * 1.6).log_scale()).map_err(err)?;
+        chart.configure_mesh().x_desc("clients").y_desc("p99 latency, ms (log)").draw().map_err(err)?;
+        peers_series(&mut chart, &ok, value)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)
+    }
+}
+
+fn peers_series<'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>,
+    ok: &[&Point],
+    value: impl Fn(&Point) -> f64,
+) -> anyhow::Result<()> {
+    for (i, (server, sweep)) in PEER_SERVERS.iter().enumerate() {
+        let xy: Vec<(f64, f64)> =
+            ok.iter().filter(|p| p.variant == *server).map(|p| (p.clients as f64, value(p))).collect();
+        if xy.is_empty() {
+            continue;
+        }
+        let c = colour(i);
+        let style = c.stroke_width(2);
+        let series = if *sweep {
+            chart.draw_series(LineSeries::new(xy, style).point_size(4)).map_err(err)?
+        } else {
+            chart.draw_series(xy.into_iter().map(|xy| Cross::new(xy, 6, style))).map_err(err)?
+        };
+        series.label(*server).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+    }
+    Ok(())
 }

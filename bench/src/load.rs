@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use vla_api::{ErrorBody, InferenceResponse, PolicyTrace, Timing};
 
@@ -21,7 +21,7 @@ use vla_api::{ErrorBody, InferenceResponse, PolicyTrace, Timing};
 const HEADER_LENGTH: &str = "inference-header-content-length";
 
 /// Which API the robots call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Endpoint {
     /// `POST /v1/inference`: JSON with a base64 camera JPEG, decoded and preprocessed by the
     /// appliance.

@@ -1,9 +1,9 @@
 //! What the figures were measured on: the machine, the versions, the date, and CPU time.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The machine a report was measured on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
@@ -14,7 +14,7 @@ pub struct Machine {
 }
 
 /// Versions of what was measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Versions {
     pub appliance: String,
     pub libtorch: String,

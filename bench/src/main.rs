@@ -70,8 +70,8 @@ enum Command {
     },
     /// The appliance beside the Python servers a user would pick instead (FastAPI + asyncio
     /// batcher, LitServe), same model file and preprocessing, on the demo model and the
-    /// compute-bound stand-in, both frame sizes, with the raw pipeline; writes peers.json and
-    /// peers.md.
+    /// compute-bound stand-in, both frame sizes, with the raw pipeline; writes peers.json,
+    /// peers.md and its two charts.
     Peers {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
@@ -92,6 +92,10 @@ enum Command {
         /// Only these servers (`appliance`, `appliance-no-policies`, `fastapi`, `litserve`).
         #[arg(long, value_delimiter = ',')]
         servers: Option<Vec<String>>,
+        /// Measure nothing: re-render peers.md and the charts into `--out` from this
+        /// peers.json.
+        #[arg(long, conflicts_with_all = ["smoke", "clients", "seconds", "peer_batch_timeout_ms", "models", "servers"])]
+        from: Option<PathBuf>,
     },
     /// One policy call (fresh instance included) for each shipped policy, through the
     /// appliance's sandbox; p50/p99 per call.
@@ -213,7 +217,13 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Serve { config } => return serve(&config),
-        Command::Peers { out, smoke, clients, seconds, peer_batch_timeout_ms, models, servers } => {
+        Command::Peers { out, smoke, clients, seconds, peer_batch_timeout_ms, models, servers, from } => {
+            if let Some(from) = from {
+                std::fs::create_dir_all(&out)?;
+                bench::peers::write_report(&bench::peers::read(&from)?, &out)?;
+                eprintln!("wrote {}/peers.md and its charts from {}", out.display(), from.display());
+                return Ok(());
+            }
             let base = if smoke { bench::peers::Options::smoke(out) } else { bench::peers::Options::standard(out) };
             let options = bench::peers::Options {
                 clients: clients.unwrap_or(base.clients.clone()),

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use appliance::model::LoadedModel;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::baseline;
 use crate::fixtures::{self, Workload};
@@ -89,7 +89,7 @@ impl Options {
 }
 
 /// The raw pipeline at one frame size: the best over thread counts and batch sizes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Raw {
     /// Batch 1: median ms and the thread count it was best with.
     pub batch1_ms: f64,
@@ -101,7 +101,7 @@ pub struct Raw {
 }
 
 /// The ratios the targets are about, at one model and frame size.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ratios {
     /// The appliance's p50 for one robot − the raw pipeline's batch-1 median, ms.
     pub one_robot_over_raw_ms: Option<f64>,
@@ -115,7 +115,7 @@ pub struct Ratios {
     pub policies_share: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Frame {
     pub image: String,
     pub jpeg_bytes: usize,
@@ -124,7 +124,7 @@ pub struct Frame {
     pub ratios: Ratios,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelResult {
     pub model: String,
     /// The appliance's libtorch threads for it (as `/v1/models` says).
@@ -132,7 +132,7 @@ pub struct ModelResult {
     pub frames: Vec<Frame>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct PeersReport {
     pub date: String,
     pub machine: Machine,
@@ -148,6 +148,13 @@ const PEERS: [(&str, &str); 2] =
 
 pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let servers = ["appliance", "appliance-no-policies", "fastapi", "litserve"];
+    if let Some(unknown) = o.servers.iter().flatten().find(|s| !servers.contains(&s.as_str())) {
+        bail!("--servers: `{unknown}` is none of {}", servers.join(", "));
+    }
+    if let Some(unknown) = o.models.iter().flatten().find(|m| !["tiny-vla", "conv-vla"].contains(&m.as_str())) {
+        bail!("--models: `{unknown}` is none of tiny-vla, conv-vla");
+    }
     if !o.python.exists() {
         bail!("{} is missing: run ./scripts/setup.sh (it installs the peers into .venv)", o.python.display());
     }
@@ -238,8 +245,22 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
         models: results,
     };
     std::fs::write(o.out.join("peers.json"), serde_json::to_string_pretty(&report)?)?;
-    std::fs::write(o.out.join("peers.md"), markdown(&report))?;
+    write_report(&report, &o.out)?;
     Ok(report)
+}
+
+/// Writes `peers.md` and its charts into `dir` (`bench peers --from` re-renders them from a
+/// `peers.json`).
+pub fn write_report(report: &PeersReport, dir: &Path) -> anyhow::Result<()> {
+    let charts = crate::charts::write_peers(report, dir)?;
+    std::fs::write(dir.join("peers.md"), markdown(report, &charts))?;
+    Ok(())
+}
+
+/// Reads a `peers.json` written by [`run`].
+pub fn read(path: &Path) -> anyhow::Result<PeersReport> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not a bench peers report", path.display()))
 }
 
 /// The raw pipeline on this thread with every thread count the appliance could choose.
@@ -343,7 +364,7 @@ fn ratios(raw: &Raw, points: &[Point]) -> Ratios {
     }
 }
 
-fn markdown(r: &PeersReport) -> String {
+pub fn markdown(r: &PeersReport, charts: &[(&str, &str)]) -> String {
     let mut s = format!(
         "# The appliance beside the Python peers\n\n{} · {} · {} cores · libtorch {} · {} s per point{}\n\n\
          Closed loop over HTTPS (keep-alive; HTTP/2 to the appliance, HTTP/1.1 to the peers, which \
@@ -358,6 +379,9 @@ fn markdown(r: &PeersReport) -> String {
         if r.smoke { " · **smoke run: figures meaningless**" } else { "" },
         r.peer_batch_timeout_ms,
     );
+    for (file, title) in charts {
+        s += &format!("\n![{title}]({file})\n");
+    }
     let fmt = |v: Option<f64>, d: usize| v.map_or("—".into(), |v| format!("{v:.d$}"));
     for m in &r.models {
         let threads = m.appliance_threads.as_ref().map_or("?".into(), |t| format!("{} ({})", t.threads, t.chosen_by));
@@ -501,5 +525,35 @@ impl Peer {
         }
         let _ = std::process::Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The committed report (`bench/results/peers.json`) still reads, and its page and charts
+    /// are what it renders to: the figures in `peers.md` are the measured ones.
+    #[test]
+    fn the_committed_report_renders_to_the_committed_page_and_charts() {
+        let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+        let report = read(&results.join("peers.json")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        write_report(&report, out.path()).unwrap();
+        let page = std::fs::read_to_string(out.path().join("peers.md")).unwrap();
+        assert_eq!(page, std::fs::read_to_string(results.join("peers.md")).unwrap(), "rerun `bench peers --from`");
+        for chart in ["peers-throughput.svg", "peers-p99.svg"] {
+            let svg = std::fs::read_to_string(out.path().join(chart)).unwrap();
+            assert_eq!(
+                svg,
+                std::fs::read_to_string(results.join(chart)).unwrap(),
+                "{chart}: rerun `bench peers --from`"
+            );
+            for name in ["appliance", "fastapi", "litserve", "conv-vla, 640x480 JPEG"] {
+                assert!(svg.contains(name), "{chart} does not show {name}");
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::baseline::{self, Row};
 use crate::load::{Endpoint, Recorded};
@@ -12,7 +12,7 @@ use crate::server::Variant;
 use crate::stats::{self, Latency};
 
 /// Failures of one kind at one point.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Errors {
     pub count: usize,
     /// The first one's detail.
@@ -20,7 +20,7 @@ pub struct Errors {
 }
 
 /// Means of what the appliance reported for the successful requests, milliseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Breakdown {
     pub total: f64,
     pub queue: f64,
@@ -30,7 +30,7 @@ pub struct Breakdown {
 }
 
 /// One load point: a variant of the appliance, an endpoint, and a load.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
     pub variant: String,
     pub endpoint: Endpoint,

@@ -1,9 +1,9 @@
 //! Latency percentiles and distributions.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A latency distribution, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,

@@ -276,9 +276,10 @@ impl Installed {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            // A timeout with fuel to spare means the call sat descheduled on a busy machine:
-            // the request is denied, but the policy is not to blame, so the breaker ignores it.
-            Err(Failure::Timeout(_)) => {
+            // Time-outs deny the request but do not trip the breaker: fuel bounds the policy's
+            // own instructions, so a call past its CPU-time budget spent it in host calls, and
+            // one past the wall-clock backstop sat descheduled or stalled on the machine.
+            Err(Failure::Timeout(_) | Failure::WallClock(_)) => {
                 health.failures.fetch_add(1, Ordering::Relaxed);
             }
             // An older version, still serving requests that started before an upload, does not

@@ -10,9 +10,10 @@ use super::types::{Mode, World, check_name, parse_public_key};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
-    /// Wall-clock budget of one policy call (instantiation included); past it the call is
-    /// interrupted and the request denied. A backstop for time the call spends descheduled on a
-    /// busy machine: the policy's own work is bounded by `fuel`.
+    /// CPU-time budget of one policy call: the calling thread's CPU time, host calls included;
+    /// past it the call is interrupted and the request denied. A wall-clock backstop of 10×
+    /// frees the slot of a call that is stuck; time spent descheduled does not count. The
+    /// policy's own instructions are bounded by `fuel`.
     pub timeout_ms: u64,
     /// Fuel (roughly, WebAssembly instructions) one policy call may burn: the deterministic
     /// bound on its work (10 M ≈ 1.3 ms of compute on this development machine; a shipped

@@ -62,9 +62,9 @@ impl Default for CallHeap {
 // it came from.
 unsafe impl GlobalAlloc for CallHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let start = (self.base() + self.used.get()).next_multiple_of(layout.align());
-        match start.checked_add(layout.size()) {
-            Some(end) if end <= self.base() + ARENA_BYTES => {
+        let start = (self.base() + self.used.get()).checked_next_multiple_of(layout.align());
+        match start.and_then(|start| Some((start, start.checked_add(layout.size())?))) {
+            Some((start, end)) if end <= self.base() + ARENA_BYTES => {
                 self.used.set(end - self.base());
                 start as *mut u8
             }
