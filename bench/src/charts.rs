@@ -8,7 +8,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::load::Endpoint;
-use crate::peers::{Frame, PeersReport};
+use crate::peers::{Frame, PeersReport, SERVERS};
 use crate::report::{Point, Report};
 use crate::server::Variant;
 
@@ -206,12 +206,12 @@ pub fn write_peers(report: &PeersReport, dir: &Path) -> anyhow::Result<Vec<(&'st
         ("peers-throughput.svg", "Throughput against clients (closed loop, /v1, one JPEG per request)"),
         ("peers-p99.svg", "p99 latency against clients (closed loop, /v1, one JPEG per request)"),
     ];
+    let panels: Vec<(&str, &Frame)> =
+        report.models.iter().flat_map(|m| m.frames.iter().map(move |f| (m.model.as_str(), f))).collect();
+    let columns = report.models.iter().map(|m| m.frames.len()).max().unwrap_or(1).max(1);
+    let rows = panels.len().div_ceil(columns).max(1);
+    let size = (SIZE.0 / 2 * columns as u32, SIZE.1 * 3 / 4 * rows as u32 + 40);
     for (i, (file, title)) in charts.iter().enumerate() {
-        let panels = report.models.iter().flat_map(|m| m.frames.iter().map(move |f| (m.model.as_str(), f)));
-        let panels: Vec<(&str, &Frame)> = panels.collect();
-        let columns = report.models.iter().map(|m| m.frames.len()).max().unwrap_or(1).max(1);
-        let rows = panels.len().div_ceil(columns).max(1);
-        let size = (SIZE.0 / 2 * columns as u32, SIZE.1 * 3 / 4 * rows as u32 + 40);
         let path = dir.join(file);
         let root = SVGBackend::new(&path, size).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
@@ -223,11 +223,6 @@ pub fn write_peers(report: &PeersReport, dir: &Path) -> anyhow::Result<Vec<(&'st
     }
     Ok(charts.to_vec())
 }
-
-/// The servers of `bench peers` in the order of their colours, and whether each is a sweep
-/// (a line) or a single point (the appliance without policies, at the largest client count).
-const PEER_SERVERS: [(&str, bool); 4] =
-    [("appliance", true), ("fastapi", true), ("litserve", true), ("appliance-no-policies", false)];
 
 fn peers_panel(area: &DrawingArea<SVGBackend, Shift>, title: &str, f: &Frame, throughput: bool) -> anyhow::Result<()> {
     let value = |p: &Point| if throughput { p.throughput_rps } else { p.latency_ms.p99 };
@@ -264,7 +259,9 @@ fn peers_series<'a, Y: Ranged<ValueType = f64>>(
     ok: &[&Point],
     value: impl Fn(&Point) -> f64,
 ) -> anyhow::Result<()> {
-    for (i, (server, sweep)) in PEER_SERVERS.iter().enumerate() {
+    for (i, server) in SERVERS.iter().enumerate() {
+        // The appliance without policies runs at the largest client count only: a point.
+        let sweep = *server != "appliance-no-policies";
         let xy: Vec<(f64, f64)> =
             ok.iter().filter(|p| p.variant == *server).map(|p| (p.clients as f64, value(p))).collect();
         if xy.is_empty() {
@@ -272,7 +269,7 @@ fn peers_series<'a, Y: Ranged<ValueType = f64>>(
         }
         let c = colour(i);
         let style = c.stroke_width(2);
-        let series = if *sweep {
+        let series = if sweep {
             chart.draw_series(LineSeries::new(xy, style).point_size(4)).map_err(err)?
         } else {
             chart.draw_series(xy.into_iter().map(|xy| Cross::new(xy, 6, style))).map_err(err)?

@@ -143,14 +143,16 @@ pub struct PeersReport {
     pub models: Vec<ModelResult>,
 }
 
+/// Every server a run can measure, in the order of the charts' colours.
+pub const SERVERS: [&str; 4] = ["appliance", "fastapi", "litserve", "appliance-no-policies"];
+
 const PEERS: [(&str, &str); 2] =
     [("fastapi", "bench/peers/fastapi_peer.py"), ("litserve", "bench/peers/litserve_peer.py")];
 
 pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
-    let servers = ["appliance", "appliance-no-policies", "fastapi", "litserve"];
-    if let Some(unknown) = o.servers.iter().flatten().find(|s| !servers.contains(&s.as_str())) {
-        bail!("--servers: `{unknown}` is none of {}", servers.join(", "));
+    if let Some(unknown) = o.servers.iter().flatten().find(|s| !SERVERS.contains(&s.as_str())) {
+        bail!("--servers: `{unknown}` is none of {}", SERVERS.join(", "));
     }
     if let Some(unknown) = o.models.iter().flatten().find(|m| !["tiny-vla", "conv-vla"].contains(&m.as_str())) {
         bail!("--models: `{unknown}` is none of tiny-vla, conv-vla");
@@ -364,7 +366,7 @@ fn ratios(raw: &Raw, points: &[Point]) -> Ratios {
     }
 }
 
-pub fn markdown(r: &PeersReport, charts: &[(&str, &str)]) -> String {
+fn markdown(r: &PeersReport, charts: &[(&str, &str)]) -> String {
     let mut s = format!(
         "# The appliance beside the Python peers\n\n{} · {} · {} cores · libtorch {} · {} s per point{}\n\n\
          Closed loop over HTTPS (keep-alive; HTTP/2 to the appliance, HTTP/1.1 to the peers, which \
