@@ -22,10 +22,11 @@ cd "$root"
 # debootstrap: the Debian root the .deb installs into and the image's base is made of. buildah:
 # builds the image (images/Containerfile); podman: imports the base, inspects the image, and is
 # what podman-compose (in .venv-clients) needs to validate images/compose.yaml. openssl: the
-# test certificate for the Kubernetes ConfigMap's configuration.
+# test certificate for the Kubernetes ConfigMap's configuration. cmake, nasm: libjpeg-turbo,
+# which the appliance's build compiles from the turbojpeg crate's source (nasm for its SIMD).
 missing=()
 for pkg in curl ca-certificates gcc g++ python3-venv prometheus tmux protobuf-compiler patchelf systemd \
-    debootstrap podman buildah openssl; do
+    debootstrap podman buildah openssl cmake nasm; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -87,7 +87,5 @@ pub fn image(data: &[u8]) {
     if probe.pixels() > 1 << 20 {
         return;
     }
-    if let Ok(decoded) = appliance::preprocess::decode_probed(data, &probe) {
-        let _ = appliance::preprocess::image_tensor(&decoded, &spec().cameras[0]);
-    }
+    let _ = appliance::preprocess::camera_input(data, &probe, &spec().cameras[0]);
 }

@@ -988,14 +988,12 @@ fn decode_frame(
             let bytes = pre::base64_file(&text, limits).map_err(frame_err)?;
             let probe = pre::probe(&bytes, limits).map_err(frame_err)?;
             let _pixels = budget.take(probe.pixels()).map_err(Decode::Wait)?;
-            let image = pre::decode_probed(&bytes, &probe).map_err(frame_err)?;
-            Ok(pre::image_tensor(&image, cam))
+            pre::camera_input(&bytes, &probe, cam).map_err(frame_err)
         }
         Frame::File(bytes) => {
             let probe = pre::probe(&bytes, limits).map_err(frame_err)?;
             let _pixels = budget.take(probe.pixels()).map_err(Decode::Wait)?;
-            let image = pre::decode_probed(&bytes, &probe).map_err(frame_err)?;
-            Ok(pre::image_tensor(&image, cam))
+            pre::camera_input(&bytes, &probe, cam).map_err(frame_err)
         }
     }
 }

@@ -112,8 +112,8 @@ impl Workload {
             .iter()
             .zip(jpegs)
             .map(|(cam, jpeg)| {
-                let image = appliance::preprocess::decode_image_bytes(jpeg, limits)?;
-                Ok(appliance::preprocess::image_tensor(&image, cam))
+                let probe = appliance::preprocess::probe(jpeg, limits)?;
+                Ok(appliance::preprocess::camera_input(jpeg, &probe, cam)?)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(self.row(frames, seed, true))
