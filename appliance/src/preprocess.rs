@@ -196,50 +196,45 @@ fn decode_jpeg(bytes: &[u8], probe: &Probe, cover: Option<(u32, u32)>) -> Result
         };
         FrameError::Decode { format: "JPEG", reason }
     };
-    TURBO
-        .with_borrow_mut(|slot| {
-            let turbo = match slot {
-                Some(turbo) => turbo,
-                None => slot.insert(Decompressor::new().map_err(err)?),
+    TURBO.with_borrow_mut(|slot| {
+        let turbo = match slot {
+            Some(turbo) => turbo,
+            None => slot.insert(Decompressor::new().map_err(err)?),
+        };
+        let decoded = (|| {
+            let header = turbo.read_header(bytes).map_err(err)?;
+            if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
+                return Ok(None);
+            }
+            // The limits were checked on the size `probe` read; a file that tells two readers
+            // two sizes gets neither.
+            if (header.width, header.height) != (probe.width as usize, probe.height as usize) {
+                return Err(FrameError::Decode { format: "JPEG", reason: "its headers disagree on its size".into() });
+            }
+            let scale =
+                if header.is_lossless { ScalingFactor::ONE } else { dct_scale(probe.width, probe.height, cover) };
+            turbo.set_scaling_factor(scale).map_err(err)?;
+            turbo.set_scan_limit(MAX_JPEG_SCANS).map_err(err)?;
+            let out = header.scaled(scale);
+            let mut pixels = buffer(out.width * out.height * 3);
+            let image = Image {
+                pixels: &mut pixels[..],
+                width: out.width,
+                pitch: out.width * 3,
+                height: out.height,
+                format: PixelFormat::RGB,
             };
-            let decoded = (|| {
-                let header = turbo.read_header(bytes)?;
-                if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
-                    return Ok(None);
-                }
-                // The limits were checked on the size `probe` read; a file that tells two readers
-                // two sizes gets neither.
-                if (header.width, header.height) != (probe.width as usize, probe.height as usize) {
-                    return Ok(Some(Err(FrameError::Decode {
-                        format: "JPEG",
-                        reason: "its headers disagree on its size".into(),
-                    })));
-                }
-                let scale =
-                    if header.is_lossless { ScalingFactor::ONE } else { dct_scale(probe.width, probe.height, cover) };
-                turbo.set_scaling_factor(scale)?;
-                turbo.set_scan_limit(MAX_JPEG_SCANS)?;
-                let out = header.scaled(scale);
-                let mut pixels = buffer(out.width * out.height * 3);
-                let image = Image {
-                    pixels: &mut pixels[..],
-                    width: out.width,
-                    pitch: out.width * 3,
-                    height: out.height,
-                    format: PixelFormat::RGB,
-                };
-                turbo.decompress(bytes, image)?;
-                // Within `probe`'s size, which fits in u32.
-                Ok(Some(RgbImage::from_raw(out.width as u32, out.height as u32, pixels).ok_or_else(|| {
-                    FrameError::Decode { format: "JPEG", reason: "the decoder's size disagrees".into() }
-                })))
-            })();
-            decoded.map_err(|e| {
-                *slot = None;
-                err(e)
-            })
-        })
-        .and_then(Option::transpose)
+            turbo.decompress(bytes, image).map_err(err)?;
+            // Within `probe`'s size, which fits in u32.
+            RgbImage::from_raw(out.width as u32, out.height as u32, pixels)
+                .map(Some)
+                .ok_or_else(|| FrameError::Decode { format: "JPEG", reason: "the decoder's size disagrees".into() })
+        })();
+        if decoded.is_err() {
+            *slot = None;
+        }
+        decoded
+    })
 }
 
 /// A buffer of `len` bytes for a frame, allocated without zeroing (see the module header) and

@@ -19,8 +19,8 @@ fn preprocess(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::new("decode+resize+normalise", format!("{w}x{h}")), &jpeg, |b, jpeg| {
             b.iter(|| {
-                let image = appliance::preprocess::decode_image_bytes(jpeg, &limits).expect("decodes");
-                appliance::preprocess::image_tensor(&image, &work.spec.cameras[0])
+                let probe = appliance::preprocess::probe(jpeg, &limits).expect("fits");
+                appliance::preprocess::camera_input(jpeg, &probe, &work.spec.cameras[0]).expect("decodes")
             })
         });
         // A robot's whole row: decode, preprocess, tokens, state.
