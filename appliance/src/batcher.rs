@@ -115,9 +115,19 @@ struct State {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuThreads {
     pub threads: usize,
-    /// Measured at warm-up (`models.cpu_threads = 0`, see [`crate::threads`]), with the
-    /// timings; `None` when the configuration set it.
-    pub measured: Option<Vec<crate::threads::Timing>>,
+    /// Measured at warm-up (`models.cpu_threads = 0`, see [`crate::threads`]); `None` when
+    /// the configuration set it.
+    pub measured: Option<Measured>,
+}
+
+/// What the first executor measured at warm-up (see [`crate::threads`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    /// Every forward timed: each candidate count at batch 1 and the largest batch, then the
+    /// chosen count at the other sizes of [`crate::threads::batch_ladder`].
+    pub timings: Vec<crate::threads::Timing>,
+    /// The largest batch the executors form: [`crate::threads::largest_batch`].
+    pub largest_batch: usize,
 }
 
 struct Shared {
@@ -198,7 +208,8 @@ impl Batcher {
             let dir = dir.to_path_buf();
             let thread_spec = spec.clone();
             let warmup = spec.warmup_batch_sizes();
-            let measure_sizes = vec![1, spec.effective_max_batch()];
+            let max_batch = spec.effective_max_batch();
+            let measure_sizes = vec![1, max_batch];
             // Executor 0 tells the others (and `start`) its count; they wait for it.
             let tell = followers.take().map(|f| (chosen_tx.clone(), f));
             let spawned = std::thread::Builder::new().name(format!("exec-{}-{i}", spec.name)).spawn(move || {
@@ -226,7 +237,24 @@ impl Batcher {
                         threads = choice.threads;
                         tch::set_num_threads(threads as i32);
                         m.warm_up(&measure_sizes, 1)?;
-                        measured = Some(choice.timings);
+                        let mut timings = choice.timings;
+                        let mut ladder = Vec::new();
+                        for n in crate::threads::batch_ladder(max_batch) {
+                            let known = timings.iter().find(|t| t.threads == threads && t.batch_size == n);
+                            let forward = match known {
+                                Some(t) => t.forward,
+                                None => {
+                                    let forward = m.time_forward(n, 3)?;
+                                    timings.push(crate::threads::Timing { threads, batch_size: n, forward });
+                                    forward
+                                }
+                            };
+                            ladder.push((n, forward));
+                        }
+                        timings.sort_by_key(|t| (t.threads, t.batch_size));
+                        let largest = crate::threads::largest_batch(&ladder);
+                        shared.lock().queue.limit_batch(largest);
+                        measured = Some(Measured { timings, largest_batch: largest });
                     }
                     Ok((m, measured))
                 }))
@@ -281,11 +309,12 @@ impl Batcher {
                 let timings: Vec<String> = c
                     .measured
                     .iter()
-                    .flatten()
+                    .flat_map(|m| &m.timings)
                     .map(|t| format!("{}×b{}: {:.2} ms", t.threads, t.batch_size, t.forward.as_secs_f64() * 1e3))
                     .collect();
                 let how = if c.measured.is_some() { "measured at warm-up" } else { "models.cpu_threads" };
-                tracing::info!(model = %spec.name, instances, threads = c.threads, how, timings = %timings.join(", "), "libtorch threads per executor");
+                let largest_batch = c.measured.as_ref().map_or(spec.effective_max_batch(), |m| m.largest_batch);
+                tracing::info!(model = %spec.name, instances, threads = c.threads, largest_batch, how, timings = %timings.join(", "), "libtorch threads per executor");
             }
             batcher.cpu_threads = chosen;
         }

@@ -114,6 +114,14 @@ impl<T: Waiting> BatchQueue<T> {
         BatchQueue { policy, classes: Default::default(), due: None }
     }
 
+    /// Caps the batches formed at `n` (at least 1; never above the policy's maximum), dropping
+    /// the preferred sizes above it: the measured cap at warm-up (see `threads.rs`).
+    pub fn limit_batch(&mut self, n: usize) {
+        self.policy.max_batch_size = self.policy.max_batch_size.min(n.max(1));
+        let max = self.policy.max_batch_size;
+        self.policy.preferred_batch_sizes.retain(|&p| p <= max);
+    }
+
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
@@ -329,6 +337,25 @@ mod tests {
         assert_eq!(next, Next::WaitUntil(t0 + Duration::from_millis(5)));
         assert_eq!(ids(q.next(t0 + Duration::from_millis(5)).0), vec![1]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_measured_cap_splits_a_full_queue_into_batches_of_that_size() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(policy(32, 0, &[4, 8, 16], 100));
+        q.limit_batch(8);
+        assert_eq!((q.policy().max_batch_size, q.policy().preferred_batch_sizes.as_slice()), (8, &[4, 8][..]));
+        for i in 0..20 {
+            push(&mut q, req(i), Priority::Normal, t0, 0);
+        }
+        assert_eq!(ids(q.next(t0).0), (0..8).collect::<Vec<_>>());
+        assert_eq!(ids(q.next(t0).0), (8..16).collect::<Vec<_>>());
+        assert_eq!(ids(q.next(t0).0), (16..20).collect::<Vec<_>>());
+        // Never above the model's own maximum, never below one.
+        q.limit_batch(64);
+        assert_eq!(q.policy().max_batch_size, 8);
+        q.limit_batch(0);
+        assert_eq!(q.policy().max_batch_size, 1);
     }
 
     #[test]

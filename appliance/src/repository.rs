@@ -52,10 +52,11 @@ impl Model {
             cpu_threads: self.batcher.cpu_threads().map(|c| vla_api::CpuThreads {
                 threads: c.threads,
                 chosen_by: if c.measured.is_some() { "measured" } else { "config" }.into(),
+                largest_batch: c.measured.as_ref().map(|m| m.largest_batch),
                 measured: c
                     .measured
                     .iter()
-                    .flatten()
+                    .flat_map(|m| &m.timings)
                     .map(|t| vla_api::ThreadTiming {
                         threads: t.threads,
                         batch_size: t.batch_size,

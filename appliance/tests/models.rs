@@ -550,9 +550,10 @@ async fn the_model_list_shows_cameras_tokenizer_horizon_and_platform() {
 }
 
 /// `models.cpu_threads = 0`: the first executor times the forward at batch 1 and at the largest
-/// batch with each candidate thread count, and the one it chose is shown with the timings.
+/// batch with each candidate thread count, then the chosen count at the sizes between, and
+/// shows the count and the batch cap it chose with the timings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn left_to_the_appliance_the_libtorch_threads_are_measured_at_warm_up() {
+async fn left_to_the_appliance_the_libtorch_threads_and_the_batch_cap_are_measured_at_warm_up() {
     let app = TestAppliance::start(|config, _| config.models.cpu_threads = 0).await;
     let list: vla_api::ModelList =
         app.admin(reqwest::Method::GET, "/v1/models").send().await.unwrap().json().await.unwrap();
@@ -562,9 +563,23 @@ async fn left_to_the_appliance_the_libtorch_threads_are_measured_at_warm_up() {
     let candidates = appliance::threads::candidates(cores, 1);
     assert!(candidates.contains(&threads.threads), "{threads:?}");
     let timed: Vec<(usize, usize)> = threads.measured.iter().map(|t| (t.threads, t.batch_size)).collect();
-    let expected: Vec<(usize, usize)> = candidates.iter().flat_map(|&t| [(t, 1), (t, 32)]).collect();
+    let mut expected: Vec<(usize, usize)> = candidates.iter().flat_map(|&t| [(t, 1), (t, 32)]).collect();
+    expected.extend([2, 4, 8, 16].map(|b| (threads.threads, b)));
+    expected.sort_unstable();
     assert_eq!(timed, expected);
     assert!(threads.measured.iter().all(|t| t.forward_ms > 0.0), "{threads:?}");
+    // The cap is the ladder's size with the lowest time per sample, or a smaller one near it
+    // (the timings shown are rounded to the µs, hence the slack).
+    let per_sample: Vec<(usize, f64)> = threads
+        .measured
+        .iter()
+        .filter(|t| t.threads == threads.threads)
+        .map(|t| (t.batch_size, t.forward_ms / t.batch_size as f64))
+        .collect();
+    let best = per_sample.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let cap = threads.largest_batch.expect("a measured cap");
+    let at_cap = per_sample.iter().find(|p| p.0 == cap).expect("the cap is a timed size").1;
+    assert!(at_cap <= best * appliance::threads::BATCH_NEAR * 1.001, "{threads:?}");
     // The measurement does not change what the model answers.
     assert_eq!(app.infer(common::robot_request(1)).await.status(), StatusCode::OK);
     app.stop().await.unwrap();

@@ -386,7 +386,10 @@ fn markdown(r: &PeersReport, charts: &[(&str, &str)]) -> String {
     }
     let fmt = |v: Option<f64>, d: usize| v.map_or("—".into(), |v| format!("{v:.d$}"));
     for m in &r.models {
-        let threads = m.appliance_threads.as_ref().map_or("?".into(), |t| format!("{} ({})", t.threads, t.chosen_by));
+        let threads = m.appliance_threads.as_ref().map_or("?".into(), |t| match t.largest_batch {
+            Some(b) => format!("{} ({}); largest batch {b} (measured)", t.threads, t.chosen_by),
+            None => format!("{} ({})", t.threads, t.chosen_by),
+        });
         s += &format!("\n## {}\n\nAppliance libtorch threads: {threads}.\n", m.model);
         for f in &m.frames {
             s += &format!(

@@ -198,7 +198,11 @@ pub struct CpuThreads {
     pub threads: usize,
     /// `measured` (at warm-up: `models.cpu_threads = 0`) or `config` (`models.cpu_threads`).
     pub chosen_by: String,
-    /// The warm-up forwards it was chosen from.
+    /// Measured only: the largest batch the executors form, the size whose forward cost the
+    /// least per sample (at most `max_batch_size`, which is otherwise the largest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub largest_batch: Option<usize>,
+    /// The warm-up forwards they were chosen from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub measured: Vec<ThreadTiming>,
 }
