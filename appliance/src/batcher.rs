@@ -123,10 +123,10 @@ pub struct CpuThreads {
 /// What the first executor measured at warm-up (see [`crate::threads`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measured {
-    /// Every forward timed: each candidate count at batch 1 and the largest batch, then the
-    /// chosen count at the other sizes of [`crate::threads::batch_ladder`].
+    /// Every forward timed: each candidate count at every size of
+    /// [`crate::threads::batch_ladder`].
     pub timings: Vec<crate::threads::Timing>,
-    /// The largest batch the executors form: [`crate::threads::largest_batch`].
+    /// The largest batch the executors form: [`crate::threads::chosen_largest_batch`].
     pub largest_batch: usize,
 }
 
@@ -209,7 +209,7 @@ impl Batcher {
             let thread_spec = spec.clone();
             let warmup = spec.warmup_batch_sizes();
             let max_batch = spec.effective_max_batch();
-            let measure_sizes = vec![1, max_batch];
+            let measure_sizes = crate::threads::batch_ladder(max_batch);
             // Executor 0 tells the others (and `start`) its count; they wait for it.
             let tell = followers.take().map(|f| (chosen_tx.clone(), f));
             let spawned = std::thread::Builder::new().name(format!("exec-{}-{i}", spec.name)).spawn(move || {
@@ -236,23 +236,9 @@ impl Batcher {
                         })?;
                         threads = choice.threads;
                         tch::set_num_threads(threads as i32);
-                        m.warm_up(&measure_sizes, 1)?;
-                        let mut timings = choice.timings;
-                        let mut ladder = Vec::new();
-                        for n in crate::threads::batch_ladder(max_batch) {
-                            let known = timings.iter().find(|t| t.threads == threads && t.batch_size == n);
-                            let forward = match known {
-                                Some(t) => t.forward,
-                                None => {
-                                    let forward = m.time_forward(n, 3)?;
-                                    timings.push(crate::threads::Timing { threads, batch_size: n, forward });
-                                    forward
-                                }
-                            };
-                            ladder.push((n, forward));
-                        }
-                        timings.sort_by_key(|t| (t.threads, t.batch_size));
-                        let largest = crate::threads::largest_batch(&ladder);
+                        let largest = crate::threads::chosen_largest_batch(&choice);
+                        m.warm_up(&[1, largest], 1)?;
+                        let timings = choice.timings;
                         shared.lock().queue.limit_batch(largest);
                         measured = Some(Measured { timings, largest_batch: largest });
                     }

@@ -1,17 +1,20 @@
-//! How many libtorch intra-op threads a CPU executor runs its forwards with.
+//! How many libtorch intra-op threads a CPU executor runs its forwards with, and the largest
+//! batch it forms.
 //!
-//! `models.cpu_threads` sets it. Left at 0, the first executor of each model measures at
+//! `models.cpu_threads` sets the count. Left at 0, the first executor of each model measures at
 //! warm-up, on its own thread (the thread that will run the forwards: a second OpenMP team
-//! made forwards ~50 % slower here): it times the forward at batch size 1 and at the model's
-//! largest batch with each candidate count, in [`PASSES`] passes in alternating order, keeping
-//! each pair's fastest (a machine whose speed drifts or stalls during the measurement then
-//! favours no count), and the model's other executors use the count it chose. The rule,
-//! [`choose`]:
+//! made forwards ~50 % slower here): it times the forward at every size of [`batch_ladder`]
+//! (1, 2, 4, … the model's largest batch) with each candidate count, in [`PASSES`] passes in
+//! alternating order, keeping each pair's fastest (a machine whose speed drifts or stalls
+//! during the measurement then favours no count), and the model's other executors use the
+//! count it chose. The rule, [`choose`]:
 //!
 //! - the candidates are 1, 2, 4, 8, … up to the cores shared between the executors, plus that
 //!   share and the share less one core;
-//! - a candidate's score is its mean, over the two sizes, of its time ÷ the best time at that
-//!   size; the fewest threads within [`NEAR`] of the lowest score win;
+//! - a candidate's score is the mean of two ratios to the best candidate: its forward at batch
+//!   1 (what a lone robot waits for) and its lowest time per sample at any size of the ladder
+//!   (what a full queue runs at, with batches capped at that size); the fewest threads within
+//!   [`NEAR`] of the lowest score win;
 //! - using every core of the share pays only when it makes the forward at least
 //!   [`ALL_CORES_GAIN`] faster than the best count that leaves a core to the server (TLS,
 //!   JSON, image decoding and policies run beside the forward: an OpenMP team that wants every
@@ -19,13 +22,14 @@
 //!   weight-bound model ran 2–3× slower under load with two threads than with one, while a
 //!   compute-bound one ran twice as fast with two).
 //!
-//! With the count chosen, the same executor times the forward at 2, 4, 8, … below the model's
-//! largest batch ([`batch_ladder`]) and caps the batches it forms at [`largest_batch`]: the
-//! size with the lowest time per sample, or a smaller one within [`BATCH_NEAR`] of it. On a
-//! CPU a batch stops paying once its activations outgrow the caches: the bench's compute-bound
-//! conv encoder ran 418 samples/s at batch 8 and 218 at batch 32 with two threads, so a full
-//! queue of 32 runs faster as four batches of 8. `max_batch_size` stays the most a batch may
-//! hold (and what the model accepts).
+//! With the count chosen, the executors cap the batches they form at [`largest_batch`] of that
+//! count's timings: the size with the lowest time per sample, or a smaller one within
+//! [`BATCH_NEAR`] of it. On a CPU a batch stops paying once its activations outgrow the caches:
+//! the bench's compute-bound conv encoder ran 418 samples/s at batch 8 and 218 at batch 32 with
+//! two threads, so a full queue of 32 runs faster as four batches of 8. Scoring a count at its
+//! own best size matters for the same reason: timed only at batch 32, two threads looked no
+//! better than one for that model, though they ran its batches of 8 1.8× faster.
+//! `max_batch_size` stays the most a batch may hold (and what the model accepts).
 
 use std::time::Duration;
 
@@ -82,7 +86,8 @@ pub fn candidates(cores: usize, instances: usize) -> Vec<usize> {
 
 /// Times the forward with every candidate at every size (`time(threads, batch_size)` sets the
 /// thread count and times one forward, typically a median of a few) and picks by the rule in
-/// the module header. The first error stops the measurement.
+/// the module header. `sizes` should hold 1 (a size-1 forward stands in for it otherwise: the
+/// smallest timed). The first error stops the measurement.
 pub fn choose<E>(
     cores: usize,
     instances: usize,
@@ -105,16 +110,23 @@ pub fn choose<E>(
         }
     }
     timings.sort_by_key(|t| (t.threads, t.batch_size));
-    let best_at = |size: usize| {
-        timings.iter().filter(|t| t.batch_size == size).map(|t| t.forward.as_secs_f64()).fold(f64::INFINITY, f64::min)
+    let smallest = sizes.iter().copied().min().unwrap_or(1);
+    // One count's (forward at the smallest size, lowest time per sample), in seconds.
+    let figures = |threads: usize| {
+        let of = || timings.iter().filter(move |t| t.threads == threads);
+        let alone =
+            of().filter(|t| t.batch_size == smallest).map(|t| t.forward.as_secs_f64()).fold(f64::INFINITY, f64::min);
+        let per_sample =
+            of().map(|t| t.forward.as_secs_f64() / t.batch_size.max(1) as f64).fold(f64::INFINITY, f64::min);
+        (alone, per_sample)
     };
+    let (best_alone, best_per_sample) = candidates
+        .iter()
+        .map(|&t| figures(t))
+        .fold((f64::INFINITY, f64::INFINITY), |(a, p), (ta, tp)| (a.min(ta), p.min(tp)));
     let score = |threads: usize| {
-        let ratios: Vec<f64> = timings
-            .iter()
-            .filter(|t| t.threads == threads)
-            .map(|t| t.forward.as_secs_f64() / best_at(t.batch_size).max(f64::MIN_POSITIVE))
-            .collect();
-        ratios.iter().sum::<f64>() / ratios.len().max(1) as f64
+        let (alone, per_sample) = figures(threads);
+        (alone / best_alone.max(f64::MIN_POSITIVE) + per_sample / best_per_sample.max(f64::MIN_POSITIVE)) / 2.0
     };
     // The fewest threads within NEAR of the lowest score among `among`.
     let fewest_near = |among: &[usize]| {
@@ -135,7 +147,14 @@ pub fn choose<E>(
     Ok(Choice { threads, timings })
 }
 
-/// The batch sizes timed for [`largest_batch`]: 1, 2, 4, 8, … below `max`, then `max`.
+/// The largest batch worth forming with the chosen count: [`largest_batch`] of its timings.
+pub fn chosen_largest_batch(choice: &Choice) -> usize {
+    let timed: Vec<(usize, Duration)> =
+        choice.timings.iter().filter(|t| t.threads == choice.threads).map(|t| (t.batch_size, t.forward)).collect();
+    largest_batch(&timed)
+}
+
+/// The batch sizes [`choose`] times: 1, 2, 4, 8, … below `max`, then `max`.
 pub fn batch_ladder(max: usize) -> Vec<usize> {
     let max = max.max(1);
     let mut sizes: Vec<usize> =
@@ -246,6 +265,35 @@ mod tests {
         // A forward that does not batch at all runs its requests one by one.
         assert_eq!(largest_batch(&ms(&[(1, 2.0), (2, 4.0), (4, 8.1)])), 1);
         assert_eq!(largest_batch(&[]), 1);
+    }
+
+    #[test]
+    fn a_count_is_judged_at_its_best_batch_size() {
+        // conv-vla on the 2-core bench machine: two threads run batch 8 1.6× faster per sample
+        // than one, but both outgrow the caches at 32, where one thread is even a little
+        // faster.
+        let table = |threads: usize, batch: usize| {
+            let ms = match (threads, batch) {
+                (1, 1) => 3.9,
+                (1, 2) => 7.6,
+                (1, 4) => 15.0,
+                (1, 8) => 30.5,
+                (1, 16) => 64.0,
+                (1, 32) => 120.0,
+                (2, 1) => 2.2,
+                (2, 2) => 4.2,
+                (2, 4) => 8.0,
+                (2, 8) => 15.3,
+                (2, 16) => 58.0,
+                (2, 32) => 146.0,
+                _ => unreachable!(),
+            };
+            Ok::<_, ()>(Duration::from_secs_f64(ms / 1000.0))
+        };
+        let choice = choose(2, 1, &batch_ladder(32), table).unwrap();
+        assert_eq!(choice.threads, 2);
+        assert_eq!(choice.timings.len(), 12);
+        assert_eq!(chosen_largest_batch(&choice), 8);
     }
 
     #[test]
