@@ -566,7 +566,7 @@ async fn left_to_the_appliance_the_libtorch_threads_and_the_batch_cap_are_measur
     let expected: Vec<(usize, usize)> = candidates.iter().flat_map(|&t| [1, 2, 4, 8, 16, 32].map(|b| (t, b))).collect();
     assert_eq!(timed, expected);
     assert!(threads.measured.iter().all(|t| t.forward_ms > 0.0), "{threads:?}");
-    // The cap is the ladder's size with the lowest time per sample, or a smaller one near it
+    // The cap is the ladder's size with the lowest time per sample, or a larger one near it
     // (the timings shown are rounded to the µs, hence the slack).
     let per_sample: Vec<(usize, f64)> = threads
         .measured
