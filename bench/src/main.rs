@@ -63,8 +63,8 @@ enum Command {
         /// Camera frames for `/v1/inference`, WIDTHxHEIGHT.
         #[arg(long, value_parser = parse_image)]
         image: Option<(u32, u32)>,
-        /// The model directory to serve (e.g. `models/build/tiny-pi`); the generated
-        /// `tiny-vla` when absent.
+        /// The model directory to serve (e.g. `models/build/tiny-pi`), or `conv-vla` for the
+        /// generated compute-bound stand-in; the generated `tiny-vla` when absent.
         #[arg(long)]
         model: Option<PathBuf>,
     },

@@ -39,7 +39,8 @@ pub struct Options {
     pub image: (u32, u32),
     /// `auto` (CUDA when usable), `cpu` or `cuda:N`, for the appliance and the baselines.
     pub device: String,
-    /// The model directory to serve; the generated demo (`tiny-vla`) when absent.
+    /// The model directory to serve, or `conv-vla` for the generated compute-bound stand-in
+    /// ([`crate::standin`]); the generated demo (`tiny-vla`) when absent.
     pub model: Option<PathBuf>,
     pub smoke: bool,
 }
@@ -126,6 +127,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
     let exe = std::env::current_exe().context("finding the bench binary (it serves the appliance too)")?;
     let tmp = tempfile::tempdir()?;
     let model_dir = match &o.model {
+        Some(name) if name.as_os_str() == crate::standin::NAME => crate::standin::generate(tmp.path())?,
         Some(dir) => dir.clone(),
         None => fixtures::demo_model(tmp.path())?,
     };
