@@ -32,8 +32,9 @@
 //! lowest, the larger size wins: timed alone, the forward cannot tell sizes a few per cent
 //! apart (warm-up after warm-up, conv-vla's 4 and 8 and tiny-vla's 16 and 32 swapped places),
 //! while a batch costs more than its forward (the hand-off to the executor, stacking, splitting
-//! the outputs, waking each request's task), which the larger one pays for fewer samples: two
-//! instances that measured 4 and 8 for conv-vla served 227 and 310 req/s at 32 clients.
+//! the outputs, waking each request's task), which the larger one pays for fewer samples (two
+//! instances of one bench run, with and without the policies, measured 4 and 8 for conv-vla
+//! and served 227 and 310 req/s at 32 clients).
 //! `max_batch_size` stays the most a batch may hold (and what the model accepts).
 
 use std::time::Duration;
