@@ -84,6 +84,42 @@ fn packaging() -> std::sync::MutexGuard<'static, ()> {
     PACKAGING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Held for the whole of each test that writes gigabytes (the tree's libraries, CUDA's among
+/// them, packed, installed and upgraded by dpkg, or committed as an image layer): one at a
+/// time, so a run needs the disk of the larger one, not of both.
+/// (tokio's: held across the tests' awaits, never poisoned by a failed test.)
+static GIGABYTES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn gigabytes() -> tokio::sync::MutexGuard<'static, ()> {
+    GIGABYTES.lock().await
+}
+
+/// A test's working directory under the target's, by the test's name: emptied when it starts
+/// (what a killed run left) and removed when it ends, failed or not.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `from` at `to` without a second copy where both are on one file system.
+fn link_or_copy(from: &Path, to: &Path) {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
 /// The release tree in `out/vla-appliance`, from this test run's binaries; its libraries
 /// hard-linked from the venv (never modified), so a tree costs no copy of libtorch.
 fn package(out: &Path) -> PathBuf {
@@ -190,8 +226,8 @@ async fn one_inference(addr: std::net::SocketAddr, data: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relocatable_tree_serves_from_another_directory_with_an_empty_environment() {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("package-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let scratch = Scratch::new("package");
+    let out = scratch.0.clone();
     package(&out);
     // Put somewhere else than where it was built: nothing in it names its old place.
     let tree = out.join("moved");
@@ -261,7 +297,6 @@ async fn the_relocatable_tree_serves_from_another_directory_with_an_empty_enviro
         .unwrap();
     assert!(!health.status.success());
     assert!(String::from_utf8_lossy(&health.stderr).contains("connecting to"), "{health:?}");
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,8 +397,9 @@ fn the_shipped_unit_passes_systemd_analyze_verify_and_its_exposure_is_low() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_until_purged() {
     let base = debian_root();
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("deb-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let _gigabytes = gigabytes().await;
+    let scratch = Scratch::new("deb");
+    let out = scratch.0.clone();
     let tree = package(&out);
     let built = build_deb(&tree, &out);
     let deb = PathBuf::from(built.trim().strip_prefix("deb: ").unwrap().split(" (").next().unwrap());
@@ -384,7 +420,7 @@ async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_unt
     // A fresh Debian root (a copy of the debootstrapped one), the package installed by dpkg.
     let target = out.join("root");
     run(Command::new("cp").arg("-a").arg(&base).arg(&target));
-    std::fs::copy(&deb, target.join("tmp/vla-appliance.deb")).unwrap();
+    link_or_copy(&deb, &target.join("tmp/vla-appliance.deb"));
     let dpkg = |args: &[&str]| {
         run(Command::new("/usr/sbin/chroot")
             .arg(&target)
@@ -394,6 +430,7 @@ async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_unt
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
     };
     let installed = dpkg(&["-i", "/tmp/vla-appliance.deb"]);
+    std::fs::remove_file(target.join("tmp/vla-appliance.deb")).unwrap();
     // The first-run message says where the token, the key and the certificate will be.
     for what in ["/var/lib/vla-appliance/admin.token", "demo-robot.key", "tls/cert.pem", "fingerprint"] {
         assert!(installed.contains(what), "postinst does not mention {what}: {installed}");
@@ -436,8 +473,11 @@ async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_unt
     let built = build_deb(&tree, &out);
     let newer = PathBuf::from(built.trim().strip_prefix("deb: ").unwrap().split(" (").next().unwrap());
     assert_ne!(newer, deb);
-    std::fs::copy(&newer, target.join("tmp/vla-appliance-newer.deb")).unwrap();
+    std::fs::remove_file(&deb).unwrap();
+    link_or_copy(&newer, &target.join("tmp/vla-appliance-newer.deb"));
     dpkg(&["-i", "/tmp/vla-appliance-newer.deb"]);
+    std::fs::remove_file(target.join("tmp/vla-appliance-newer.deb")).unwrap();
+    std::fs::remove_file(&newer).unwrap();
     let status = dpkg(&["-s", "vla-appliance"]);
     assert!(status.contains(&format!("Version: {}+1", version.trim())), "{status}");
     assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
@@ -449,11 +489,12 @@ async fn the_deb_installs_into_a_debian_root_serves_there_and_keeps_its_data_unt
     assert!(data.join("store").exists() && config.exists());
     dpkg(&["-P", "vla-appliance"]);
     assert!(!data.exists() && !target.join("etc/vla-appliance").exists());
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// Removes the image tags and the working container of the image test, whatever happens.
+/// Removes the working container, the images and the build's untagged layers (`--layers`,
+/// what a failed build leaves) of the image test, whatever happens. `base` goes last.
 struct Podman {
+    base: String,
     images: Vec<String>,
     container: Option<String>,
 }
@@ -463,7 +504,13 @@ impl Drop for Podman {
         if let Some(c) = &self.container {
             let _ = Command::new("buildah").args(["rm", c]).output();
         }
-        for image in &self.images {
+        let since = format!("since={}", self.base);
+        let layers = Command::new("podman")
+            .args(["images", "--all", "--quiet", "--filter", &since, "--filter", "dangling=true"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_string).collect())
+            .unwrap_or_else(|_| Vec::new());
+        for image in self.images.iter().chain(&layers).chain([&self.base]) {
             let _ = Command::new("podman").args(["rmi", "--force", image]).output();
         }
     }
@@ -472,15 +519,16 @@ impl Drop for Podman {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_builds_on_a_debootstrapped_base_and_its_filesystem_serves_an_inference() {
     let base_root = debian_root();
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("image-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let _gigabytes = gigabytes().await;
+    let scratch = Scratch::new("image");
+    let out = scratch.0.clone();
     let pid = std::process::id();
     let (base, cpu, cuda) = (
         format!("localhost/vla-test-base:{pid}"),
         format!("localhost/vla-appliance:test-{pid}"),
         format!("localhost/vla-appliance:test-{pid}-cuda"),
     );
-    let mut podman = Podman { images: vec![cpu.clone(), cuda.clone(), base.clone()], container: None };
+    let mut podman = Podman { base: base.clone(), images: vec![cpu.clone(), cuda.clone()], container: None };
     // The base: the debootstrapped root as an image (no registry is reachable here).
     run(Command::new("sh")
         .arg("-c")
@@ -527,8 +575,6 @@ async fn the_image_builds_on_a_debootstrapped_base_and_its_filesystem_serves_an_
     one_inference(addr, &rootfs.join("var/lib/vla-appliance")).await;
     sigterm(&child.0);
     assert!(wait_exit(&mut child.0, Duration::from_secs(30)).success());
-    drop(podman);
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
