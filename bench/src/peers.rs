@@ -6,7 +6,8 @@
 //!   [`crate::standin`]);
 //! - frames: 224×224 (the model's size: no resize) and 640×480 JPEGs, one per request;
 //! - servers: the appliance as shipped (its own process, the shipped policies, `sync` quotas);
-//!   the appliance without policies at the largest client count (what the policies cost); a
+//!   the appliance without policies at the largest client count (what the policies cost: it
+//!   runs with the threads and the batch cap the shipped instance measured at warm-up); a
 //!   FastAPI server with an asyncio batcher and LitServe 0.2.19 with its batching
 //!   (`bench/peers/`, run from `.venv`, torch's default threads, batching up to 32 with the
 //!   `--peer-batch-timeout-ms` window);
@@ -186,7 +187,12 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
             (Variant::standard(), &o.clients[..]),
             (Variant { name: "no-policies".into(), policies: false, ..Variant::standard() }, &largest[..]),
         ];
-        for (variant, clients) in &variants {
+        for (variant, clients) in variants {
+            // The twin without policies runs with the threads and the batch cap the shipped
+            // instance measured: measured again, they can come out otherwise (the forward
+            // cannot tell sizes a few per cent apart), and the share would compare caps.
+            let variant = Variant { pinned: variant.pinned.or_else(|| pinned(appliance_threads.as_ref())), ..variant };
+            let variant = &variant;
             let name = if variant.policies { "appliance" } else { "appliance-no-policies" };
             if !o.runs(name) {
                 continue;
@@ -291,7 +297,14 @@ fn raw(work: &Workload, jpegs: &[Vec<u8>], seconds: f64) -> anyhow::Result<Raw> 
     })
 }
 
-async fn threads_of(appliance: &Appliance, model: &str) -> Option<vla_api::CpuThreads> {
+/// The threads and the batch cap an instance measured, to give its twin (`None` when it
+/// measured none: `models.cpu_threads` set, or a GPU).
+pub fn pinned(measured: Option<&vla_api::CpuThreads>) -> Option<crate::server::Pinned> {
+    let m = measured?;
+    Some(crate::server::Pinned { threads: m.threads, largest_batch: m.largest_batch? })
+}
+
+pub async fn threads_of(appliance: &Appliance, model: &str) -> Option<vla_api::CpuThreads> {
     let list: vla_api::ModelList =
         appliance.admin(reqwest::Method::GET, "/v1/models").ok()?.send().await.ok()?.json().await.ok()?;
     list.models.into_iter().find(|m| m.name == model)?.cpu_threads
@@ -390,7 +403,10 @@ fn markdown(r: &PeersReport, charts: &[(&str, &str)]) -> String {
             Some(b) => format!("{} ({}); largest batch {b} (measured)", t.threads, t.chosen_by),
             None => format!("{} ({})", t.threads, t.chosen_by),
         });
-        s += &format!("\n## {}\n\nAppliance libtorch threads: {threads}.\n", m.model);
+        s += &format!(
+            "\n## {}\n\nAppliance libtorch threads: {threads}; the instance without policies was given the same.\n",
+            m.model
+        );
         for f in &m.frames {
             s += &format!(
                 "\n### {} JPEG ({} B)\n\nRaw pipeline: batch 1 {:.2} ms ({} threads); best {:.1} samples/s (batch {}, {} threads).\n\n",

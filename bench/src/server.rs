@@ -23,17 +23,31 @@ pub struct Variant {
     pub policies: bool,
     /// `quota.durability`: `sync` or `interval:<ms>`.
     pub durability: String,
+    /// libtorch threads and the largest batch set (`models.cpu_threads` and the model's
+    /// `max_batch_size`) instead of measured at warm-up: what another instance measured, so
+    /// that two instances differ only in what their variants say.
+    pub pinned: Option<Pinned>,
+}
+
+/// Threads and batch cap given to an instance (see [`Variant::pinned`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Pinned {
+    pub threads: usize,
+    pub largest_batch: usize,
 }
 
 impl Variant {
     /// The appliance as shipped: batching on, the shipped policies, `sync` quotas.
     pub fn standard() -> Variant {
-        Variant { name: "standard".into(), batching: true, policies: true, durability: "sync".into() }
+        Variant { name: "standard".into(), batching: true, policies: true, durability: "sync".into(), pinned: None }
     }
 
     pub fn describe(&self) -> String {
+        let pinned = self.pinned.map_or(String::new(), |p| {
+            format!(", {} libtorch threads and batches of {} at most (pinned)", p.threads, p.largest_batch)
+        });
         format!(
-            "batching {}, {}, quota durability {}",
+            "batching {}, {}, quota durability {}{pinned}",
             if self.batching { "on" } else { "off" },
             if self.policies { "shipped policies" } else { "no policies" },
             self.durability
@@ -80,6 +94,9 @@ impl Appliance {
         config.data.dir = data.path().to_path_buf();
         config.auth.demo_robot = false;
         config.quota.durability = variant.durability.clone();
+        if let Some(pinned) = variant.pinned {
+            config.models.cpu_threads = pinned.threads;
+        }
         // As with the quotas below: a session's message rate is not what is measured.
         config.server.websocket_messages_per_s = 1_000_000;
         if variant.policies {
@@ -116,6 +133,9 @@ impl Appliance {
         let batching = batching.as_table_mut().context("[batching] in model.toml")?;
         batching.insert("enabled".into(), variant.batching.into());
         batching.insert("queue_capacity".into(), 1024.into());
+        if let Some(pinned) = variant.pinned {
+            batching.insert("max_batch_size".into(), (pinned.largest_batch as i64).into());
+        }
         model_toml.insert("device".into(), device.into());
         std::fs::write(&toml_path, toml::to_string(&model_toml)?)?;
         let config_path = data.path().join("appliance.toml");

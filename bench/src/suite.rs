@@ -85,6 +85,9 @@ impl Options {
 /// A variant of the appliance, and what the suite runs against it.
 struct Plan {
     variant: Variant,
+    /// Runs with the threads and the batch cap the first plan's instance measured (see
+    /// [`Variant::pinned`]): a comparison with it then differs only in what the variant says.
+    pinned: bool,
     endpoints: Vec<Endpoint>,
     closed: Vec<usize>,
     open: Vec<(usize, f64)>,
@@ -95,24 +98,28 @@ fn plans(o: &Options) -> Vec<Plan> {
     vec![
         Plan {
             variant: standard.clone(),
+            pinned: false,
             endpoints: vec![Endpoint::V1, Endpoint::Oip],
             closed: o.sweep.clone(),
             open: o.open.clone(),
         },
         Plan {
             variant: Variant { name: "batching-off".into(), batching: false, ..standard.clone() },
+            pinned: false,
             endpoints: vec![Endpoint::V1, Endpoint::Oip],
             closed: o.compare_at.clone(),
             open: Vec::new(),
         },
         Plan {
             variant: Variant { name: "no-policies".into(), policies: false, ..standard.clone() },
+            pinned: true,
             endpoints: vec![Endpoint::V1],
             closed: o.compare_at.clone(),
             open: Vec::new(),
         },
         Plan {
             variant: Variant { name: "interval-quotas".into(), durability: "interval:100".into(), ..standard },
+            pinned: true,
             endpoints: vec![Endpoint::V1],
             closed: o.compare_at.clone(),
             open: Vec::new(),
@@ -160,13 +167,18 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
     let oip_bodies: Arc<[Body]> =
         (0..4).map(|i| work.oip_body(i)).map(|(bytes, n)| Body { bytes, header_len: Some(n) }).collect();
     let mut points = Vec::new();
-    for plan in &plans {
-        let v = &plan.variant;
+    let mut first_measured = None;
+    for (p, plan) in plans.iter().enumerate() {
+        let v = &Variant { pinned: if plan.pinned { first_measured } else { None }, ..plan.variant.clone() };
         eprintln!("appliance: {} ({})", v.name, v.describe());
         let log = o.out.join(format!("appliance-{}.log", v.name));
         let appliance = runtime
             .block_on(Appliance::start(&exe, v, &model_dir, &o.device, robots, &log))
             .with_context(|| format!("starting the appliance ({}); its log: {}", v.name, log.display()))?;
+        if p == 0 {
+            first_measured =
+                crate::peers::pinned(runtime.block_on(crate::peers::threads_of(&appliance, work.name())).as_ref());
+        }
         let result = runtime.block_on(async {
             let ca = appliance.certificate()?;
             for &endpoint in &plan.endpoints {
