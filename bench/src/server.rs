@@ -134,7 +134,12 @@ impl Appliance {
         batching.insert("enabled".into(), variant.batching.into());
         batching.insert("queue_capacity".into(), 1024.into());
         if let Some(pinned) = variant.pinned {
-            batching.insert("max_batch_size".into(), (pinned.largest_batch as i64).into());
+            // As the measured cap does: the sizes above it are never formed.
+            let cap = pinned.largest_batch as i64;
+            if let Some(toml::Value::Array(sizes)) = batching.get_mut("preferred_batch_sizes") {
+                sizes.retain(|s| s.as_integer().is_some_and(|s| s <= cap));
+            }
+            model_toml.insert("max_batch_size".into(), cap.into());
         }
         model_toml.insert("device".into(), device.into());
         std::fs::write(&toml_path, toml::to_string(&model_toml)?)?;
