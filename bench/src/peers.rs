@@ -33,7 +33,7 @@ use crate::fixtures::{self, Workload};
 use crate::load::{self, Body, Endpoint, Robot};
 use crate::machine::{self, Machine, Versions};
 use crate::report::Point;
-use crate::server::{Appliance, Variant};
+use crate::server::{Appliance, Pinned, Variant};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -191,8 +191,7 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
             // The twin without policies runs with the threads and the batch cap the shipped
             // instance measured: measured again, they can come out otherwise (the forward
             // cannot tell sizes a few per cent apart), and the share would compare caps.
-            let variant = Variant { pinned: variant.pinned.or_else(|| pinned(appliance_threads.as_ref())), ..variant };
-            let variant = &variant;
+            let variant = &Variant { pinned: appliance_threads.as_ref().and_then(Pinned::measured), ..variant };
             let name = if variant.policies { "appliance" } else { "appliance-no-policies" };
             if !o.runs(name) {
                 continue;
@@ -203,7 +202,7 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
                 .with_context(|| format!("starting the appliance; its log: {}", log.display()))?;
             let ca = appliance.certificate()?;
             if variant.policies {
-                appliance_threads = runtime.block_on(threads_of(&appliance, work.name()));
+                appliance_threads = runtime.block_on(appliance.cpu_threads(work.name()));
             }
             for (f, (_, jpegs)) in frames.iter().enumerate() {
                 let fleet = fleet(&work, jpegs, &appliance.robots, &ca, appliance.addr)?;
@@ -295,19 +294,6 @@ fn raw(work: &Workload, jpegs: &[Vec<u8>], seconds: f64) -> anyhow::Result<Raw> 
         best_threads: *tb,
         rows: rows.clone(),
     })
-}
-
-/// The threads and the batch cap an instance measured, to give its twin (`None` when it
-/// measured none: `models.cpu_threads` set, or a GPU).
-pub fn pinned(measured: Option<&vla_api::CpuThreads>) -> Option<crate::server::Pinned> {
-    let m = measured?;
-    Some(crate::server::Pinned { threads: m.threads, largest_batch: m.largest_batch? })
-}
-
-pub async fn threads_of(appliance: &Appliance, model: &str) -> Option<vla_api::CpuThreads> {
-    let list: vla_api::ModelList =
-        appliance.admin(reqwest::Method::GET, "/v1/models").ok()?.send().await.ok()?.json().await.ok()?;
-    list.models.into_iter().find(|m| m.name == model)?.cpu_threads
 }
 
 fn fleet(
@@ -403,10 +389,12 @@ fn markdown(r: &PeersReport, charts: &[(&str, &str)]) -> String {
             Some(b) => format!("{} ({}); largest batch {b} (measured)", t.threads, t.chosen_by),
             None => format!("{} ({})", t.threads, t.chosen_by),
         });
-        s += &format!(
-            "\n## {}\n\nAppliance libtorch threads: {threads}; the instance without policies was given the same.\n",
-            m.model
-        );
+        let twin = if m.appliance_threads.as_ref().and_then(Pinned::measured).is_some() {
+            "; the instance without policies was given the same"
+        } else {
+            ""
+        };
+        s += &format!("\n## {}\n\nAppliance libtorch threads: {threads}{twin}.\n", m.model);
         for f in &m.frames {
             s += &format!(
                 "\n### {} JPEG ({} B)\n\nRaw pipeline: batch 1 {:.2} ms ({} threads); best {:.1} samples/s (batch {}, {} threads).\n\n",

@@ -36,6 +36,14 @@ pub struct Pinned {
     pub largest_batch: usize,
 }
 
+impl Pinned {
+    /// What an instance measured at warm-up (`/v1/models`), to give its twin; `None` when it
+    /// measured nothing (`models.cpu_threads` set, or a GPU).
+    pub fn measured(m: &vla_api::CpuThreads) -> Option<Pinned> {
+        Some(Pinned { threads: m.threads, largest_batch: m.largest_batch? })
+    }
+}
+
 impl Variant {
     /// The appliance as shipped: batching on, the shipped policies, `sync` quotas.
     pub fn standard() -> Variant {
@@ -174,6 +182,13 @@ impl Appliance {
         appliance.wait_ready().await?;
         appliance.register(robots).await?;
         Ok(appliance)
+    }
+
+    /// The libtorch threads `/v1/models` reports for `model`.
+    pub async fn cpu_threads(&self, model: &str) -> Option<vla_api::CpuThreads> {
+        let list: vla_api::ModelList =
+            self.admin(reqwest::Method::GET, "/v1/models").ok()?.send().await.ok()?.json().await.ok()?;
+        list.models.into_iter().find(|m| m.name == model)?.cpu_threads
     }
 
     /// The appliance's certificate, for clients to trust.

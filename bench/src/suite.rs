@@ -168,8 +168,10 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
         (0..4).map(|i| work.oip_body(i)).map(|(bytes, n)| Body { bytes, header_len: Some(n) }).collect();
     let mut points = Vec::new();
     let mut first_measured = None;
+    let mut variants = Vec::with_capacity(plans.len());
     for (p, plan) in plans.iter().enumerate() {
-        let v = &Variant { pinned: if plan.pinned { first_measured } else { None }, ..plan.variant.clone() };
+        variants.push(Variant { pinned: if plan.pinned { first_measured } else { None }, ..plan.variant.clone() });
+        let v = &variants[p];
         eprintln!("appliance: {} ({})", v.name, v.describe());
         let log = o.out.join(format!("appliance-{}.log", v.name));
         let appliance = runtime
@@ -177,7 +179,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
             .with_context(|| format!("starting the appliance ({}); its log: {}", v.name, log.display()))?;
         if p == 0 {
             first_measured =
-                crate::peers::pinned(runtime.block_on(crate::peers::threads_of(&appliance, work.name())).as_ref());
+                runtime.block_on(appliance.cpu_threads(work.name())).as_ref().and_then(crate::server::Pinned::measured);
         }
         let result = runtime.block_on(async {
             let ca = appliance.certificate()?;
@@ -251,7 +253,7 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
         },
         forward,
         pipeline,
-        variants: plans.into_iter().map(|p| p.variant).collect(),
+        variants,
         points,
         targets: Vec::new(),
     };

@@ -37,6 +37,13 @@ fn the_suite_runs_end_to_end_and_writes_its_report() {
         assert!(rows.iter().all(|r| r["samples_per_s"].as_f64().unwrap() > 0.0), "{baseline}: {rows:?}");
     }
 
+    // The comparisons ran with the threads and batch cap the shipped instance measured.
+    let variant = |name: &str| report["variants"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap();
+    assert!(variant("standard")["pinned"].is_null(), "the shipped instance measures its own");
+    let pinned = &variant("no-policies")["pinned"];
+    assert!(pinned["threads"].as_u64().unwrap() >= 1 && pinned["largest_batch"].as_u64().unwrap() >= 1, "{pinned}");
+    assert_eq!(&variant("interval-quotas")["pinned"], pinned);
+
     // Every variant ran, every point's requests all succeeded and the appliance said where
     // their time went.
     let points = report["points"].as_array().unwrap();
