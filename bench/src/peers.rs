@@ -130,6 +130,10 @@ pub struct ModelResult {
     pub model: String,
     /// The appliance's libtorch threads for it (as `/v1/models` says).
     pub appliance_threads: Option<vla_api::CpuThreads>,
+    /// The threads and batch cap the instance without policies was given (absent from runs
+    /// before it was given any: it measured its own).
+    #[serde(default)]
+    pub twin_pinned: Option<Pinned>,
     pub frames: Vec<Frame>,
 }
 
@@ -181,7 +185,7 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
             .collect();
         let raws = frames.iter().map(|(_, f)| raw(&work, f, o.baseline_seconds)).collect::<anyhow::Result<Vec<_>>>()?;
         let mut points: Vec<Vec<Point>> = vec![Vec::new(); frames.len()];
-        let mut appliance_threads = None;
+        let (mut appliance_threads, mut twin_pinned) = (None, None);
         let largest = [robots];
         let variants = [
             (Variant::standard(), &o.clients[..]),
@@ -195,6 +199,9 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
             let name = if variant.policies { "appliance" } else { "appliance-no-policies" };
             if !o.runs(name) {
                 continue;
+            }
+            if !variant.policies {
+                twin_pinned = variant.pinned;
             }
             let log = o.out.join(format!("appliance-{}-{}.log", work.name(), variant.name));
             let appliance = runtime
@@ -240,7 +247,7 @@ pub fn run(o: &Options) -> anyhow::Result<PeersReport> {
                 }
             })
             .collect();
-        results.push(ModelResult { model: work.name().to_string(), appliance_threads, frames });
+        results.push(ModelResult { model: work.name().to_string(), appliance_threads, twin_pinned, frames });
     }
     let report = PeersReport {
         date: machine::now_utc(),
@@ -389,11 +396,7 @@ fn markdown(r: &PeersReport, charts: &[(&str, &str)]) -> String {
             Some(b) => format!("{} ({}); largest batch {b} (measured)", t.threads, t.chosen_by),
             None => format!("{} ({})", t.threads, t.chosen_by),
         });
-        let twin = if m.appliance_threads.as_ref().and_then(Pinned::measured).is_some() {
-            "; the instance without policies was given the same"
-        } else {
-            ""
-        };
+        let twin = if m.twin_pinned.is_some() { "; the instance without policies was given the same" } else { "" };
         s += &format!("\n## {}\n\nAppliance libtorch threads: {threads}{twin}.\n", m.model);
         for f in &m.frames {
             s += &format!(

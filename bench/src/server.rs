@@ -9,7 +9,7 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vla_api::{QuotaLimits, RegisterRobot, RobotKey};
 
 /// How the appliance is set up for a run.
@@ -30,7 +30,7 @@ pub struct Variant {
 }
 
 /// Threads and batch cap given to an instance (see [`Variant::pinned`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pinned {
     pub threads: usize,
     pub largest_batch: usize,
